@@ -1,1 +1,9 @@
-//! Trestle.
+//! Trestle: a framework for Matrix application-service bridges.
+#![warn(missing_docs)]
+
+pub mod appservice;
+pub mod config;
+pub mod inbound;
+pub mod metrics;
+pub mod registration;
+pub mod store;
