@@ -8,6 +8,8 @@
 mod auth;
 mod error;
 pub mod txn;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::BTreeMap,
