@@ -84,6 +84,9 @@ pub struct Config<B> {
     /// The durable inbound queue.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// Signed, expiring links to Matrix media for the remote network.
+    #[serde(default)]
+    pub media_proxy: crate::media::MediaProxyConfig,
     /// The bridge's own section.
     pub bridge: B,
 }
@@ -475,6 +478,17 @@ queue:
   max_backoff_ms: 60000
   # Events accepted but not yet handled before the bridge pushes back on the homeserver.
   max_pending_events: 100000
+
+media_proxy:
+  # Public base URL under which this listener's /media path is reachable, e.g.
+  # https://bridge.example.org/media. Media from Matrix is sent to the remote network as signed,
+  # expiring links under it. null disables media links.
+  public_url: null
+  # HMAC key for the links (prefer TRESTLE__MEDIA_PROXY__SIGNING_KEY). Without it a key is
+  # derived from the registration's as_token.
+  signing_key: null
+  # How long a link stays valid, in hours.
+  ttl_hours: 168
 "#;
 
 /// The full commented example config for a bridge.

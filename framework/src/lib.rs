@@ -4,6 +4,7 @@
 pub mod appservice;
 pub mod config;
 pub mod inbound;
+pub mod media;
 pub mod metrics;
 pub mod registration;
 pub mod store;
