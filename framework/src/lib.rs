@@ -1,1 +1,3 @@
 //! Trestle.
+
+pub mod client;
