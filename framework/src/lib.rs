@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod appservice;
+pub mod client;
 pub mod config;
 pub mod inbound;
 pub mod media;
