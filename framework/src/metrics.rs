@@ -51,8 +51,7 @@ const KNOWN_TYPES: &[&str] = &[
 impl Metrics {
     /// Creates the registry and registers the framework's metrics (and process metrics on Linux).
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("trestle".to_owned()), None)
-            .unwrap_or_default();
+        let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry.register(Box::new(c.clone())).expect("unique metric");
@@ -69,7 +68,7 @@ impl Metrics {
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
-        let queue_depth = IntGauge::new("inbound_queue_depth", "Events accepted and not yet handled")
+        let queue_depth = IntGauge::new("trestle_inbound_queue_depth", "Events accepted and not yet handled")
             .expect("valid metric");
         registry.register(Box::new(queue_depth.clone())).expect("unique metric");
         #[cfg(target_os = "linux")]
@@ -80,39 +79,39 @@ impl Metrics {
         }
         Self {
             transactions: counter_vec(
-                "transactions_total",
+                "trestle_transactions_total",
                 "Transactions from the homeserver by result",
                 &["result"],
             ),
             events_received: counter_vec(
-                "events_received_total",
+                "trestle_events_received_total",
                 "Events received from the homeserver by type",
                 &["type"],
             ),
             events_processed: counter_vec(
-                "events_processed_total",
+                "trestle_events_processed_total",
                 "Events handled by outcome",
                 &["outcome"],
             ),
-            retries: counter("event_retries_total", "Event handler retries"),
+            retries: counter("trestle_event_retries_total", "Event handler retries"),
             queue_depth,
             lag: histogram(
-                "inbound_lag_seconds",
+                "trestle_inbound_lag_seconds",
                 "Seconds from receipt of an event to the end of its handling",
                 vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0],
             ),
-            dead_letters: counter("dead_letters_total", "Events moved to the dead-letter table"),
+            dead_letters: counter("trestle_dead_letters_total", "Events moved to the dead-letter table"),
             put_duration: histogram(
-                "transaction_put_seconds",
+                "trestle_transaction_put_seconds",
                 "Time to persist and answer a transaction",
                 vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0],
             ),
-            auth_failures: counter("auth_failures_total", "Requests with a missing or wrong token"),
+            auth_failures: counter("trestle_auth_failures_total", "Requests with a missing or wrong token"),
             registry,
         }
     }
 
-    /// The registry, for a bridge's own metrics (names get the `trestle_` prefix).
+    /// The registry, for a bridge's own metrics (name them `trestle_<bridge>_…`).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }

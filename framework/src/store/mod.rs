@@ -5,6 +5,7 @@
 //! a key-value table, and the membership / power-level / registration caches of the homeserver
 //! client. A backend proves itself with [`store_conformance_tests!`](crate::store_conformance_tests).
 
+mod cache;
 mod conformance;
 mod secret;
 mod sqlite;
@@ -13,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use cache::StoreCache;
 pub use secret::{SecretBox, SecretError};
 pub use sqlite::SqliteStore;
 
