@@ -425,14 +425,13 @@ impl Intent {
         let cache = self.client.cache();
         if event_type == "m.room.power_levels" && state_key.is_empty() {
             cache.set_power_levels(room_id, content).await?;
-        } else if event_type == "m.room.member" {
-            if let Some(m) = content
+        } else if event_type == "m.room.member"
+            && let Some(m) = content
                 .get("membership")
                 .and_then(Value::as_str)
                 .and_then(|m| m.parse::<Membership>().ok())
-            {
-                cache.set_membership(room_id, state_key, m).await?;
-            }
+        {
+            cache.set_membership(room_id, state_key, m).await?;
         }
         Ok(resp.event_id)
     }
@@ -668,12 +667,12 @@ impl Intent {
                 }
             },
         };
-        if version.as_deref().is_some_and(room_version_has_privileged_creators) {
-            if let Some(users) = pl.get_mut("users").and_then(Value::as_object_mut) {
-                for c in &creators {
-                    if users.remove(c).is_some() {
-                        debug!(creator = %c, "removed creator from power_level_content_override.users (room v12+)");
-                    }
+        if version.as_deref().is_some_and(room_version_has_privileged_creators)
+            && let Some(users) = pl.get_mut("users").and_then(Value::as_object_mut)
+        {
+            for c in &creators {
+                if users.remove(c).is_some() {
+                    debug!(creator = %c, "removed creator from power_level_content_override.users (room v12+)");
                 }
             }
         }
