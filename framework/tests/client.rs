@@ -917,3 +917,58 @@ async fn directory_and_membership_helpers() {
     assert_eq!(cache.membership(ROOM, "@bob:example.org").await.expect("c"), Some(Membership::Ban));
     assert_eq!(cache.membership(ROOM, GHOST).await.expect("c"), Some(Membership::Leave));
 }
+
+#[tokio::test]
+async fn concurrent_power_level_edits_do_not_clobber_each_other() {
+    let state = Arc::new(Mutex::new(json!({"users": {BOT: 100}})));
+    let st = Arc::clone(&state);
+    let hs = FakeHs::start(move |r| {
+        if r.path.contains("/state/m.room.create/") {
+            Reply::ok(json!({"room_version": "10"}))
+        } else if r.path.contains("/state/m.room.power_levels/") && r.method == "GET" {
+            // A slow read widens the race window.
+            Reply::ok(st.lock().expect("pl").clone()).delay(Duration::from_millis(30))
+        } else if r.path.contains("/state/m.room.power_levels/") {
+            *st.lock().expect("pl") = r.json();
+            Reply::ok(json!({"event_id": "$pl"}))
+        } else {
+            Reply::err(404, "M_UNRECOGNIZED")
+        }
+    })
+    .await;
+    let (client, _) = client_for(&hs);
+    let bot = client.bot();
+    let (a, b) = tokio::join!(
+        bot.set_user_power_level(ROOM, "@a:example.org", 10),
+        bot.set_user_power_level(ROOM, "@b:example.org", 20),
+    );
+    a.expect("a");
+    b.expect("b");
+    let users = state.lock().expect("pl")["users"].clone();
+    assert_eq!(users, json!({BOT: 100, "@a:example.org": 10, "@b:example.org": 20}));
+}
+
+#[tokio::test]
+async fn forbidden_send_invalidates_cached_join() {
+    let hs = FakeHs::start(|r| {
+        if r.path.contains("/send/") {
+            Reply::err(403, "M_FORBIDDEN")
+        } else {
+            Reply::ok(json!({"room_id": ROOM}))
+        }
+    })
+    .await;
+    let (client, _) = client_for(&hs);
+    client.cache().set_membership(ROOM, GHOST, Membership::Join).await.expect("seed");
+    client.cache().mark_registered(GHOST).await.expect("seed");
+    let ghost = client.intent(GHOST);
+    ghost.ensure_joined(ROOM).await.expect("cached, no request");
+    assert!(hs.requests().is_empty());
+    assert!(ghost.send_message(ROOM, json!({})).await.is_err());
+    assert_eq!(
+        client.cache().membership(ROOM, GHOST).await.expect("cache"),
+        Some(Membership::Leave)
+    );
+    ghost.ensure_joined(ROOM).await.expect("re-join");
+    assert_eq!(hs.requests_to("/join/").len(), 1);
+}

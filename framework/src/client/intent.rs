@@ -784,7 +784,7 @@ impl Intent {
     }
 
     /// Sets `user_id`'s power level in a room (read-modify-write of fresh
-    /// power levels). In rooms with privileged creators (v12+), setting a
+    /// power levels, serialized per room within this client). In rooms with privileged creators (v12+), setting a
     /// creator's level is a no-op: creators already have infinite power and
     /// may not appear in `users`.
     pub async fn set_user_power_level(
@@ -795,6 +795,8 @@ impl Intent {
     ) -> Result<(), ClientError> {
         check_id("room id", room_id, ROOM)?;
         check_id("user id", user_id, USER)?;
+        // Concurrent edits in this client must not overwrite each other.
+        let _edit = self.client.lock_power_levels(room_id).await;
         if self.is_room_creator(room_id, user_id).await? {
             debug!(
                 room_id,

@@ -300,6 +300,8 @@ struct Inner {
     cache: Arc<dyn ClientCache>,
     metrics: Metrics,
     queues: RoomQueues,
+    /// Serializes power-level read-modify-write cycles per room.
+    pl_edits: RoomQueues,
     txn_prefix: String,
     txn_counter: AtomicU64,
     default_room_version: tokio::sync::OnceCell<String>,
@@ -355,6 +357,10 @@ impl HomeserverClient {
         let metrics =
             Metrics::new(registry).map_err(|e| ClientError::Setup(format!("metrics: {e}")))?;
         let queues = RoomQueues::new(metrics.queue_depth.clone());
+        // Deliberately unregistered: power-level edits also pass through `queues`.
+        let pl_gauge = IntGauge::new("trestle_pl_edit_depth", "power-level edits in progress")
+            .map_err(|e| ClientError::Setup(format!("metrics: {e}")))?;
+        let pl_edits = RoomQueues::new(pl_gauge);
         let base = config.homeserver_url.as_str().trim_end_matches('/').to_owned();
         let start_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
@@ -367,6 +373,7 @@ impl HomeserverClient {
                 cache,
                 metrics,
                 queues,
+                pl_edits,
                 txn_prefix,
                 txn_counter: AtomicU64::new(0),
                 default_room_version: tokio::sync::OnceCell::new(),
@@ -668,6 +675,11 @@ impl HomeserverClient {
             let body = read_limited(resp, MAX_ERROR_BYTES, true).await?;
             Err(ClientError::from_response(status, &headers, &body))
         }
+    }
+
+    /// Takes the per-room lock for a power-level read-modify-write cycle.
+    pub(crate) async fn lock_power_levels(&self, room_id: &str) -> queue::RoomPermit {
+        self.inner.pl_edits.acquire(room_id).await
     }
 
     #[cfg(test)]
