@@ -329,7 +329,9 @@ impl Intent {
     /// Sends a timeline event with the caller's transaction id
     /// (`PUT /v3/rooms/{roomId}/send/{eventType}/{txnId}`). Retries reuse the
     /// id, so the homeserver deduplicates them; reuse the same id when
-    /// re-sending after a crash to stay idempotent.
+    /// re-sending after a crash to stay idempotent. An appservice without a
+    /// device shares one transaction-id scope per user, so ids must be
+    /// unique per user (e.g. derived from the remote message id).
     pub async fn send_event_with_txn(
         &self,
         room_id: &str,

@@ -18,6 +18,27 @@
 //! while different rooms proceed in parallel. Typing notifications and receipts
 //! are not queued. Event sends use a transaction id that stays the same across
 //! retries, so a retried `PUT` never duplicates an event.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), trestle::client::ClientError> {
+//! use std::sync::Arc;
+//! use trestle::client::{ClientConfig, HomeserverClient, MemoryCache};
+//!
+//! let url = url::Url::parse("http://localhost:8008").expect("static URL");
+//! let config = ClientConfig::new(url, "as_token", "my-bridge", "example.org", "bridgebot");
+//! let registry = prometheus::Registry::new();
+//! let client = HomeserverClient::new(config, Arc::new(MemoryCache::new()), &registry)?;
+//! // After the appservice HTTP listener is up:
+//! client.wait_until_reachable(std::future::pending()).await?;
+//! let ghost = client.intent_for_localpart("irc_alice");
+//! ghost.ensure_joined("!room:example.org").await?;
+//! ghost
+//!     .send_message("!room:example.org", serde_json::json!({"msgtype": "m.text", "body": "hi"}))
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod cache;
 mod error;
@@ -479,6 +500,10 @@ impl HomeserverClient {
     /// `/versions`. Permanent failures (`M_FORBIDDEN`: wrong token or
     /// appservice id; `M_URL_NOT_SET`: registration has no `url`) return the
     /// error. Resolving `shutdown` returns [`ClientError::Cancelled`].
+    ///
+    /// Start serving the appservice API before calling this: the homeserver's
+    /// ping reaches back to us, and until we answer it reports
+    /// `M_CONNECTION_FAILED`, which is retried forever.
     pub async fn wait_until_reachable(
         &self,
         shutdown: impl Future<Output = ()>,
