@@ -329,7 +329,9 @@ impl Intent {
     /// Sends a timeline event with the caller's transaction id
     /// (`PUT /v3/rooms/{roomId}/send/{eventType}/{txnId}`). Retries reuse the
     /// id, so the homeserver deduplicates them; reuse the same id when
-    /// re-sending after a crash to stay idempotent.
+    /// re-sending after a crash to stay idempotent. An appservice without a
+    /// device shares one transaction-id scope per user, so ids must be
+    /// unique per user (e.g. derived from the remote message id).
     pub async fn send_event_with_txn(
         &self,
         room_id: &str,
@@ -425,14 +427,13 @@ impl Intent {
         let cache = self.client.cache();
         if event_type == "m.room.power_levels" && state_key.is_empty() {
             cache.set_power_levels(room_id, content).await?;
-        } else if event_type == "m.room.member" {
-            if let Some(m) = content
+        } else if event_type == "m.room.member"
+            && let Some(m) = content
                 .get("membership")
                 .and_then(Value::as_str)
                 .and_then(|m| m.parse::<Membership>().ok())
-            {
-                cache.set_membership(room_id, state_key, m).await?;
-            }
+        {
+            cache.set_membership(room_id, state_key, m).await?;
         }
         Ok(resp.event_id)
     }
@@ -668,12 +669,12 @@ impl Intent {
                 }
             },
         };
-        if version.as_deref().is_some_and(room_version_has_privileged_creators) {
-            if let Some(users) = pl.get_mut("users").and_then(Value::as_object_mut) {
-                for c in &creators {
-                    if users.remove(c).is_some() {
-                        debug!(creator = %c, "removed creator from power_level_content_override.users (room v12+)");
-                    }
+        if version.as_deref().is_some_and(room_version_has_privileged_creators)
+            && let Some(users) = pl.get_mut("users").and_then(Value::as_object_mut)
+        {
+            for c in &creators {
+                if users.remove(c).is_some() {
+                    debug!(creator = %c, "removed creator from power_level_content_override.users (room v12+)");
                 }
             }
         }
@@ -785,7 +786,7 @@ impl Intent {
     }
 
     /// Sets `user_id`'s power level in a room (read-modify-write of fresh
-    /// power levels). In rooms with privileged creators (v12+), setting a
+    /// power levels, serialized per room within this client). In rooms with privileged creators (v12+), setting a
     /// creator's level is a no-op: creators already have infinite power and
     /// may not appear in `users`.
     pub async fn set_user_power_level(
@@ -796,6 +797,8 @@ impl Intent {
     ) -> Result<(), ClientError> {
         check_id("room id", room_id, ROOM)?;
         check_id("user id", user_id, USER)?;
+        // Concurrent edits in this client must not overwrite each other.
+        let _edit = self.client.lock_power_levels(room_id).await;
         if self.is_room_creator(room_id, user_id).await? {
             debug!(
                 room_id,

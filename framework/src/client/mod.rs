@@ -18,6 +18,27 @@
 //! while different rooms proceed in parallel. Typing notifications and receipts
 //! are not queued. Event sends use a transaction id that stays the same across
 //! retries, so a retried `PUT` never duplicates an event.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), trestle::client::ClientError> {
+//! use std::sync::Arc;
+//! use trestle::client::{ClientConfig, HomeserverClient, MemoryCache};
+//!
+//! let url = url::Url::parse("http://localhost:8008").expect("static URL");
+//! let config = ClientConfig::new(url, "as_token", "my-bridge", "example.org", "bridgebot");
+//! let registry = prometheus::Registry::new();
+//! let client = HomeserverClient::new(config, Arc::new(MemoryCache::new()), &registry)?;
+//! // After the appservice HTTP listener is up:
+//! client.wait_until_reachable(std::future::pending()).await?;
+//! let ghost = client.intent_for_localpart("irc_alice");
+//! ghost.ensure_joined("!room:example.org").await?;
+//! ghost
+//!     .send_message("!room:example.org", serde_json::json!({"msgtype": "m.text", "body": "hi"}))
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod cache;
 mod error;
@@ -300,6 +321,8 @@ struct Inner {
     cache: Arc<dyn ClientCache>,
     metrics: Metrics,
     queues: RoomQueues,
+    /// Serializes power-level read-modify-write cycles per room.
+    pl_edits: RoomQueues,
     txn_prefix: String,
     txn_counter: AtomicU64,
     default_room_version: tokio::sync::OnceCell<String>,
@@ -355,6 +378,10 @@ impl HomeserverClient {
         let metrics =
             Metrics::new(registry).map_err(|e| ClientError::Setup(format!("metrics: {e}")))?;
         let queues = RoomQueues::new(metrics.queue_depth.clone());
+        // Deliberately unregistered: power-level edits also pass through `queues`.
+        let pl_gauge = IntGauge::new("trestle_pl_edit_depth", "power-level edits in progress")
+            .map_err(|e| ClientError::Setup(format!("metrics: {e}")))?;
+        let pl_edits = RoomQueues::new(pl_gauge);
         let base = config.homeserver_url.as_str().trim_end_matches('/').to_owned();
         let start_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
@@ -367,6 +394,7 @@ impl HomeserverClient {
                 cache,
                 metrics,
                 queues,
+                pl_edits,
                 txn_prefix,
                 txn_counter: AtomicU64::new(0),
                 default_room_version: tokio::sync::OnceCell::new(),
@@ -472,6 +500,10 @@ impl HomeserverClient {
     /// `/versions`. Permanent failures (`M_FORBIDDEN`: wrong token or
     /// appservice id; `M_URL_NOT_SET`: registration has no `url`) return the
     /// error. Resolving `shutdown` returns [`ClientError::Cancelled`].
+    ///
+    /// Start serving the appservice API before calling this: the homeserver's
+    /// ping reaches back to us, and until we answer it reports
+    /// `M_CONNECTION_FAILED`, which is retried forever.
     pub async fn wait_until_reachable(
         &self,
         shutdown: impl Future<Output = ()>,
@@ -668,6 +700,11 @@ impl HomeserverClient {
             let body = read_limited(resp, MAX_ERROR_BYTES, true).await?;
             Err(ClientError::from_response(status, &headers, &body))
         }
+    }
+
+    /// Takes the per-room lock for a power-level read-modify-write cycle.
+    pub(crate) async fn lock_power_levels(&self, room_id: &str) -> queue::RoomPermit {
+        self.inner.pl_edits.acquire(room_id).await
     }
 
     #[cfg(test)]

@@ -76,10 +76,8 @@ impl Drop for RoomPermit {
         // Release our references first, under the map lock so nobody clones meanwhile.
         self.guard = None;
         self.lock = None;
-        if let Some(entry) = rooms.get(&self.room) {
-            if Arc::strong_count(entry) == 1 {
-                rooms.remove(&self.room);
-            }
+        if rooms.get(&self.room).is_some_and(|entry| Arc::strong_count(entry) == 1) {
+            rooms.remove(&self.room);
         }
     }
 }
