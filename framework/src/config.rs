@@ -49,7 +49,9 @@ impl ConfigError {
 }
 
 /// The bridge-specific part of the configuration (the `bridge:` section).
-pub trait BridgeConfig: DeserializeOwned + Serialize + Clone + Send + Sync + fmt::Debug + 'static {
+pub trait BridgeConfig:
+    DeserializeOwned + Serialize + Clone + Send + Sync + fmt::Debug + 'static
+{
     /// The commented YAML of the `bridge:` section as it appears in the example config,
     /// indented by two spaces (without the `bridge:` line itself).
     const EXAMPLE: &'static str;
@@ -315,9 +317,8 @@ impl<B: BridgeConfig> Config<B> {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-            ConfigError::Parse { key: ".".to_owned(), message: e.to_string() }
-        })?;
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::Parse { key: ".".to_owned(), message: e.to_string() })?;
         apply_env_overrides(&mut value, env)?;
         let config: Self = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
@@ -342,12 +343,21 @@ impl<B: BridgeConfig> Config<B> {
             ));
         }
         if c.appservice.id.is_empty() || c.appservice.id.contains('|') {
-            errors.push(ConfigError::invalid("appservice.id", "must be non-empty and not contain `|`"));
+            errors.push(ConfigError::invalid(
+                "appservice.id",
+                "must be non-empty and not contain `|`",
+            ));
         }
         if c.homeserver.domain.is_empty() || c.homeserver.domain.contains(['/', '@', ' ']) {
-            errors.push(ConfigError::invalid("homeserver.domain", "must be a server name such as example.org"));
+            errors.push(ConfigError::invalid(
+                "homeserver.domain",
+                "must be a server name such as example.org",
+            ));
         }
-        for (scheme, key) in [(c.homeserver.url.scheme(), "homeserver.url"), (c.appservice.url.scheme(), "appservice.url")] {
+        for (scheme, key) in [
+            (c.homeserver.url.scheme(), "homeserver.url"),
+            (c.appservice.url.scheme(), "appservice.url"),
+        ] {
             if scheme != "http" && scheme != "https" {
                 errors.push(ConfigError::invalid(key, "must be an http or https URL"));
             }
@@ -367,10 +377,14 @@ impl<B: BridgeConfig> Config<B> {
             errors.push(ConfigError::invalid("queue.max_attempts", "must be at least 1"));
         }
         if c.queue.max_pending_events < 200 {
-            errors.push(ConfigError::invalid("queue.max_pending_events", "must be at least 200 (two transactions)"));
+            errors.push(ConfigError::invalid(
+                "queue.max_pending_events",
+                "must be at least 200 (two transactions)",
+            ));
         }
         if c.appservice.max_body_bytes < 64 * 1024 {
-            errors.push(ConfigError::invalid("appservice.max_body_bytes", "must be at least 65536"));
+            errors
+                .push(ConfigError::invalid("appservice.max_body_bytes", "must be at least 65536"));
         }
         errors.extend(self.bridge.validate(self));
         match errors.len() {
@@ -392,8 +406,8 @@ fn apply_env_overrides(
         if path.iter().any(String::is_empty) {
             return Err(ConfigError::invalid(name, "empty key segment in environment override"));
         }
-        let value: serde_yaml::Value = serde_yaml::from_str(&raw)
-            .unwrap_or_else(|_| serde_yaml::Value::String(raw.clone()));
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(&raw).unwrap_or_else(|_| serde_yaml::Value::String(raw.clone()));
         let mut node = &mut *root;
         for (i, seg) in path.iter().enumerate() {
             if !node.is_mapping() {
@@ -540,7 +554,8 @@ mod tests {
 
     #[test]
     fn unknown_and_bad_keys_are_named() {
-        let bad = example().replace("  bot_localpart: testbot", "  bot_localpart: testbot\n  colour: red");
+        let bad = example()
+            .replace("  bot_localpart: testbot", "  bot_localpart: testbot\n  colour: red");
         let e = Config::<T>::from_yaml(&bad, []).unwrap_err().to_string();
         assert!(e.contains("appservice") && e.contains("colour"), "{e}");
         let bad = example().replace("listen: 127.0.0.1:9999", "listen: nowhere");

@@ -130,7 +130,11 @@ impl Inbound {
     }
 
     /// Validates, persists and queues a transaction; `Ok` means the homeserver may forget it.
-    pub(crate) async fn ingest(self: &Arc<Self>, txn_id: &str, body: Bytes) -> Result<(), ApiError> {
+    pub(crate) async fn ingest(
+        self: &Arc<Self>,
+        txn_id: &str,
+        body: Bytes,
+    ) -> Result<(), ApiError> {
         let parsed = txn::parse(&body)?;
         let n = parsed.items.len();
         let permit = if n == 0 {
@@ -154,7 +158,10 @@ impl Inbound {
             return Ok(());
         }
         self.metrics.transactions.with_label_values(&["new"]).inc();
-        if parsed.device_lists.is_some() || parsed.otk_counts.is_some() || parsed.fallback_keys.is_some() {
+        if parsed.device_lists.is_some()
+            || parsed.otk_counts.is_some()
+            || parsed.fallback_keys.is_some()
+        {
             self.keep_e2ee_fields(&parsed).await;
         }
         if n == 0 {
@@ -163,11 +170,20 @@ impl Inbound {
             return Ok(());
         }
         let mut permit = permit;
-        let progress = Arc::new(TxnProgress { txn_id: Arc::from(txn_id), remaining: AtomicUsize::new(n) });
+        let progress =
+            Arc::new(TxnProgress { txn_id: Arc::from(txn_id), remaining: AtomicUsize::new(n) });
         for item in parsed.items {
-            self.metrics.events_received.with_label_values(&[Metrics::type_label(&item.event_type)]).inc();
+            self.metrics
+                .events_received
+                .with_label_values(&[Metrics::type_label(&item.event_type)])
+                .inc();
             let one = permit.as_mut().and_then(|p| p.split(1));
-            self.enqueue(Queued { txn: Arc::clone(&progress), item, received: Instant::now(), _permit: one });
+            self.enqueue(Queued {
+                txn: Arc::clone(&progress),
+                item,
+                received: Instant::now(),
+                _permit: one,
+            });
         }
         Ok(())
     }
@@ -179,10 +195,9 @@ impl Inbound {
             ("msc3202.otk_counts", &parsed.otk_counts),
             ("msc3202.fallback_keys", &parsed.fallback_keys),
         ] {
-            if let Some(v) = value {
-                if let Err(e) = self.store.kv_set(key, &v.to_string()).await {
-                    tracing::warn!(key, error = %e, "could not keep encryption field");
-                }
+            let Some(v) = value else { continue };
+            if let Err(e) = self.store.kv_set(key, &v.to_string()).await {
+                tracing::warn!(key, error = %e, "could not keep encryption field");
             }
         }
     }
@@ -213,7 +228,12 @@ impl Inbound {
             });
             count += todo.len();
             for item in todo {
-                self.enqueue(Queued { txn: Arc::clone(&progress), item, received: Instant::now(), _permit: None });
+                self.enqueue(Queued {
+                    txn: Arc::clone(&progress),
+                    item,
+                    received: Instant::now(),
+                    _permit: None,
+                });
             }
         }
         if count > 0 {
@@ -401,11 +421,11 @@ mod tests {
             }
             {
                 let mut f = self.fail_first.lock().unwrap();
-                if let Some(n) = f.get_mut(&id) {
-                    if *n > 0 {
-                        *n -= 1;
-                        return Err(HandleError { retryable: true, message: "flaky".into() });
-                    }
+                if let Some(n) = f.get_mut(&id)
+                    && *n > 0
+                {
+                    *n -= 1;
+                    return Err(HandleError { retryable: true, message: "flaky".into() });
                 }
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -426,7 +446,12 @@ mod tests {
     }
 
     fn config() -> QueueConfig {
-        QueueConfig { max_attempts: 3, initial_backoff_ms: 1, max_backoff_ms: 5, max_pending_events: 1000 }
+        QueueConfig {
+            max_attempts: 3,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 5,
+            max_pending_events: 1000,
+        }
     }
 
     async fn wait_until(mut f: impl FnMut() -> bool) {
@@ -447,13 +472,21 @@ mod tests {
             fail_first: Mutex::new(HashMap::from([("$a2".to_owned(), 2)])),
             ..Default::default()
         });
-        let q = Inbound::new(Arc::clone(&store), rec.clone(), Metrics::new(), config(), CancellationToken::new());
+        let q = Inbound::new(
+            Arc::clone(&store),
+            rec.clone(),
+            Metrics::new(),
+            config(),
+            CancellationToken::new(),
+        );
         q.ingest("1", body(&[("!a", "$a1"), ("!b", "$b1"), ("!a", "$a2")])).await.unwrap();
         q.ingest("2", body(&[("!a", "$a3"), ("!b", "$bad"), ("!b", "$b2")])).await.unwrap();
         q.ingest("1", body(&[("!a", "$dup")])).await.unwrap();
         wait_until(|| rec.seen.lock().unwrap().len() == 5).await;
         let seen = rec.seen.lock().unwrap().clone();
-        let order = |lane: &str| seen.iter().filter(|(l, _)| l == lane).map(|(_, e)| e.clone()).collect::<Vec<_>>();
+        let order = |lane: &str| {
+            seen.iter().filter(|(l, _)| l == lane).map(|(_, e)| e.clone()).collect::<Vec<_>>()
+        };
         assert_eq!(order("!a"), ["$a1", "$a2", "$a3"]);
         assert_eq!(order("!b"), ["$b1", "$b2"]);
         assert_eq!(*rec.dead.lock().unwrap(), ["$bad"]);
@@ -473,10 +506,19 @@ mod tests {
     async fn recovery_replays_only_unhandled_events() {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
         // Simulate a crash: txn persisted, first event recorded as done, nothing else.
-        store.insert_transaction("7", body(&[("!a", "$1"), ("!a", "$2"), ("!c", "$3")])).await.unwrap();
+        store
+            .insert_transaction("7", body(&[("!a", "$1"), ("!a", "$2"), ("!c", "$3")]))
+            .await
+            .unwrap();
         store.mark_done(&[("7".to_owned(), 0)]).await.unwrap();
         let rec = Arc::new(Recorder::default());
-        let q = Inbound::new(Arc::clone(&store), rec.clone(), Metrics::new(), config(), CancellationToken::new());
+        let q = Inbound::new(
+            Arc::clone(&store),
+            rec.clone(),
+            Metrics::new(),
+            config(),
+            CancellationToken::new(),
+        );
         assert_eq!(q.recover().await.unwrap(), 2);
         wait_until(|| rec.seen.lock().unwrap().len() == 2).await;
         let mut ids: Vec<_> = rec.seen.lock().unwrap().iter().map(|(_, e)| e.clone()).collect();
@@ -494,7 +536,13 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         let mut cfg = config();
         cfg.max_pending_events = 2;
-        let q = Inbound::new(Arc::clone(&store), rec.clone(), Metrics::new(), cfg, CancellationToken::new());
+        let q = Inbound::new(
+            Arc::clone(&store),
+            rec.clone(),
+            Metrics::new(),
+            cfg,
+            CancellationToken::new(),
+        );
         // Three events but only two permits: the batch takes what exists, capped.
         q.ingest("a", body(&[("!a", "$1"), ("!a", "$2"), ("!a", "$3")])).await.unwrap();
         wait_until(|| rec.seen.lock().unwrap().len() == 3).await;
@@ -502,7 +550,12 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let c = QueueConfig { max_attempts: 9, initial_backoff_ms: 100, max_backoff_ms: 1000, max_pending_events: 1000 };
+        let c = QueueConfig {
+            max_attempts: 9,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+            max_pending_events: 1000,
+        };
         for attempt in 1..10 {
             let d = backoff(&c, attempt).as_millis() as u64;
             let cap = (100u64 << (attempt - 1)).min(1000);

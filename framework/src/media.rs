@@ -97,7 +97,10 @@ pub fn parse_mxc(mxc: &str) -> Result<(&str, &str), MediaLinkError> {
 impl MediaSigner {
     /// A signer from config and a fallback secret (used when no signing key is configured).
     pub fn new(config: &MediaProxyConfig, fallback_secret: &str) -> Self {
-        let key = config.signing_key.clone().unwrap_or_else(|| format!("trestle-media:{fallback_secret}"));
+        let key = config
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| format!("trestle-media:{fallback_secret}"));
         Self {
             key: key.into_bytes(),
             public_url: config.public_url.clone(),
@@ -123,11 +126,20 @@ impl MediaSigner {
     }
 
     /// Checks a link's parts; returns the mxc URI to fetch.
-    pub fn verify(&self, server: &str, id: &str, expires: u64, sig: &str, now_secs: u64) -> Result<String, MediaLinkError> {
+    pub fn verify(
+        &self,
+        server: &str,
+        id: &str,
+        expires: u64,
+        sig: &str,
+        now_secs: u64,
+    ) -> Result<String, MediaLinkError> {
         let mxc = format!("mxc://{server}/{id}");
         parse_mxc(&mxc)?;
         let raw = URL_SAFE_NO_PAD.decode(sig).map_err(|_| MediaLinkError::BadSignature)?;
-        self.mac(server, id, expires).verify_slice(&raw).map_err(|_| MediaLinkError::BadSignature)?;
+        self.mac(server, id, expires)
+            .verify_slice(&raw)
+            .map_err(|_| MediaLinkError::BadSignature)?;
         if expires < now_secs {
             return Err(MediaLinkError::Expired);
         }
@@ -137,7 +149,10 @@ impl MediaSigner {
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -159,15 +174,34 @@ mod tests {
         let link = s.link("mxc://ex.org/AbC123", "cat pic.png", 1000).unwrap();
         assert!(link.starts_with("https://b.example/media/ex.org/AbC123/4600/"), "{link}");
         assert!(link.ends_with("/cat%20pic%2Epng"));
-        let parts: Vec<&str> = link.trim_start_matches("https://b.example/media/").split('/').collect();
+        let parts: Vec<&str> =
+            link.trim_start_matches("https://b.example/media/").split('/').collect();
         let exp: u64 = parts[2].parse().unwrap();
-        assert_eq!(s.verify(parts[0], parts[1], exp, parts[3], 2000).unwrap(), "mxc://ex.org/AbC123");
+        assert_eq!(
+            s.verify(parts[0], parts[1], exp, parts[3], 2000).unwrap(),
+            "mxc://ex.org/AbC123"
+        );
         assert_eq!(s.verify(parts[0], parts[1], exp, parts[3], 5000), Err(MediaLinkError::Expired));
-        assert_eq!(s.verify(parts[0], "Other", exp, parts[3], 2000), Err(MediaLinkError::BadSignature));
-        assert_eq!(s.verify(parts[0], parts[1], exp + 1, parts[3], 2000), Err(MediaLinkError::BadSignature));
-        assert_eq!(s.verify(parts[0], parts[1], exp, "!!", 2000), Err(MediaLinkError::BadSignature));
-        let other = MediaSigner::new(&MediaProxyConfig { signing_key: Some("j".into()), ..MediaProxyConfig::default() }, "");
-        assert_eq!(other.verify(parts[0], parts[1], exp, parts[3], 2000), Err(MediaLinkError::BadSignature));
+        assert_eq!(
+            s.verify(parts[0], "Other", exp, parts[3], 2000),
+            Err(MediaLinkError::BadSignature)
+        );
+        assert_eq!(
+            s.verify(parts[0], parts[1], exp + 1, parts[3], 2000),
+            Err(MediaLinkError::BadSignature)
+        );
+        assert_eq!(
+            s.verify(parts[0], parts[1], exp, "!!", 2000),
+            Err(MediaLinkError::BadSignature)
+        );
+        let other = MediaSigner::new(
+            &MediaProxyConfig { signing_key: Some("j".into()), ..MediaProxyConfig::default() },
+            "",
+        );
+        assert_eq!(
+            other.verify(parts[0], parts[1], exp, parts[3], 2000),
+            Err(MediaLinkError::BadSignature)
+        );
     }
 
     #[test]

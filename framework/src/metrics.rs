@@ -68,14 +68,14 @@ impl Metrics {
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
-        let queue_depth = IntGauge::new("trestle_inbound_queue_depth", "Events accepted and not yet handled")
-            .expect("valid metric");
+        let queue_depth =
+            IntGauge::new("trestle_inbound_queue_depth", "Events accepted and not yet handled")
+                .expect("valid metric");
         registry.register(Box::new(queue_depth.clone())).expect("unique metric");
         #[cfg(target_os = "linux")]
         {
-            let _ = registry.register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ));
+            let _ = registry
+                .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         }
         Self {
             transactions: counter_vec(
@@ -100,13 +100,19 @@ impl Metrics {
                 "Seconds from receipt of an event to the end of its handling",
                 vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0],
             ),
-            dead_letters: counter("trestle_dead_letters_total", "Events moved to the dead-letter table"),
+            dead_letters: counter(
+                "trestle_dead_letters_total",
+                "Events moved to the dead-letter table",
+            ),
             put_duration: histogram(
                 "trestle_transaction_put_seconds",
                 "Time to persist and answer a transaction",
                 vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0],
             ),
-            auth_failures: counter("trestle_auth_failures_total", "Requests with a missing or wrong token"),
+            auth_failures: counter(
+                "trestle_auth_failures_total",
+                "Requests with a missing or wrong token",
+            ),
             registry,
         }
     }

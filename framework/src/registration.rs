@@ -18,7 +18,9 @@ pub enum RegistrationError {
         source: std::io::Error,
     },
     /// The file exists and `--force` was not given.
-    #[error("{0} already exists; pass --force to overwrite it (the homeserver must then be given the new file)")]
+    #[error(
+        "{0} already exists; pass --force to overwrite it (the homeserver must then be given the new file)"
+    )]
     Exists(String),
     /// The YAML is malformed or incomplete.
     #[error("{path}: {message}")]
@@ -197,8 +199,10 @@ impl Registration {
         let compile = |list: &[Namespace]| -> Result<Vec<Regex>, RegistrationError> {
             list.iter()
                 .map(|n| {
-                    Regex::new(&n.regex)
-                        .map_err(|source| RegistrationError::Regex { regex: n.regex.clone(), source })
+                    Regex::new(&n.regex).map_err(|source| RegistrationError::Regex {
+                        regex: n.regex.clone(),
+                        source,
+                    })
                 })
                 .collect()
         };

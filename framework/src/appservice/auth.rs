@@ -12,11 +12,17 @@ use subtle::ConstantTimeEq;
 use super::{ApiError, AppState};
 
 /// Checks the request's token against the registration's `hs_token`.
-pub(crate) fn check(expected: &str, header: Option<&str>, query: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check(
+    expected: &str,
+    header: Option<&str>,
+    query: Option<&str>,
+) -> Result<(), ApiError> {
     let bearer = match header {
         Some(h) => match h.strip_prefix("Bearer ") {
             Some(t) => Some(t.trim()),
-            None => return Err(ApiError::Forbidden("Authorization header must use the Bearer scheme")),
+            None => {
+                return Err(ApiError::Forbidden("Authorization header must use the Bearer scheme"));
+            }
         },
         None => None,
     };

@@ -7,9 +7,9 @@
 
 mod auth;
 mod error;
-pub mod txn;
 #[cfg(test)]
 mod tests;
+pub mod txn;
 
 use std::{
     collections::BTreeMap,
@@ -109,9 +109,7 @@ pub(crate) fn router(state: AppState, prefix: &str) -> Router {
     if prefix.is_empty() {
         inner
     } else {
-        Router::new()
-            .nest(prefix, inner)
-            .fallback(|| async { ApiError::UnknownEndpoint })
+        Router::new().nest(prefix, inner).fallback(|| async { ApiError::UnknownEndpoint })
     }
 }
 
@@ -244,7 +242,10 @@ async fn tp_location(
     Path(protocol): Path<String>,
     Query(fields): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    non_empty(s.queries.thirdparty_locations(Some(&protocol), &without_token(fields)).await?, "locations")
+    non_empty(
+        s.queries.thirdparty_locations(Some(&protocol), &without_token(fields)).await?,
+        "locations",
+    )
 }
 
 async fn tp_location_reverse(

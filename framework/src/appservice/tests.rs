@@ -40,10 +40,18 @@ impl QueryHandler for Fake {
     async fn thirdparty_protocol(&self, p: &str) -> Result<Option<Value>, ApiError> {
         Ok((p == "test").then(|| json!({"user_fields": ["nick"], "location_fields": [], "icon": "", "field_types": {}, "instances": []})))
     }
-    async fn thirdparty_users(&self, _p: Option<&str>, f: &BTreeMap<String, String>) -> Result<Vec<Value>, ApiError> {
+    async fn thirdparty_users(
+        &self,
+        _p: Option<&str>,
+        f: &BTreeMap<String, String>,
+    ) -> Result<Vec<Value>, ApiError> {
         Ok(f.get("nick").map(|n| vec![json!({"userid": format!("@t_{n}:x"), "protocol": "test", "fields": {"nick": n}})]).unwrap_or_default())
     }
-    async fn thirdparty_locations(&self, _p: Option<&str>, _f: &BTreeMap<String, String>) -> Result<Vec<Value>, ApiError> {
+    async fn thirdparty_locations(
+        &self,
+        _p: Option<&str>,
+        _f: &BTreeMap<String, String>,
+    ) -> Result<Vec<Value>, ApiError> {
         Ok(vec![])
     }
 }
@@ -85,7 +93,13 @@ async fn app(prefix: &str) -> (Router, Arc<Fake>, Arc<dyn Store>) {
     (router(state, prefix), fake, store)
 }
 
-async fn call(app: &Router, method: &str, uri: &str, token: Option<&str>, body: &str) -> (StatusCode, Value) {
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -93,7 +107,8 @@ async fn call(app: &Router, method: &str, uri: &str, token: Option<&str>, body: 
     let resp = app.clone().oneshot(req.body(Body::from(body.to_owned())).unwrap()).await.unwrap();
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-    let v = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, v)
 }
 
@@ -137,13 +152,17 @@ async fn bad_input_answers() {
 #[tokio::test]
 async fn legacy_query_token_and_legacy_routes() {
     let (app, _, _) = app("").await;
-    let (s, _) = call(&app, "PUT", "/transactions/9?access_token=hs", None, r#"{"events":[]}"#).await;
+    let (s, _) =
+        call(&app, "PUT", "/transactions/9?access_token=hs", None, r#"{"events":[]}"#).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = call(&app, "PUT", "/transactions/9?access_token=nope", Some("hs"), r#"{"events":[]}"#).await;
+    let (s, v) =
+        call(&app, "PUT", "/transactions/9?access_token=nope", Some("hs"), r#"{"events":[]}"#)
+            .await;
     assert_eq!((s, errcode(&v)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
     let (s, _) = call(&app, "GET", "/users/@t_yes:x", Some("hs"), "").await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = call(&app, "GET", "/_matrix/app/unstable/thirdparty/protocol/test", Some("hs"), "").await;
+    let (s, v) =
+        call(&app, "GET", "/_matrix/app/unstable/thirdparty/protocol/test", Some("hs"), "").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["user_fields"][0], "nick");
 }
@@ -161,16 +180,27 @@ async fn queries_ping_thirdparty_health_metrics() {
     assert_eq!(s, StatusCode::OK);
     let (s, _) = call(&app, "GET", "/_matrix/app/v1/rooms/%23t_no:x", Some("hs"), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/_matrix/app/v1/ping", Some("hs"), r#"{"transaction_id": null}"#).await;
+    let (s, v) =
+        call(&app, "POST", "/_matrix/app/v1/ping", Some("hs"), r#"{"transaction_id": null}"#).await;
     assert_eq!((s, v), (StatusCode::OK, json!({})));
-    let (s, _) = call(&app, "POST", "/_matrix/app/v1/ping", Some("hs"), r#"{"transaction_id": "abc"}"#).await;
+    let (s, _) =
+        call(&app, "POST", "/_matrix/app/v1/ping", Some("hs"), r#"{"transaction_id": "abc"}"#)
+            .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = call(&app, "GET", "/_matrix/app/v1/thirdparty/user/test?nick=bob&access_token=hs", None, "").await;
+    let (s, v) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/thirdparty/user/test?nick=bob&access_token=hs",
+        None,
+        "",
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v[0]["userid"], "@t_bob:x");
     let (s, _) = call(&app, "GET", "/_matrix/app/v1/thirdparty/user/test", Some("hs"), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = call(&app, "GET", "/_matrix/app/v1/thirdparty/protocol/nope", Some("hs"), "").await;
+    let (s, _) =
+        call(&app, "GET", "/_matrix/app/v1/thirdparty/protocol/nope", Some("hs"), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, v) = call(&app, "GET", "/_matrix/app/v1/thirdparty/location", Some("hs"), "").await;
     assert_eq!((s, errcode(&v)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"));

@@ -118,9 +118,12 @@ pub fn parse(body: &Bytes) -> Result<ParsedTxn, ApiError> {
     ];
     for (kind, list) in lists {
         for raw in list {
-            let idx = u32::try_from(items.len()).map_err(|_| ApiError::BadJson("too many events".into()))?;
+            let idx = u32::try_from(items.len())
+                .map_err(|_| ApiError::BadJson("too many events".into()))?;
             let peek: Peek<'_> = serde_json::from_str(raw.get()).map_err(|e| {
-                ApiError::BadJson(format!("item {idx}: not an event object with a string `type`: {e}"))
+                ApiError::BadJson(format!(
+                    "item {idx}: not an event object with a string `type`: {e}"
+                ))
             })?;
             let lane: Arc<str> = match (kind, &peek.room_id) {
                 (ItemKind::ToDevice, _) => Arc::from(TO_DEVICE_LANE),
@@ -168,7 +171,13 @@ mod tests {
         assert!(matches!(p(r#"{"events": [{"type": "m.x"}]}"#), Err(ApiError::BadJson(_))));
         assert!(matches!(p("[]"), Err(ApiError::BadJson(_))));
         assert_eq!(p(r#"{"events": []}"#).unwrap().items.len(), 0);
-        assert_eq!(p(r#"{"events": [], "ephemeral": [], "de.sorunome.msc2409.to_device": []}"#).unwrap().items.len(), 0);
+        assert_eq!(
+            p(r#"{"events": [], "ephemeral": [], "de.sorunome.msc2409.to_device": []}"#)
+                .unwrap()
+                .items
+                .len(),
+            0
+        );
     }
 
     #[test]

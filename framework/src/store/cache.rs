@@ -33,13 +33,22 @@ impl ClientCache for StoreCache {
         self.0.mark_registered(user_id).await.map_err(cache_err)
     }
 
-    async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<Membership>, CacheError> {
+    async fn membership(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Membership>, CacheError> {
         let m = self.0.membership(room_id, user_id).await.map_err(cache_err)?;
         // An unknown stored value is treated as "not cached": the client asks the server.
         Ok(m.and_then(|m| m.parse().ok()))
     }
 
-    async fn set_membership(&self, room_id: &str, user_id: &str, membership: Membership) -> Result<(), CacheError> {
+    async fn set_membership(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        membership: Membership,
+    ) -> Result<(), CacheError> {
         self.0.set_membership(room_id, user_id, membership.as_str()).await.map_err(cache_err)
     }
 
@@ -47,7 +56,11 @@ impl ClientCache for StoreCache {
         self.0.power_levels(room_id).await.map_err(cache_err)
     }
 
-    async fn set_power_levels(&self, room_id: &str, content: serde_json::Value) -> Result<(), CacheError> {
+    async fn set_power_levels(
+        &self,
+        room_id: &str,
+        content: serde_json::Value,
+    ) -> Result<(), CacheError> {
         self.0.set_power_levels(room_id, &content).await.map_err(cache_err)
     }
 }

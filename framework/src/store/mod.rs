@@ -239,8 +239,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Records that the user is registered.
     async fn mark_registered(&self, user_id: &str) -> Result<(), StoreError>;
     /// A cached membership (`join`, `invite`, `leave`, `ban`, `knock`).
-    async fn membership(&self, room_id: &str, user_id: &str)
-    -> Result<Option<String>, StoreError>;
+    async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>, StoreError>;
     /// Caches a membership.
     async fn set_membership(
         &self,

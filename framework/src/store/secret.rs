@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     /// No key is configured.
-    #[error("no secret key is configured (set `database.secret_key` or TRESTLE__DATABASE__SECRET_KEY)")]
+    #[error(
+        "no secret key is configured (set `database.secret_key` or TRESTLE__DATABASE__SECRET_KEY)"
+    )]
     NoKey,
     /// The ciphertext is damaged, or was sealed with another key.
     #[error("the stored secret cannot be decrypted (wrong key or damaged data)")]

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    DeadLetter, Ghost, MessageMapping, PendingTransaction, Portal, Store, StoreError,
-    UserSettings, now_ms,
+    DeadLetter, Ghost, MessageMapping, PendingTransaction, Portal, Store, StoreError, UserSettings,
+    now_ms,
 };
 
 /// The migrations, in order; `PRAGMA user_version` records how many are applied.
@@ -82,11 +82,13 @@ impl SqliteStore {
     }
 }
 
-fn json_col(s: String, what: &'static str) -> Result<serde_json::Value, StoreError> {
-    serde_json::from_str(&s).map_err(|source| StoreError::Corrupt { what, source })
+fn json_col(s: &str, what: &'static str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(s).map_err(|source| StoreError::Corrupt { what, source })
 }
 
-fn row_portal(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Option<String>, String, i64)> {
+fn row_portal(
+    r: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(String, String, Option<String>, String, i64)> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
 }
 
@@ -95,7 +97,7 @@ fn to_portal(t: (String, String, Option<String>, String, i64)) -> Result<Portal,
         remote_id: t.0,
         room_id: t.1,
         alias: t.2,
-        metadata: json_col(t.3, "portals.metadata")?,
+        metadata: json_col(&t.3, "portals.metadata")?,
         created_at: t.4,
     })
 }
@@ -112,7 +114,7 @@ fn to_ghost(t: GhostRow) -> Result<Ghost, StoreError> {
         user_id: t.1,
         displayname: t.2,
         avatar_url: t.3,
-        metadata: json_col(t.4, "ghosts.metadata")?,
+        metadata: json_col(&t.4, "ghosts.metadata")?,
     })
 }
 
@@ -136,11 +138,12 @@ impl Store for SqliteStore {
     async fn insert_transaction(&self, txn_id: &str, body: Bytes) -> Result<bool, StoreError> {
         let txn_id = txn_id.to_owned();
         self.call(move |c| {
-            let n = c.prepare_cached(
-                "INSERT INTO inbound_txn (txn_id, body, received_at) VALUES (?1, ?2, ?3)
+            let n = c
+                .prepare_cached(
+                    "INSERT INTO inbound_txn (txn_id, body, received_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (txn_id) DO NOTHING",
-            )?
-            .execute(params![txn_id, &body[..], now_ms()])?;
+                )?
+                .execute(params![txn_id, &body[..], now_ms()])?;
             Ok(n == 1)
         })
         .await
@@ -331,7 +334,13 @@ impl Store for SqliteStore {
                  ON CONFLICT (remote_id) DO UPDATE SET user_id = excluded.user_id,
                  displayname = excluded.displayname, avatar_url = excluded.avatar_url,
                  metadata = excluded.metadata",
-                params![g.remote_id, g.user_id, g.displayname, g.avatar_url, g.metadata.to_string()],
+                params![
+                    g.remote_id,
+                    g.user_id,
+                    g.displayname,
+                    g.avatar_url,
+                    g.metadata.to_string()
+                ],
             )?;
             Ok(())
         })
@@ -386,7 +395,7 @@ impl Store for SqliteStore {
                 Ok(UserSettings {
                     user_id: u,
                     network: n,
-                    settings: json_col(s, "user_settings.settings")?,
+                    settings: json_col(&s, "user_settings.settings")?,
                     secret,
                 })
             })
@@ -438,7 +447,7 @@ impl Store for SqliteStore {
                     Ok(UserSettings {
                         user_id,
                         network: n.clone(),
-                        settings: json_col(s, "user_settings.settings")?,
+                        settings: json_col(&s, "user_settings.settings")?,
                         secret,
                     })
                 })
@@ -548,11 +557,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn membership(
-        &self,
-        room_id: &str,
-        user_id: &str,
-    ) -> Result<Option<String>, StoreError> {
+    async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>, StoreError> {
         let (r, u) = (room_id.to_owned(), user_id.to_owned());
         self.call(move |c| {
             Ok(c.query_row(
@@ -601,7 +606,7 @@ impl Store for SqliteStore {
                 r.get::<_, String>(0)
             })
             .optional()?
-            .map(|s| json_col(s, "power_levels.content"))
+            .map(|s| json_col(&s, "power_levels.content"))
             .transpose()
         })
         .await

@@ -1,0 +1,4 @@
+//! Helpers every bridge needs.
+
+pub mod bridge_info;
+pub mod reply;
