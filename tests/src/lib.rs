@@ -166,10 +166,15 @@ fn enc(s: &str) -> String {
 impl MatrixUser {
     /// Registers a user with the dummy flow (the test Synapse allows open registration).
     pub async fn register(homeserver: &str, localpart: &str) -> anyhow::Result<Self> {
+        Self::register_with_password(homeserver, localpart, "correct-horse-battery").await
+    }
+
+    /// Registers a user with a chosen password.
+    pub async fn register_with_password(homeserver: &str, localpart: &str, password: &str) -> anyhow::Result<Self> {
         let http = reqwest::Client::new();
         let r: Value = http
             .post(format!("{homeserver}/_matrix/client/v3/register"))
-            .json(&json!({"username": localpart, "password": "correct-horse-battery", "auth": {"type": "m.login.dummy"}}))
+            .json(&json!({"username": localpart, "password": password, "auth": {"type": "m.login.dummy"}}))
             .send()
             .await?
             .json()
