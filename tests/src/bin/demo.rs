@@ -73,7 +73,12 @@ async fn main() -> anyhow::Result<()> {
     println!("  metrics:    http://127.0.0.1:{port}/metrics");
     println!("  bridge log: {}", dir.join("bridge.log").display());
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    say("stopping");
     bridge.child.terminate(Duration::from_secs(10));
     drop(synapse);
     Ok(())
