@@ -1,4 +1,8 @@
 //! Helpers every bridge needs.
 
 pub mod bridge_info;
+pub mod escape;
+pub mod format;
 pub mod reply;
+pub mod split;
+pub mod template;
