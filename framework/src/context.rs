@@ -42,6 +42,7 @@ struct Inner<C> {
     metrics: Metrics,
     shutdown: CancellationToken,
     secrets: SecretBox,
+    media: crate::media::MediaSigner,
     /// Serializes portal creation per remote id, so two queries never create two rooms.
     portal_locks:
         tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -60,6 +61,7 @@ impl<C: Send + Sync + 'static> Context<C> {
         shutdown: CancellationToken,
     ) -> Self {
         let secrets = SecretBox::new(config.database.secret_key.as_deref());
+        let media = crate::media::MediaSigner::new(&config.media_proxy, &registration.as_token);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -71,6 +73,7 @@ impl<C: Send + Sync + 'static> Context<C> {
                 metrics,
                 shutdown,
                 secrets,
+                media,
                 portal_locks: Default::default(),
             }),
         }
@@ -124,6 +127,20 @@ impl<C: Send + Sync + 'static> Context<C> {
     /// Seals and opens secrets stored at rest.
     pub fn secrets(&self) -> &SecretBox {
         &self.inner.secrets
+    }
+
+    /// A signed, expiring public link to Matrix media (`media_proxy.public_url` must be set).
+    pub fn media_link(
+        &self,
+        mxc: &str,
+        filename: &str,
+    ) -> Result<String, crate::media::MediaLinkError> {
+        self.inner.media.link(mxc, filename, crate::media::now_secs())
+    }
+
+    /// The media link signer (the runtime serves the links with it).
+    pub fn media_signer(&self) -> &crate::media::MediaSigner {
+        &self.inner.media
     }
 
     /// The registration (namespaces, tokens).

@@ -236,6 +236,7 @@ pub async fn serve<B: Bridge>(
         max_body: config.appservice.max_body_bytes,
         metrics_enabled: config.metrics.enabled,
         pings: Arc::new(Mutex::new(Vec::new())),
+        media: Some((ctx.media_signer().clone(), client.clone())),
     };
     let app = appservice::router(state, config.appservice.url.path());
     let listener = tokio::net::TcpListener::bind(config.appservice.listen)

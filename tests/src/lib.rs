@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
+pub mod ircd;
 pub mod synapse;
 
 pub use synapse::Synapse;
@@ -31,12 +32,16 @@ pub fn repo_root() -> PathBuf {
 
 /// Where installed test dependencies live (`TRESTLE_E2E_HOME`, default `<repo>/.e2e`).
 pub fn e2e_home() -> PathBuf {
-    std::env::var_os("TRESTLE_E2E_HOME").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".e2e"))
+    std::env::var_os("TRESTLE_E2E_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".e2e"))
 }
 
 /// The cargo target directory.
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
 }
 
 /// A binary built by cargo: `name` like `trestle-irc` or `examples/echo`.
@@ -95,7 +100,11 @@ impl ChildGuard {
         if let Some(mut c) = self.child.take() {
             #[cfg(unix)]
             {
-                let _ = Command::new("kill").args(["-9", &format!("-{}", c.id())]).status();
+                // `--` matters: procps-ng reads `kill -9 -PID` as signal options and can end
+                // up signalling process group 1 (every process) instead of the child's group.
+                let _ = Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{}", c.id())])
+                    .status();
             }
             let _ = c.kill();
             let _ = c.wait();
@@ -105,7 +114,7 @@ impl ChildGuard {
     /// SIGTERM, then wait up to `timeout` for a clean exit (SIGKILL after).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill").args(["-s", "TERM", "--", &c.id().to_string()]).status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = c.try_wait() {
@@ -124,7 +133,12 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         if self.child.is_some() {
             if std::thread::panicking() {
-                eprintln!("--- last lines of {} ({}):\n{}", self.name, self.log.display(), self.log_tail(40));
+                eprintln!(
+                    "--- last lines of {} ({}):\n{}",
+                    self.name,
+                    self.log.display(),
+                    self.log_tail(40)
+                );
             }
             self.kill_hard();
         }
@@ -170,7 +184,11 @@ impl MatrixUser {
     }
 
     /// Registers a user with a chosen password.
-    pub async fn register_with_password(homeserver: &str, localpart: &str, password: &str) -> anyhow::Result<Self> {
+    pub async fn register_with_password(
+        homeserver: &str,
+        localpart: &str,
+        password: &str,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::new();
         let r: Value = http
             .post(format!("{homeserver}/_matrix/client/v3/register"))
@@ -188,8 +206,16 @@ impl MatrixUser {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base)).bearer_auth(&self.token);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -235,7 +261,12 @@ impl MatrixUser {
     }
 
     /// Sends an event; returns the event id.
-    pub async fn send(&self, room: &str, event_type: &str, content: Value) -> anyhow::Result<String> {
+    pub async fn send(
+        &self,
+        room: &str,
+        event_type: &str,
+        content: Value,
+    ) -> anyhow::Result<String> {
         let txn = format!("t{}", rand::random::<u64>());
         let v = self.put(&format!("/rooms/{}/send/{event_type}/{txn}", enc(room)), content).await?;
         Ok(v["event_id"].as_str().context("no event_id")?.to_owned())
@@ -250,8 +281,14 @@ impl MatrixUser {
     }
 
     /// A state event's content, if set.
-    pub async fn state(&self, room: &str, event_type: &str, state_key: &str) -> anyhow::Result<Option<Value>> {
-        match self.get(&format!("/rooms/{}/state/{event_type}/{}", enc(room), enc(state_key))).await {
+    pub async fn state(
+        &self,
+        room: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> anyhow::Result<Option<Value>> {
+        match self.get(&format!("/rooms/{}/state/{event_type}/{}", enc(room), enc(state_key))).await
+        {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.to_string().contains("404") => Ok(None),
             Err(e) => Err(e),
@@ -259,7 +296,12 @@ impl MatrixUser {
     }
 
     /// Waits until the room's recent messages contain one matching `pred`.
-    pub async fn wait_for_message(&self, room: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub async fn wait_for_message(
+        &self,
+        room: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         wait_for("a matching event", timeout, || async {
             self.messages(room, 100).await.ok()?.into_iter().find(|e| pred(e))
         })
@@ -301,11 +343,22 @@ impl BridgeProcess {
     }
 
     /// Starts `binary run -c config` and waits until `/health/ready` answers 200.
-    pub async fn start(binary: &Path, config: &Path, url: &str, log: &Path) -> anyhow::Result<Self> {
+    pub async fn start(
+        binary: &Path,
+        config: &Path,
+        url: &str,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.args(["run", "-c"]).arg(config).env("RUST_LOG", "info,trestle=debug");
         let child = ChildGuard::spawn("bridge", cmd, log)?;
-        let mut this = Self { child, binary: binary.to_owned(), config: config.to_owned(), url: url.to_owned(), log: log.to_owned() };
+        let mut this = Self {
+            child,
+            binary: binary.to_owned(),
+            config: config.to_owned(),
+            url: url.to_owned(),
+            log: log.to_owned(),
+        };
         this.wait_ready().await?;
         Ok(this)
     }

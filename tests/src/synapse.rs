@@ -55,9 +55,13 @@ impl Synapse {
             m.insert(Yaml::from(k), v);
         };
         let y = |s: &str| -> Yaml { serde_yaml::from_str(s).unwrap_or(Yaml::Null) };
-        set(map, "listeners", y(&format!(
-            "[{{port: {port}, tls: false, type: http, x_forwarded: false, bind_addresses: ['127.0.0.1'], resources: [{{names: [client], compress: false}}]}}]"
-        )));
+        set(
+            map,
+            "listeners",
+            y(&format!(
+                "[{{port: {port}, tls: false, type: http, x_forwarded: false, bind_addresses: ['127.0.0.1'], resources: [{{names: [client], compress: false}}]}}]"
+            )),
+        );
         set(map, "enable_registration", Yaml::Bool(true));
         set(map, "enable_registration_without_verification", Yaml::Bool(true));
         set(map, "suppress_key_server_warning", Yaml::Bool(true));
@@ -67,10 +71,19 @@ impl Synapse {
         for k in ["rc_message", "rc_registration", "rc_admin_redaction", "rc_3pid_validation"] {
             set(map, k, y(big));
         }
-        set(map, "rc_login", y(&format!("{{address: {big}, account: {big}, failed_attempts: {big}}}")));
+        set(
+            map,
+            "rc_login",
+            y(&format!("{{address: {big}, account: {big}, failed_attempts: {big}}}")),
+        );
         set(map, "rc_joins", y(&format!("{{local: {big}, remote: {big}}}")));
-        set(map, "rc_invites", y(&format!("{{per_room: {big}, per_user: {big}, per_sender: {big}}}")));
-        let regs: Vec<Yaml> = registrations.iter().map(|p| Yaml::from(p.display().to_string())).collect();
+        set(
+            map,
+            "rc_invites",
+            y(&format!("{{per_room: {big}, per_user: {big}, per_sender: {big}}}")),
+        );
+        let regs: Vec<Yaml> =
+            registrations.iter().map(|p| Yaml::from(p.display().to_string())).collect();
         set(map, "app_service_config_files", Yaml::Sequence(regs));
         // Quieter logs: warnings only, into the test dir.
         let log_config = dir.join("localhost.log.config");
@@ -92,7 +105,9 @@ impl Synapse {
 
     async fn launch(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(python()?);
-        cmd.args(["-m", "synapse.app.homeserver", "-c"]).arg(self.dir.join("hs.yaml")).current_dir(&self.dir);
+        cmd.args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(self.dir.join("hs.yaml"))
+            .current_dir(&self.dir);
         let mut child = ChildGuard::spawn("synapse", cmd, &self.dir.join("stdout.log"))?;
         let url = format!("{}/_matrix/client/versions", self.url());
         let http = reqwest::Client::new();
@@ -104,7 +119,11 @@ impl Synapse {
             let log = std::fs::read_to_string(self.dir.join("homeserver.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             child.kill_hard();
-            bail!("{e}\n--- stdout:\n{}\n--- homeserver.log:\n{}", child.log_tail(30), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!(
+                "{e}\n--- stdout:\n{}\n--- homeserver.log:\n{}",
+                child.log_tail(30),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         self.child = Some(child);
         Ok(())

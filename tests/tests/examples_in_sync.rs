@@ -36,20 +36,37 @@ fn example_registrations_match_generated_output() -> anyhow::Result<()> {
         let exe = binary(bin)?;
         let config = repo_root().join(format!("config/{name}.example.yaml"));
         let out = dir.path().join(format!("{name}.yaml"));
-        let st = Command::new(&exe).args(["generate-registration", "-c"]).arg(&config).arg("-o").arg(&out).output()?;
+        let st = Command::new(&exe)
+            .args(["generate-registration", "-c"])
+            .arg(&config)
+            .arg("-o")
+            .arg(&out)
+            .output()?;
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
         let generated: String = std::fs::read_to_string(&out)?
             .lines()
             .map(|l| match l.split_once(": ") {
-                Some((k @ ("as_token" | "hs_token"), _)) => format!("{k}: CHANGE_ME_generated_by_generate-registration"),
+                Some((k @ ("as_token" | "hs_token"), _)) => {
+                    format!("{k}: CHANGE_ME_generated_by_generate-registration")
+                }
                 _ => l.to_owned(),
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let committed = std::fs::read_to_string(repo_root().join(format!("registration/{name}.example.yaml")))?;
-        assert_eq!(generated.trim_end(), committed.trim_end(), "registration/{name}.example.yaml drifted");
+        let committed =
+            std::fs::read_to_string(repo_root().join(format!("registration/{name}.example.yaml")))?;
+        assert_eq!(
+            generated.trim_end(),
+            committed.trim_end(),
+            "registration/{name}.example.yaml drifted"
+        );
         // Refuses to overwrite without --force.
-        let again = Command::new(&exe).args(["generate-registration", "-c"]).arg(&config).arg("-o").arg(&out).output()?;
+        let again = Command::new(&exe)
+            .args(["generate-registration", "-c"])
+            .arg(&config)
+            .arg("-o")
+            .arg(&out)
+            .output()?;
         assert!(!again.status.success());
         assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     }

@@ -44,7 +44,13 @@ impl Env {
         BridgeProcess::generate_registration(&bin, &config, &reg)?;
         let synapse = Synapse::start(&[&reg]).await?;
         write(&synapse.url())?;
-        let bridge = BridgeProcess::start(&bin, &config, &format!("http://127.0.0.1:{port}"), &dir.path().join("bridge.log")).await?;
+        let bridge = BridgeProcess::start(
+            &bin,
+            &config,
+            &format!("http://127.0.0.1:{port}"),
+            &dir.path().join("bridge.log"),
+        )
+        .await?;
         let reg_yaml: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&reg)?)?;
         let hs_token = reg_yaml["hs_token"].as_str().unwrap_or_default().to_owned();
         Ok(Self { synapse, bridge, hs_token, _dir: dir })
@@ -72,7 +78,8 @@ async fn registration_queries_and_messages_both_ways() -> anyhow::Result<()> {
     let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
 
     // User query: inviting a ghost that does not exist yet makes Synapse ask the bridge.
-    let dm = alice.create_room(json!({"invite": ["@echo_bob:localhost"], "is_direct": true})).await?;
+    let dm =
+        alice.create_room(json!({"invite": ["@echo_bob:localhost"], "is_direct": true})).await?;
     let profile = wait_for("the ghost's displayname", Duration::from_secs(20), || async {
         let p = alice.profile("@echo_bob:localhost").await.ok()?;
         (p["displayname"] == "bob").then_some(p)
@@ -90,7 +97,8 @@ async fn registration_queries_and_messages_both_ways() -> anyhow::Result<()> {
 
     // Matrix → bridge → Matrix: the ghost answers the user's message.
     let sent = alice.send_text(&room, "hello bridge").await?;
-    let echo = alice.wait_for_message(&room, Duration::from_secs(30), |e| is_echo_of(e, &sent)).await?;
+    let echo =
+        alice.wait_for_message(&room, Duration::from_secs(30), |e| is_echo_of(e, &sent)).await?;
     assert_eq!(body(&echo), "echo: hello bridge");
 
     // A second join of the same alias finds the same room (no second portal).
@@ -127,8 +135,13 @@ async fn repeated_transaction_is_a_no_op_across_a_restart() -> anyhow::Result<()
     assert_eq!(put_txn(&env, "dedupe-1", &txn).await?, 200);
     assert_eq!(env.bridge.metric("trestle_transactions_total{result=\"duplicate\"}").await?, 1.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(env.bridge.metric("trestle_events_processed_total").await?, 0.0, "the repeat was handled");
-    let echoes = alice.messages(&room, 100).await?.into_iter().filter(|e| is_echo_of(e, event_id)).count();
+    assert_eq!(
+        env.bridge.metric("trestle_events_processed_total").await?,
+        0.0,
+        "the repeat was handled"
+    );
+    let echoes =
+        alice.messages(&room, 100).await?.into_iter().filter(|e| is_echo_of(e, event_id)).count();
     assert_eq!(echoes, 1);
     Ok(())
 }
@@ -178,15 +191,45 @@ async fn bad_input_gets_matrix_errors() -> anyhow::Result<()> {
         assert!(v["error"].is_string());
     };
     check(http.put(&txn).json(&json!({"events": []})).send().await?, 401, "M_MISSING_TOKEN").await;
-    check(http.put(&txn).bearer_auth("wrong").json(&json!({"events": []})).send().await?, 403, "M_FORBIDDEN").await;
-    check(http.put(&txn).bearer_auth(&env.hs_token).body("not json").send().await?, 400, "M_NOT_JSON").await;
-    check(http.put(&txn).bearer_auth(&env.hs_token).json(&json!({"events": 5})).send().await?, 400, "M_BAD_JSON").await;
-    check(http.put(&txn).bearer_auth(&env.hs_token).json(&json!({"events": [null]})).send().await?, 400, "M_BAD_JSON").await;
-    check(http.get(url("/_matrix/app/v1/nope")).bearer_auth(&env.hs_token).send().await?, 404, "M_UNRECOGNIZED").await;
+    check(
+        http.put(&txn).bearer_auth("wrong").json(&json!({"events": []})).send().await?,
+        403,
+        "M_FORBIDDEN",
+    )
+    .await;
+    check(
+        http.put(&txn).bearer_auth(&env.hs_token).body("not json").send().await?,
+        400,
+        "M_NOT_JSON",
+    )
+    .await;
+    check(
+        http.put(&txn).bearer_auth(&env.hs_token).json(&json!({"events": 5})).send().await?,
+        400,
+        "M_BAD_JSON",
+    )
+    .await;
+    check(
+        http.put(&txn).bearer_auth(&env.hs_token).json(&json!({"events": [null]})).send().await?,
+        400,
+        "M_BAD_JSON",
+    )
+    .await;
+    check(
+        http.get(url("/_matrix/app/v1/nope")).bearer_auth(&env.hs_token).send().await?,
+        404,
+        "M_UNRECOGNIZED",
+    )
+    .await;
     check(http.get(&txn).bearer_auth(&env.hs_token).send().await?, 405, "M_UNRECOGNIZED").await;
     // After all that the bridge still works and handled nothing.
     assert_eq!(env.bridge.metric("trestle_events_processed_total").await?, 0.0);
-    let r = http.post(url("/_matrix/app/v1/ping")).bearer_auth(&env.hs_token).json(&json!({})).send().await?;
+    let r = http
+        .post(url("/_matrix/app/v1/ping"))
+        .bearer_auth(&env.hs_token)
+        .json(&json!({}))
+        .send()
+        .await?;
     assert_eq!(r.status(), 200);
     Ok(())
 }

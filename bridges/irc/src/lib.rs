@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod bridge;
 pub mod config;
 pub mod conn;
 pub mod format;

@@ -1,1 +1,5 @@
-fn main() {}
+//! `trestle-irc`: the IRC bridge binary.
+
+fn main() -> std::process::ExitCode {
+    trestle::run::<trestle_irc::bridge::IrcBridge>()
+}

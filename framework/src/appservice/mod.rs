@@ -71,6 +71,8 @@ pub(crate) struct AppState {
     pub(crate) metrics_enabled: bool,
     /// Transaction ids of pings received, so the start-up self-ping can be confirmed.
     pub(crate) pings: Arc<Mutex<Vec<String>>>,
+    /// Serves signed media links: the signer and the client that downloads.
+    pub(crate) media: Option<(crate::media::MediaSigner, crate::client::HomeserverClient)>,
 }
 
 /// Builds the router. `prefix` is the path of `appservice.url` (may be empty or `/`).
@@ -99,7 +101,8 @@ pub(crate) fn router(state: AppState, prefix: &str) -> Router {
     let open = Router::new()
         .route("/health/live", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/media/{server}/{media_id}/{expires}/{sig}/{filename}", get(media));
     let inner = authed
         .merge(open)
         .fallback(|| async { ApiError::UnknownEndpoint })
@@ -128,6 +131,45 @@ async fn metrics(State(s): State<AppState>) -> Response {
     match s.metrics.render() {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(e) => ApiError::Internal(e).into_response(),
+    }
+}
+
+async fn media(
+    State(s): State<AppState>,
+    Path((server, media_id, expires, sig, _filename)): Path<(String, String, u64, String, String)>,
+) -> Response {
+    let Some((signer, client)) = &s.media else {
+        return ApiError::UnknownEndpoint.into_response();
+    };
+    let mxc = match signer.verify(&server, &media_id, expires, &sig, crate::media::now_secs()) {
+        Ok(m) => m,
+        Err(e) => return ApiError::NotFound(format!("media link refused: {e}")).into_response(),
+    };
+    match client.bot().download_media(&mxc).await {
+        Ok((bytes, content_type)) => {
+            let ct = content_type.unwrap_or_else(|| "application/octet-stream".to_owned());
+            // Never let a browser render HTML or scripts from our origin.
+            let safe =
+                if ct.starts_with("text/html") || ct.contains("javascript") || ct.contains("svg") {
+                    "application/octet-stream".to_owned()
+                } else {
+                    ct
+                };
+            (
+                [
+                    (header::CONTENT_TYPE, safe),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+                    (header::CONTENT_SECURITY_POLICY, "sandbox; default-src 'none'".to_owned()),
+                    (header::CACHE_CONTROL, "public, max-age=86400".to_owned()),
+                ],
+                bytes,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(%mxc, error = %e, "media download for a proxy link failed");
+            ApiError::NotFound("media not available".into()).into_response()
+        }
     }
 }
 

@@ -89,6 +89,7 @@ async fn app(prefix: &str) -> (Router, Arc<Fake>, Arc<dyn Store>) {
         max_body: 64 * 1024,
         metrics_enabled: true,
         pings: Arc::default(),
+        media: None,
     };
     (router(state, prefix), fake, store)
 }

@@ -47,7 +47,13 @@ async fn main() -> anyhow::Result<()> {
     let synapse = Synapse::start(&[&reg]).await?;
     write(&synapse.url())?;
     say(&format!("starting the echo bridge on 127.0.0.1:{port}"));
-    let mut bridge = BridgeProcess::start(&bin, &config, &format!("http://127.0.0.1:{port}"), &dir.join("bridge.log")).await?;
+    let mut bridge = BridgeProcess::start(
+        &bin,
+        &config,
+        &format!("http://127.0.0.1:{port}"),
+        &dir.join("bridge.log"),
+    )
+    .await?;
     say("registering the user @demo:localhost (password: demo-password)");
     let user = register_demo(&synapse.url()).await?;
     say("joining #echo_lobby:localhost — the bridge creates the portal room on demand");

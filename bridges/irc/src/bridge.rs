@@ -1,0 +1,785 @@
+//! The IRC bridge on top of Trestle: portals, ghosts, and messages both ways.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use trestle::{
+    bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
+    commands::{Command, CommandError, CommandRegistry, PermissionLevel},
+    config::Config,
+    context::Context,
+    event::{MatrixEvent, Message, MessageType},
+    registration::{Namespace, Namespaces},
+    store::Portal,
+    util::{
+        escape::escape_localpart,
+        format::{html_to_runs, runs_to_html},
+        split::{Budget, split_text},
+        template::Template,
+    },
+};
+
+use crate::{
+    config::{BridgeMode, IrcConfig, MembershipSync, NetworkConfig},
+    conn::{ConnConfig, ConnEvent, ConnectPacer, IrcConnection, IrcLine, line::one_line},
+    format::{irc_to_runs, runs_to_irc},
+};
+
+/// One IRC network.
+struct Network {
+    id: String,
+    config: NetworkConfig,
+    bot: IrcConnection,
+    user_template: Template,
+    alias_template: Template,
+    excluded: Vec<regex::Regex>,
+}
+
+/// The IRC bridge.
+pub struct IrcBridge {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for IrcBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+/// The bridge's state, shared with the network tasks.
+pub struct Inner {
+    ctx: Context<IrcConfig>,
+    networks: BTreeMap<String, Arc<Network>>,
+    /// Displaynames of Matrix users, from member events (relay prefixes).
+    names: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IrcBridge").field("networks", &self.networks.keys()).finish()
+    }
+}
+
+fn bridge_err(e: impl std::fmt::Display) -> BridgeError {
+    BridgeError::Retryable(e.to_string())
+}
+
+/// `2026-01-02T03:04:05.678Z` → ms since the epoch (server-time).
+pub fn parse_server_time(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !s.ends_with('Z') {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    let ms = if b.get(19) == Some(&b'.') {
+        s.get(20..23).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0)
+    } else {
+        0
+    };
+    // Days from civil (proleptic Gregorian).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms).ok()
+}
+
+impl Network {
+    fn fold(&self, s: &str) -> String {
+        self.bot.isupport().casemapping.fold(s)
+    }
+
+    fn portal_id(&self, channel: &str) -> String {
+        format!("{}/{}", self.id, self.fold(channel))
+    }
+
+    fn ghost_user_id(&self, nick: &str, domain: &str) -> String {
+        let lp = self
+            .user_template
+            .render(&[("network", &self.id), ("nick", &escape_localpart(&self.fold(nick)))])
+            .unwrap_or_default();
+        format!("@{lp}:{domain}")
+    }
+
+    fn is_channel(&self, name: &str) -> bool {
+        self.bot.isupport().is_channel(name) || name.starts_with(['#', '&'])
+    }
+}
+
+fn valid_channel(name: &str) -> bool {
+    name.len() > 1
+        && name.len() <= 200
+        && name.starts_with(['#', '&', '+', '!'])
+        && !name.contains([' ', ',', '\x07', '\r', '\n', '\0'])
+}
+
+impl Inner {
+    fn network_of(&self, portal: &Portal) -> Option<(Arc<Network>, String)> {
+        let net = portal.metadata.get("network")?.as_str()?;
+        let chan = portal.metadata.get("channel")?.as_str()?;
+        Some((Arc::clone(self.networks.get(net)?), chan.to_owned()))
+    }
+
+    async fn displayname(&self, user_id: &str) -> String {
+        if let Some(n) =
+            self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(user_id)
+        {
+            return n.clone();
+        }
+        let name = self
+            .ctx
+            .bot()
+            .get_profile(user_id)
+            .await
+            .ok()
+            .and_then(|p| p.displayname)
+            .unwrap_or_else(|| {
+                user_id.trim_start_matches('@').split(':').next().unwrap_or(user_id).to_owned()
+            });
+        self.remember_name(user_id, &name);
+        name
+    }
+
+    fn remember_name(&self, user_id: &str, name: &str) {
+        let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if names.len() > 10_000 {
+            names.clear();
+        }
+        names.insert(user_id.to_owned(), one_line(name));
+    }
+
+    /// Creates (or finds) the portal for a channel and has the bot join it.
+    async fn open_portal(
+        &self,
+        net: &Network,
+        channel: &str,
+        alias: Option<&str>,
+    ) -> Result<(Portal, bool), BridgeError> {
+        let spec = self.portal_spec(net, channel);
+        let (portal, created) = self.ctx.ensure_portal(&spec, alias).await?;
+        if created {
+            net.bot.join(channel, None).await.map_err(bridge_err)?;
+        }
+        Ok((portal, created))
+    }
+
+    fn portal_spec(&self, net: &Network, channel: &str) -> PortalSpec {
+        let mut spec = PortalSpec::new(net.portal_id(channel), channel);
+        spec.name = Some(channel.to_owned());
+        spec.public = true;
+        spec.channel_name = Some(channel.to_owned());
+        spec.network = Some((net.id.clone(), net.config.name.clone()));
+        spec.metadata = json!({"network": net.id, "channel": channel});
+        spec
+    }
+
+    fn alias_for(&self, net: &Network, channel: &str) -> Option<String> {
+        let lp = net
+            .alias_template
+            .render(&[("network", &net.id), ("channel", &net.fold(channel))])
+            .ok()?;
+        Some(format!("#{lp}:{}", self.ctx.domain()))
+    }
+
+    /// Text for IRC from a Matrix message (formatting converted, media as links).
+    fn irc_text(&self, msg: &Message) -> String {
+        if let Some(media) = &msg.media {
+            let link = self
+                .ctx
+                .media_link(&media.url, &media.filename)
+                .unwrap_or_else(|_| media.url.clone());
+            return format!("{} {link}", msg.body);
+        }
+        match &msg.html {
+            Some(h) => runs_to_irc(&html_to_runs(h)),
+            None => msg.body.clone(),
+        }
+    }
+
+    async fn relay(
+        &self,
+        net: &Network,
+        channel: &str,
+        sender: &str,
+        msg: &Message,
+        edit: bool,
+    ) -> Result<(), BridgeError> {
+        let name = self.displayname(sender).await;
+        // NUL and CR have no place in IRC text: dropped here, and LF splits lines below. (The
+        // connection refuses any line that still holds one, so nothing can inject either way.)
+        let text = self.irc_text(msg).replace(['\0', '\r'], "");
+        let mut lines: Vec<String> =
+            text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+        let max = net.config.max_lines.max(1);
+        if lines.len() > max {
+            let extra = lines.len() - max;
+            lines.truncate(max);
+            lines.push(format!("(… {extra} more lines not shown)"));
+        }
+        let command = if msg.msgtype == MessageType::Notice { "NOTICE" } else { "PRIVMSG" };
+        let wrap = |chunk: &str| match msg.msgtype {
+            MessageType::Emote => format!("* {name} {chunk}"),
+            _ => net
+                .config
+                .relay_template
+                .replace("{displayname}", &name)
+                .replace("{message}", chunk),
+        };
+        // Every chunk of a long line carries the sender's name: split within what the prefix
+        // leaves of the line budget.
+        let overhead = wrap("").len();
+        let budget = net.bot.text_budget(channel).saturating_sub(overhead).max(16);
+        for line in lines {
+            let line = if edit { format!("* {line}") } else { line };
+            for chunk in split_text(&line, Budget::bytes(budget)) {
+                net.bot
+                    .send(IrcLine::new(command, &[channel, &wrap(&chunk)]))
+                    .await
+                    .map_err(bridge_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one line from a network.
+    async fn irc_line(&self, net: &Network, line: IrcLine) -> Result<(), BridgeError> {
+        let domain = self.ctx.domain().to_owned();
+        let me = net.bot.nick();
+        let cm = net.bot.isupport().casemapping;
+        let from_me = line.nick().is_some_and(|n| cm.eq(n, &me));
+        match line.command.as_str() {
+            "PRIVMSG" | "NOTICE" => {
+                let (target, text) = (line.param(0), line.param(1));
+                let Some(nick) = line.nick() else { return Ok(()) };
+                if from_me || !net.is_channel(target) {
+                    return Ok(());
+                }
+                let Some(portal) =
+                    self.ctx.store().portal_by_remote(&net.portal_id(target)).await?
+                else {
+                    return Ok(());
+                };
+                let (msgtype, text) =
+                    match text.strip_prefix("\x01ACTION ").map(|t| t.trim_end_matches('\x01')) {
+                        Some(action) => ("m.emote", action),
+                        None if text.starts_with('\x01') => return Ok(()),
+                        None if line.command == "NOTICE" => ("m.notice", text),
+                        None => ("m.text", text),
+                    };
+                let runs = irc_to_runs(text);
+                let plain: String = runs.iter().map(|r| r.text.as_str()).collect();
+                let mut content = json!({"msgtype": msgtype, "body": plain});
+                if runs.iter().any(|r| r.style != Default::default()) {
+                    content["format"] = json!("org.matrix.custom.html");
+                    content["formatted_body"] = json!(runs_to_html(&runs));
+                }
+                let ghost = net.ghost_user_id(nick, &domain);
+                self.ctx
+                    .ensure_ghost(
+                        &ghost,
+                        &GhostProfile {
+                            remote_id: format!("{}/{}", net.id, net.fold(nick)),
+                            displayname: Some(nick.to_owned()),
+                            avatar_url: None,
+                        },
+                    )
+                    .await?;
+                let cause = match line.tag("msgid") {
+                    Some(id) => format!("irc:{}:{id}", net.id),
+                    None => format!("irc:{}:{}", net.id, rand::random::<u128>()),
+                };
+                let ts = line.tag("time").and_then(parse_server_time);
+                let txn = self.ctx.txn_id_for(&cause, 0);
+                self.ctx
+                    .send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, ts)
+                    .await?;
+            }
+            "JOIN" => {
+                let Some(nick) = line.nick() else { return Ok(()) };
+                if from_me {
+                    return Ok(());
+                }
+                if let Some(portal) =
+                    self.ctx.store().portal_by_remote(&net.portal_id(line.param(0))).await?
+                {
+                    self.ghost_join(net, nick, &portal.room_id).await?;
+                }
+            }
+            "PART" | "KICK" => {
+                let (chan, nick) = if line.command == "KICK" {
+                    (line.param(0), line.param(1).to_owned())
+                } else {
+                    (line.param(0), line.nick().unwrap_or_default().to_owned())
+                };
+                if cm.eq(&nick, &me) {
+                    return Ok(());
+                }
+                if let Some(portal) =
+                    self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
+                {
+                    let _ = self
+                        .ctx
+                        .intent(&net.ghost_user_id(&nick, &domain))
+                        .leave(&portal.room_id)
+                        .await;
+                }
+            }
+            "QUIT" | "NICK" => {
+                let Some(nick) = line.nick() else { return Ok(()) };
+                if from_me {
+                    return Ok(());
+                }
+                let old = net.ghost_user_id(nick, &domain);
+                for portal in self.ctx.store().portals().await? {
+                    if portal.metadata.get("network").and_then(Value::as_str) != Some(&net.id) {
+                        continue;
+                    }
+                    if self.ctx.store().membership(&portal.room_id, &old).await?.as_deref()
+                        != Some("join")
+                    {
+                        continue;
+                    }
+                    let _ = self.ctx.intent(&old).leave(&portal.room_id).await;
+                    if line.command == "NICK" {
+                        self.ghost_join(net, line.param(0), &portal.room_id).await?;
+                    }
+                }
+            }
+            "TOPIC" | "332" => {
+                let (chan, topic) = if line.command == "332" {
+                    (line.param(1), line.param(2))
+                } else {
+                    (line.param(0), line.param(1))
+                };
+                if line.command == "TOPIC" && from_me {
+                    return Ok(());
+                }
+                if let Some(portal) =
+                    self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
+                {
+                    let topic = crate::format::strip_codes(topic);
+                    self.ctx
+                        .bot()
+                        .send_state(
+                            &portal.room_id,
+                            "m.room.topic",
+                            "",
+                            json!({"topic": topic}),
+                            None,
+                        )
+                        .await?;
+                }
+            }
+            "353" if net.config.membership_sync == MembershipSync::All => {
+                let chan = line.param(2);
+                if let Some(portal) =
+                    self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
+                {
+                    let isupport = net.bot.isupport();
+                    for entry in line.param(3).split(' ').filter(|e| !e.is_empty()) {
+                        let (_, nick) = isupport.split_prefixes(entry);
+                        if !cm.eq(nick, &me) {
+                            self.ghost_join(net, nick, &portal.room_id).await?;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn ghost_join(
+        &self,
+        net: &Network,
+        nick: &str,
+        room_id: &str,
+    ) -> Result<(), BridgeError> {
+        let ghost = net.ghost_user_id(nick, self.ctx.domain());
+        self.ctx
+            .ensure_ghost(
+                &ghost,
+                &GhostProfile {
+                    remote_id: format!("{}/{}", net.id, net.fold(nick)),
+                    displayname: Some(nick.to_owned()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        self.ctx.intent(&ghost).ensure_joined(room_id).await?;
+        Ok(())
+    }
+}
+
+/// Receives one network's events; lines are handled in order, retried a few times on errors.
+async fn network_loop(b: Arc<Inner>, net: Arc<Network>, mut events: mpsc::Receiver<ConnEvent>) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            ConnEvent::Registered { nick } => {
+                tracing::info!(network = net.id, nick, "bot connected")
+            }
+            ConnEvent::Disconnected { reason } => {
+                tracing::warn!(network = net.id, %reason, "bot disconnected; reconnecting")
+            }
+            ConnEvent::Line(line) => {
+                for attempt in 1..=3u64 {
+                    match b.irc_line(&net, line.clone()).await {
+                        Ok(()) => break,
+                        Err(e) if attempt < 3 && e.is_retryable() => {
+                            tracing::warn!(network = net.id, error = %e, attempt, "handling an IRC line failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(network = net.id, error = %e, command = line.command, "could not bridge an IRC line");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bridge for IrcBridge {
+    type Config = IrcConfig;
+
+    fn info() -> BridgeInfo {
+        BridgeInfo {
+            name: "irc",
+            network_name: "IRC",
+            default_port: 9898,
+            protocols: &["irc"],
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    fn namespaces(config: &Config<IrcConfig>) -> Namespaces {
+        let domain = &config.homeserver.domain;
+        let mut ns = Namespaces::default();
+        for (id, n) in &config.bridge.networks {
+            for (tpl, sigil, list) in
+                [(&n.user_template, '@', &mut ns.users), (&n.alias_template, '#', &mut ns.aliases)]
+            {
+                let allowed = ["network", "nick", "channel"];
+                if let Ok(t) = Template::parse(tpl, &allowed) {
+                    let re = t.to_regex(&[("network", id)]);
+                    let body = re.trim_start_matches('^').trim_end_matches('$');
+                    list.push(Namespace {
+                        regex: format!(
+                            "^{}{body}:{}$",
+                            regex::escape(&sigil.to_string()),
+                            regex::escape(domain)
+                        ),
+                        exclusive: true,
+                    });
+                }
+            }
+        }
+        ns
+    }
+
+    async fn start(ctx: Context<IrcConfig>) -> Result<Self, BridgeError> {
+        let cfg = ctx.config().bridge.clone();
+        let pace = Duration::from_millis(cfg.connect_pace.interval_ms);
+        let mut networks = BTreeMap::new();
+        let mut receivers = Vec::new();
+        for (id, n) in &cfg.networks {
+            if n.mode == BridgeMode::Puppets {
+                tracing::warn!(
+                    network = id,
+                    "puppet mode is not implemented yet; relaying through the bot"
+                );
+            }
+            let pacer = ConnectPacer::new(cfg.connect_pace.burst, pace, ctx.shutdown().clone());
+            let conn = ConnConfig {
+                host: n.host.clone(),
+                port: n.port,
+                tls: n.tls,
+                tls_insecure: n.tls_insecure,
+                bind: n.bind_address,
+                password: n.password.clone(),
+                nick: n.bot_nick.clone(),
+                username: "trestle".to_owned(),
+                realname: "Trestle Matrix bridge".to_owned(),
+                sasl: n.sasl_account.clone().zip(n.sasl_password.clone()),
+                ping_interval: Duration::from_secs(60),
+                ping_timeout: Duration::from_secs(120),
+                flood_burst: n.flood_burst,
+                flood_penalty: Duration::from_millis(n.flood_penalty_ms),
+                queue_capacity: 1024,
+            };
+            let (bot, events) = IrcConnection::spawn(conn, pacer, ctx.shutdown());
+            let allowed = ["network", "nick", "channel"];
+            let net = Arc::new(Network {
+                id: id.clone(),
+                config: n.clone(),
+                bot,
+                user_template: Template::parse(&n.user_template, &allowed)
+                    .map_err(|e| BridgeError::Permanent(e.to_string()))?,
+                alias_template: Template::parse(&n.alias_template, &allowed)
+                    .map_err(|e| BridgeError::Permanent(e.to_string()))?,
+                excluded: n
+                    .excluded_users
+                    .iter()
+                    .filter_map(|r| regex::Regex::new(r).ok())
+                    .collect(),
+            });
+            receivers.push((Arc::clone(&net), events));
+            networks.insert(id.clone(), net);
+        }
+        // Rejoin every bridged channel (queued until each bot is registered).
+        for portal in ctx.store().portals().await? {
+            let (Some(net), Some(chan)) = (
+                portal
+                    .metadata
+                    .get("network")
+                    .and_then(Value::as_str)
+                    .and_then(|n| networks.get(n)),
+                portal.metadata.get("channel").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            net.bot.join(chan, None).await.map_err(bridge_err)?;
+        }
+        for (id, n) in &cfg.networks {
+            for chan in n.static_channels.keys() {
+                if let Some(net) = networks.get(id) {
+                    net.bot.join(chan, None).await.map_err(bridge_err)?;
+                }
+            }
+        }
+        let inner = Arc::new(Inner { ctx, networks, names: Mutex::new(HashMap::new()) });
+        for (net, events) in receivers {
+            tokio::spawn(network_loop(Arc::clone(&inner), net, events));
+        }
+        Ok(Self { inner })
+    }
+
+    async fn stop(&self) {
+        for net in self.inner.networks.values() {
+            net.bot.quit("Bridge shutting down").await;
+        }
+    }
+
+    fn commands(&self, registry: &mut CommandRegistry<Self>) {
+        registry.add(Command::new(
+            "join",
+            "<#channel> [network]",
+            "Bridge an IRC channel and invite you to its room",
+            PermissionLevel::User,
+            |inv, b: Arc<IrcBridge>| {
+                Box::pin(async move {
+                    let b = &b.inner;
+                    let chan = inv.arg(0, "join <#channel> [network]")?.to_owned();
+                    let net = match inv.args.get(1) {
+                        Some(n) => b.networks.get(n.as_str()).cloned(),
+                        None => b.networks.values().next().cloned(),
+                    }
+                    .ok_or_else(|| CommandError::Failed("no such network".into()))?;
+                    if !valid_channel(&chan) {
+                        return Err(CommandError::Failed(format!(
+                            "{chan} is not a valid channel name"
+                        )));
+                    }
+                    if !net.config.dynamic_channels {
+                        return Err(CommandError::Failed(
+                            "this network only bridges configured channels".into(),
+                        ));
+                    }
+                    let alias = b.alias_for(&net, &chan);
+                    let (portal, _) = b
+                        .open_portal(&net, &chan, alias.as_deref())
+                        .await
+                        .map_err(|e| CommandError::Failed(e.to_string()))?;
+                    b.ctx
+                        .bot()
+                        .invite(&portal.room_id, &inv.sender)
+                        .await
+                        .map_err(|e| CommandError::Failed(e.to_string()))?;
+                    Ok(format!("Invited you to {chan} on {}.", net.config.name))
+                })
+            },
+        ));
+        registry.add(Command::new(
+            "listrooms",
+            "",
+            "List the bridged channels",
+            PermissionLevel::User,
+            |_, b: Arc<IrcBridge>| {
+                Box::pin(async move {
+                    let b = &b.inner;
+                    let portals = b
+                        .ctx
+                        .store()
+                        .portals()
+                        .await
+                        .map_err(|e| CommandError::Failed(e.to_string()))?;
+                    let lines: Vec<String> = portals
+                        .iter()
+                        .filter_map(|p| {
+                            Some(format!(
+                                "{} on {} → {}",
+                                p.metadata.get("channel")?.as_str()?,
+                                p.metadata.get("network")?.as_str()?,
+                                p.room_id
+                            ))
+                        })
+                        .collect();
+                    Ok(if lines.is_empty() {
+                        "No channels are bridged.".to_owned()
+                    } else {
+                        lines.join("\n")
+                    })
+                })
+            },
+        ));
+    }
+
+    async fn query_alias(&self, alias: &str) -> Result<Option<PortalSpec>, BridgeError> {
+        let Some(local) = alias.strip_prefix('#').and_then(|a| a.rsplit_once(':')).map(|(l, _)| l)
+        else {
+            return Ok(None);
+        };
+        for net in self.inner.networks.values() {
+            let Some(vars) = net.alias_template.extract(local, &[("network", &net.id)]) else {
+                continue;
+            };
+            let Some((_, chan)) = vars.into_iter().find(|(k, _)| k == "channel") else { continue };
+            if !net.config.dynamic_channels || !valid_channel(&chan) {
+                return Ok(None);
+            }
+            return Ok(Some(self.inner.portal_spec(net, &chan)));
+        }
+        Ok(None)
+    }
+
+    async fn portal_created(&self, portal: &Portal) -> Result<(), BridgeError> {
+        if let Some((net, chan)) = self.inner.network_of(portal) {
+            net.bot.join(&chan, None).await.map_err(bridge_err)?;
+        }
+        Ok(())
+    }
+
+    async fn query_user(&self, user_id: &str) -> Result<Option<GhostProfile>, BridgeError> {
+        let Some(local) =
+            user_id.strip_prefix('@').and_then(|a| a.rsplit_once(':')).map(|(l, _)| l)
+        else {
+            return Ok(None);
+        };
+        for net in self.inner.networks.values() {
+            if let Some(vars) = net.user_template.extract(local, &[("network", &net.id)])
+                && let Some((_, nick)) = vars.into_iter().find(|(k, _)| k == "nick")
+                && let Ok(nick) = trestle::util::escape::unescape_localpart(&nick)
+            {
+                return Ok(Some(GhostProfile {
+                    remote_id: format!("{}/{nick}", net.id),
+                    displayname: Some(nick),
+                    avatar_url: None,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn on_message(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        msg: &Message,
+    ) -> Result<(), BridgeError> {
+        let Some((net, chan)) = room.portal.as_ref().and_then(|p| self.inner.network_of(p)) else {
+            return Ok(());
+        };
+        if net.excluded.iter().any(|r| r.is_match(&event.sender))
+            || self.inner.ctx.permission(&event.sender) < PermissionLevel::Relay
+        {
+            return Ok(());
+        }
+        self.inner.relay(&net, &chan, &event.sender, msg, false).await
+    }
+
+    async fn on_edit(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        _target: &str,
+        new: &Message,
+    ) -> Result<(), BridgeError> {
+        let Some((net, chan)) = room.portal.as_ref().and_then(|p| self.inner.network_of(p)) else {
+            return Ok(());
+        };
+        if net.excluded.iter().any(|r| r.is_match(&event.sender)) {
+            return Ok(());
+        }
+        self.inner.relay(&net, &chan, &event.sender, new, true).await
+    }
+
+    async fn on_membership(
+        &self,
+        _room: &RoomContext,
+        event: &MatrixEvent,
+        user_id: &str,
+        membership: &str,
+        _prev: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        if membership == "join"
+            && let Some(name) = event.content.get("displayname").and_then(Value::as_str)
+        {
+            self.inner.remember_name(user_id, name);
+        }
+        Ok(())
+    }
+
+    async fn on_room_state(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+    ) -> Result<(), BridgeError> {
+        let Some((net, chan)) = room.portal.as_ref().and_then(|p| self.inner.network_of(p)) else {
+            return Ok(());
+        };
+        if event.event_type == "m.room.topic"
+            && self.inner.ctx.permission(&event.sender) >= PermissionLevel::User
+        {
+            let topic = event.content.get("topic").and_then(Value::as_str).unwrap_or_default();
+            net.bot
+                .send(IrcLine::new("TOPIC", &[&chan, &one_line(topic)]))
+                .await
+                .map_err(bridge_err)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_time() {
+        assert_eq!(parse_server_time("1970-01-01T00:00:00.000Z"), Some(0));
+        assert_eq!(parse_server_time("2026-11-22T16:35:27.359Z"), Some(1_795_365_327_359));
+        assert_eq!(parse_server_time("2000-02-29T12:00:00Z"), Some(951_825_600_000));
+        assert_eq!(parse_server_time("garbage"), None);
+    }
+
+    #[test]
+    fn channels() {
+        assert!(valid_channel("#rust"));
+        assert!(!valid_channel("#a b"));
+        assert!(!valid_channel("#a,#b"));
+        assert!(!valid_channel("rust"));
+        assert!(!valid_channel("#x\r\nQUIT"));
+    }
+}

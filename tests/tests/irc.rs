@@ -1,0 +1,237 @@
+//! End-to-end tests of the IRC bridge: a real Synapse, a real IRC server (ngIRCd), a Matrix
+//! user on the client-server API and an IRC user on a raw TCP connection.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use trestle_e2e::{
+    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    ircd::{IrcClient, Ircd},
+};
+
+struct Env {
+    synapse: Synapse,
+    ircd: Ircd,
+    _bridge: BridgeProcess,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> anyhow::Result<Env> {
+    let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
+    let ircd = Ircd::start().await?;
+    let port = free_port();
+    let config = dir.path().join("irc.yaml");
+    let reg = dir.path().join("irc-registration.yaml");
+    let write = |hs: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
+                 appservice: {{ id: irc, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
+                 bot_localpart: ircbot, registration: \"{}\" }}\n\
+                 database: {{ path: \"{}\" }}\n\
+                 logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
+                 permissions: {{ \"*\": user }}\n\
+                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: relay\n      flood_burst: 20\n      flood_penalty_ms: 100\n",
+                reg.display(),
+                dir.path().join("irc.db").display(),
+                ircd.port()
+            ),
+        )
+    };
+    write("http://127.0.0.1:1")?;
+    let bin = binary("trestle-irc")?;
+    BridgeProcess::generate_registration(&bin, &config, &reg)?;
+    let synapse = Synapse::start(&[&reg]).await?;
+    write(&synapse.url())?;
+    let bridge = BridgeProcess::start(
+        &bin,
+        &config,
+        &format!("http://127.0.0.1:{port}"),
+        &dir.path().join("bridge.log"),
+    )
+    .await?;
+    Ok(Env { synapse, ircd, _bridge: bridge, _dir: dir })
+}
+
+fn body(e: &Value) -> &str {
+    e["content"]["body"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn portal_via_alias_and_messages_both_ways() -> anyhow::Result<()> {
+    let env = start().await?;
+    let mut irc = IrcClient::connect(env.ircd.port(), "ircalice").await?;
+    irc.join("#test").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+
+    // Joining the alias creates the portal; the bot joins the channel.
+    let room = alice.join("#irc_local_#test:localhost").await?;
+    irc.wait_for(Duration::from_secs(20), |l| {
+        l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")
+    })
+    .await?;
+    // The IRC member already in the channel is a ghost in the room.
+    alice
+        .wait_for_message(&room, Duration::from_secs(20), |e| {
+            e["type"] == "m.room.member" && e["state_key"] == "@irc_local_ircalice:localhost"
+        })
+        .await?;
+
+    // IRC → Matrix, with formatting.
+    irc.privmsg("#test", "hello from \x02IRC\x02").await?;
+    let m = alice
+        .wait_for_message(&room, Duration::from_secs(20), |e| {
+            e["sender"] == "@irc_local_ircalice:localhost" && e["type"] == "m.room.message"
+        })
+        .await?;
+    assert_eq!(body(&m), "hello from IRC");
+    assert_eq!(m["content"]["formatted_body"], "hello from <strong>IRC</strong>");
+
+    // Matrix → IRC (relayed by the bot with the sender's name), with formatting.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            serde_json::json!({"msgtype": "m.text", "body": "hi **there**",
+            "format": "org.matrix.custom.html", "formatted_body": "hi <strong>there</strong>"}),
+        )
+        .await?;
+    let l = irc
+        .wait_for(Duration::from_secs(20), |l| {
+            l.command == "PRIVMSG" && l.params.get(1).is_some_and(|t| t.contains("hi"))
+        })
+        .await?;
+    assert_eq!(l.nick.as_deref(), Some("MatrixBridge"));
+    assert!(
+        l.params[1] == "<alice> hi \x02there\x0F" || l.params[1] == "<alice> hi \x02there\x02",
+        "{}",
+        l.params[1]
+    );
+
+    // Emote → ACTION-style line.
+    alice
+        .send(&room, "m.room.message", serde_json::json!({"msgtype": "m.emote", "body": "waves"}))
+        .await?;
+    irc.wait_for(Duration::from_secs(20), |l| {
+        l.params.get(1).is_some_and(|t| t == "* alice waves")
+    })
+    .await?;
+
+    // A long message is split within the line limit, nothing lost.
+    let long: String = (0..120).map(|i| format!("word{i}")).collect::<Vec<_>>().join(" ");
+    alice.send_text(&room, &long).await?;
+    irc.wait_for(Duration::from_secs(20), |l| {
+        l.params.get(1).is_some_and(|t| t.ends_with("word119"))
+    })
+    .await?;
+    let got: Vec<String> = irc
+        .seen
+        .iter()
+        .filter(|l| {
+            l.command == "PRIVMSG" && l.params.get(1).is_some_and(|t| t.starts_with("<alice> word"))
+        })
+        .map(|l| l.params[1].trim_start_matches("<alice> ").to_owned())
+        .collect();
+    assert!(got.len() >= 2, "expected a split, got {got:?}");
+    assert_eq!(got.join(" "), long);
+    for l in &irc.seen {
+        assert!(l.raw.len() <= 510);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn injection_through_matrix_never_reaches_the_socket() -> anyhow::Result<()> {
+    let env = start().await?;
+    let mut irc = IrcClient::connect(env.ircd.port(), "watcher").await?;
+    irc.join("#inject").await?;
+    let mallory = MatrixUser::register(&env.synapse.url(), "mallory").await?;
+    let room = mallory.join("#irc_local_#inject:localhost").await?;
+    irc.wait_for(Duration::from_secs(20), |l| {
+        l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")
+    })
+    .await?;
+    // Through the body, the HTML and the displayname (topics go through the same one-line
+    // cleaning, unit-tested in the bridge).
+    mallory
+        .put(
+            "/profile/@mallory:localhost/displayname",
+            serde_json::json!({"displayname": "evil\r\nQUIT :owned"}),
+        )
+        .await?;
+    mallory.send_text(&room, "one\r\nQUIT :pwned\nPRIVMSG #inject :forged\0nul").await?;
+    mallory
+        .send(&room, "m.room.message", serde_json::json!({"msgtype": "m.text", "body": "x",
+            "format": "org.matrix.custom.html", "formatted_body": "a<br>KICK #inject watcher\r\nb"}))
+        .await?;
+    irc.privmsg("#inject", "still here?").await?;
+    // The bot never quit, nobody was kicked, and every forged command arrived as plain text.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    irc.wait_for(Duration::from_secs(5), |l| l.params.get(1).is_some_and(|t| t.contains("forged")))
+        .await?;
+    for l in &irc.seen {
+        assert!(
+            !(l.command == "QUIT" && l.nick.as_deref() == Some("MatrixBridge")),
+            "bot quit: {}",
+            l.raw
+        );
+        assert_ne!(l.command, "KICK", "{}", l.raw);
+        assert!(!l.raw.contains('\0') && !l.raw.contains('\r'));
+        if l.command == "PRIVMSG" {
+            assert_eq!(l.params[0], "#inject", "{}", l.raw);
+        }
+    }
+    let texts: Vec<&str> = irc
+        .seen
+        .iter()
+        .filter(|l| l.command == "PRIVMSG")
+        .filter_map(|l| l.params.get(1).map(String::as_str))
+        .collect();
+    assert!(texts.iter().any(|t| t.ends_with("QUIT :pwned")), "{texts:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn irc_server_restart_reconnects_and_rejoins() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join("#irc_local_#restart:localhost").await?;
+    {
+        let mut irc = IrcClient::connect(env.ircd.port(), "early").await?;
+        irc.join("#restart").await?;
+        irc.wait_for(Duration::from_secs(20), |l| {
+            l.command == "353" || l.nick.as_deref() == Some("MatrixBridge")
+        })
+        .await?;
+    }
+    env.ircd.restart().await?;
+    // The bot reconnects (backoff starts at 1-2 s) and rejoins the channel by itself.
+    let mut irc = IrcClient::connect(env.ircd.port(), "late").await?;
+    irc.join("#restart").await?;
+    irc.wait_for(Duration::from_secs(60), |l| {
+        (l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge"))
+            || (l.command == "353" && l.params.get(3).is_some_and(|n| n.contains("MatrixBridge")))
+    })
+    .await?;
+    irc.privmsg("#restart", "after the restart").await?;
+    let m = alice
+        .wait_for_message(&room, Duration::from_secs(30), |e| body(e) == "after the restart")
+        .await?;
+    assert_eq!(m["sender"], "@irc_local_late:localhost");
+    Ok(())
+}
+
+#[tokio::test]
+async fn harness_ircd_starts_and_stops() -> anyhow::Result<()> {
+    let mut ircd = Ircd::start().await?;
+    let mut a = IrcClient::connect(ircd.port(), "a1").await?;
+    let mut b = IrcClient::connect(ircd.port(), "b1").await?;
+    a.join("#h").await?;
+    b.join("#h").await?;
+    a.privmsg("#h", "ping from a").await?;
+    b.wait_for(Duration::from_secs(5), |l| l.params.get(1).is_some_and(|t| t == "ping from a"))
+        .await?;
+    ircd.stop();
+    Ok(())
+}
