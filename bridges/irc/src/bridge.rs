@@ -26,7 +26,7 @@ use trestle::{
 };
 
 use crate::{
-    config::{BridgeMode, IrcConfig, MembershipSync, NetworkConfig},
+    config::{IrcConfig, MembershipSync, NetworkConfig},
     conn::{ConnConfig, ConnEvent, ConnectPacer, IrcConnection, IrcLine, line::one_line},
     format::{irc_to_runs, runs_to_irc},
 };
@@ -495,12 +495,6 @@ impl Bridge for IrcBridge {
         let mut networks = BTreeMap::new();
         let mut receivers = Vec::new();
         for (id, n) in &cfg.networks {
-            if n.mode == BridgeMode::Puppets {
-                tracing::warn!(
-                    network = id,
-                    "puppet mode is not implemented yet; relaying through the bot"
-                );
-            }
             let pacer = ConnectPacer::new(cfg.connect_pace.burst, pace, ctx.shutdown().clone());
             let conn = ConnConfig {
                 host: n.host.clone(),

@@ -213,7 +213,7 @@ fn default_nick_template() -> String {
     "{displayname}[m]".to_owned()
 }
 fn default_mode() -> BridgeMode {
-    BridgeMode::Puppets
+    BridgeMode::Relay
 }
 fn default_relay_template() -> String {
     "<{displayname}> {message}".to_owned()
@@ -324,6 +324,9 @@ impl BridgeConfig for IrcConfig {
                     key("ipv6_prefix"),
                     "must be an IPv6 prefix such as 2001:db8:1::/64 (length 1-120)",
                 ));
+            }
+            if n.mode == BridgeMode::Puppets {
+                errors.push(ConfigError::invalid(key("mode"), "puppets (one IRC connection per Matrix user) is not implemented yet; use relay"));
             }
             if n.flood_burst == 0 {
                 errors.push(ConfigError::invalid(key("flood_burst"), "must be at least 1"));
