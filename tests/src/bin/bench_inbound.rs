@@ -215,8 +215,7 @@ fn normalize_path(path: &str) -> String {
             let sigil = decoded.chars().next();
             if matches!(sigil, Some('!' | '@' | '$' | '#')) || decoded.contains("%3A") {
                 "{id}".to_owned()
-            } else if !seg.is_empty() && seg.len() > 12 && seg.chars().any(|c| c.is_ascii_digit())
-            {
+            } else if !seg.is_empty() && seg.len() > 12 && seg.chars().any(|c| c.is_ascii_digit()) {
                 "{txn}".to_owned()
             } else {
                 seg.to_owned()
@@ -603,8 +602,8 @@ async fn load(a: LoadArgs) -> anyhow::Result<BenchResult> {
     let mut handled = None;
     if let (Some(u), Some(base)) = (&a.count_url, baseline) {
         let ok_events = st.latencies_us.len() as u64 * a.events_per_txn;
-        if let Some((_, at)) = wait_for_count(&client, u, &a.count_metric, base + ok_events, stall)
-            .await?
+        if let Some((_, at)) =
+            wait_for_count(&client, u, &a.count_metric, base + ok_events, stall).await?
         {
             handled = Some(at.duration_since(t0).as_secs_f64());
         }
@@ -798,7 +797,9 @@ mod tests {
     #[test]
     fn paths_group_by_endpoint() {
         assert_eq!(
-            normalize_path("/_matrix/client/v3/rooms/!abc:localhost/send/m.room.message/1234567890123"),
+            normalize_path(
+                "/_matrix/client/v3/rooms/!abc:localhost/send/m.room.message/1234567890123"
+            ),
             "/_matrix/client/v3/rooms/{id}/send/m.room.message/{txn}"
         );
         assert_eq!(normalize_path("/_matrix/client/versions"), "/_matrix/client/versions");
@@ -832,8 +833,9 @@ mod tests {
         for r in [mk("mab", 1, 100_000.0), mk("trestle", 1, 250_000.0)] {
             append_line(&path, &serde_json::to_string(&r).expect("json")).expect("write");
         }
-        let out = compare(&CompareArgs { results: path, ours: "trestle".into(), theirs: "mab".into() })
-            .expect("compare");
+        let out =
+            compare(&CompareArgs { results: path, ours: "trestle".into(), theirs: "mab".into() })
+                .expect("compare");
         assert!(out.contains("| 1 | 2.50x | 2.50x | 1.00x"), "{out}");
     }
 }
