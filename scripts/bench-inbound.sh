@@ -10,8 +10,8 @@
 # logs are kept in target/bench-inbound/<timestamp>/.
 #
 # Environment:
-#   TRESTLE_BIN   Trestle bridge binary to benchmark (default: target/release/examples/echo,
-#                 built here when framework/examples/echo.rs exists).
+#   TRESTLE_BIN   Trestle bridge binary to benchmark (default: target/release/bench_bridge,
+#                 a bridge that only lets the framework count events, built here).
 #   SKIP_BUILD=1  Do not run cargo build / npm ci.
 #   BENCH_NICE    Niceness of the benchmark processes (default 19). Both sides saturate the two
 #                 cores with loopback traffic; at normal priority that starved the machine's own
@@ -41,7 +41,7 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 BENCH="$ROOT/target/release/bench_inbound"
 MAB_DIR="$ROOT/tests/bench/mab"
-TRESTLE_BIN="${TRESTLE_BIN:-$ROOT/target/release/examples/echo}"
+TRESTLE_BIN="${TRESTLE_BIN:-$ROOT/target/release/bench_bridge}"
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -96,10 +96,9 @@ HAVE_TRESTLE=0
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
     log "building the load generator (release)"
     (cd "$ROOT" && cargo build --release -p trestle-e2e --bin bench_inbound)
-    if [[ "$ONLY" != mab && -f "$ROOT/framework/examples/echo.rs" \
-          && "$TRESTLE_BIN" == "$ROOT/target/release/examples/echo" ]]; then
-        log "building the Trestle echo example (release)"
-        (cd "$ROOT" && cargo build --release -p trestle --example echo)
+    if [[ "$ONLY" != mab && "$TRESTLE_BIN" == "$ROOT/target/release/bench_bridge" ]]; then
+        log "building the Trestle bench bridge (release)"
+        (cd "$ROOT" && cargo build --release -p trestle-e2e --bin bench_bridge)
     fi
     if [[ "$ONLY" != trestle ]]; then
         log "installing matrix-appservice-bridge (npm ci)"
@@ -178,7 +177,7 @@ database: { path: $dir/bench.db }
 logging: { level: warn, format: human }
 metrics: { enabled: true }
 permissions: { "*": user }
-bridge: { reply_prefix: "echo: " }
+bridge: {}
 EOF
     "$TRESTLE_BIN" generate-registration -c "$dir/config.yaml" -o "$dir/reg.yaml" >/dev/null
     TRESTLE_HS_TOKEN=$(sed -n 's/^hs_token: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$dir/reg.yaml")

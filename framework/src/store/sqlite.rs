@@ -1,8 +1,9 @@
 //! The SQLite backend: WAL mode, numbered migrations, blocking calls on tokio's blocking pool.
 
 use std::{
+    collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use async_trait::async_trait;
@@ -18,28 +19,69 @@ use super::{
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/001_initial.sql")];
 
 /// A [`Store`] on one SQLite file (or in memory).
+///
+/// Portals and the key-value table are read for nearly every event, so they are also kept in
+/// memory (loaded at open, written through): one `SqliteStore` must own its database file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    hot: Arc<RwLock<Hot>>,
+}
+
+/// The in-memory copies of the small, hot tables.
+#[derive(Debug, Default)]
+struct Hot {
+    portals: HashMap<String, Portal>,
+    room_to_remote: HashMap<String, String>,
+    kv: HashMap<String, String>,
+}
+
+impl Hot {
+    fn load(conn: &Connection) -> Result<Self, StoreError> {
+        let mut hot = Self::default();
+        let mut stmt = conn.prepare(&format!("SELECT {PORTAL_COLS} FROM portals"))?;
+        for row in stmt.query_map([], row_portal)? {
+            let p = to_portal(row?)?;
+            hot.room_to_remote.insert(p.room_id.clone(), p.remote_id.clone());
+            hot.portals.insert(p.remote_id.clone(), p);
+        }
+        let mut stmt = conn.prepare("SELECT key, value FROM kv")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (k, v) = row?;
+            hot.kv.insert(k, v);
+        }
+        Ok(hot)
+    }
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
-            let conn = Connection::open(path)?;
-            Self::prepare(conn)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        let (conn, hot) =
+            tokio::task::spawn_blocking(move || -> Result<(Connection, Hot), StoreError> {
+                let conn = Self::prepare(Connection::open(path)?)?;
+                let hot = Hot::load(&conn)?;
+                Ok((conn, hot))
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), hot: Arc::new(RwLock::new(hot)) })
     }
 
     /// An in-memory database (for tests).
     pub async fn in_memory() -> Result<Self, StoreError> {
         let conn = Self::prepare(Connection::open_in_memory()?)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        let hot = Hot::load(&conn)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), hot: Arc::new(RwLock::new(hot)) })
+    }
+
+    fn hot(&self) -> std::sync::RwLockReadGuard<'_, Hot> {
+        self.hot.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn hot_mut(&self) -> std::sync::RwLockWriteGuard<'_, Hot> {
+        self.hot.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn prepare(mut conn: Connection) -> Result<Connection, StoreError> {
@@ -262,6 +304,7 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_portal(&self, p: &Portal) -> Result<(), StoreError> {
+        let cached = p.clone();
         let p = p.clone();
         self.call(move |c| {
             c.execute(
@@ -273,37 +316,27 @@ impl Store for SqliteStore {
             )?;
             Ok(())
         })
-        .await
+        .await?;
+        let mut hot = self.hot_mut();
+        // Keep the original creation time, as the row does.
+        let created_at =
+            hot.portals.get(&cached.remote_id).map_or(cached.created_at, |o| o.created_at);
+        if let Some(old) = hot.portals.get(&cached.remote_id) {
+            let old_room = old.room_id.clone();
+            hot.room_to_remote.remove(&old_room);
+        }
+        hot.room_to_remote.insert(cached.room_id.clone(), cached.remote_id.clone());
+        hot.portals.insert(cached.remote_id.clone(), Portal { created_at, ..cached });
+        Ok(())
     }
 
     async fn portal_by_remote(&self, remote_id: &str) -> Result<Option<Portal>, StoreError> {
-        let k = remote_id.to_owned();
-        self.call(move |c| {
-            c.query_row(
-                &format!("SELECT {PORTAL_COLS} FROM portals WHERE remote_id = ?1"),
-                [k],
-                row_portal,
-            )
-            .optional()?
-            .map(to_portal)
-            .transpose()
-        })
-        .await
+        Ok(self.hot().portals.get(remote_id).cloned())
     }
 
     async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError> {
-        let k = room_id.to_owned();
-        self.call(move |c| {
-            c.query_row(
-                &format!("SELECT {PORTAL_COLS} FROM portals WHERE room_id = ?1"),
-                [k],
-                row_portal,
-            )
-            .optional()?
-            .map(to_portal)
-            .transpose()
-        })
-        .await
+        let hot = self.hot();
+        Ok(hot.room_to_remote.get(room_id).and_then(|r| hot.portals.get(r)).cloned())
     }
 
     async fn delete_portal(&self, remote_id: &str) -> Result<(), StoreError> {
@@ -312,7 +345,12 @@ impl Store for SqliteStore {
             c.execute("DELETE FROM portals WHERE remote_id = ?1", [k])?;
             Ok(())
         })
-        .await
+        .await?;
+        let mut hot = self.hot_mut();
+        if let Some(p) = hot.portals.remove(remote_id) {
+            hot.room_to_remote.remove(&p.room_id);
+        }
+        Ok(())
     }
 
     async fn portals(&self) -> Result<Vec<Portal>, StoreError> {
@@ -513,11 +551,7 @@ impl Store for SqliteStore {
     }
 
     async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let k = key.to_owned();
-        self.call(move |c| {
-            Ok(c.query_row("SELECT value FROM kv WHERE key = ?1", [k], |r| r.get(0)).optional()?)
-        })
-        .await
+        Ok(self.hot().kv.get(key).cloned())
     }
 
     async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
@@ -526,7 +560,9 @@ impl Store for SqliteStore {
             c.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?1, ?2)", params![k, v])?;
             Ok(())
         })
-        .await
+        .await?;
+        self.hot_mut().kv.insert(key.to_owned(), value.to_owned());
+        Ok(())
     }
 
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
@@ -535,7 +571,9 @@ impl Store for SqliteStore {
             c.execute("DELETE FROM kv WHERE key = ?1", [k])?;
             Ok(())
         })
-        .await
+        .await?;
+        self.hot_mut().kv.remove(key);
+        Ok(())
     }
 
     async fn is_registered(&self, user_id: &str) -> Result<bool, StoreError> {
@@ -646,5 +684,23 @@ mod tests {
         let s = SqliteStore::open(&path).await.unwrap();
         assert!(!s.insert_transaction("1", Bytes::from_static(b"{}")).await.unwrap());
         assert_eq!(s.pending_transactions().await.unwrap().len(), 1);
+        // The in-memory copies of portals and kv are loaded from the file.
+        let p = Portal {
+            remote_id: "r".into(),
+            room_id: "!x".into(),
+            alias: None,
+            metadata: serde_json::json!({}),
+            created_at: 3,
+        };
+        s.upsert_portal(&p).await.unwrap();
+        s.kv_set("k", "v").await.unwrap();
+        drop(s);
+        let s = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(s.portal_by_room("!x").await.unwrap(), Some(p.clone()));
+        assert_eq!(s.kv_get("k").await.unwrap().as_deref(), Some("v"));
+        // Moving a portal to another room updates both indexes.
+        s.upsert_portal(&Portal { room_id: "!y".into(), created_at: 9, ..p }).await.unwrap();
+        assert_eq!(s.portal_by_room("!x").await.unwrap(), None);
+        assert_eq!(s.portal_by_room("!y").await.unwrap().unwrap().created_at, 3);
     }
 }
