@@ -361,11 +361,20 @@ fn backoff(config: &QueueConfig, attempt: u32) -> Duration {
     Duration::from_millis(cap / 2 + rand::rng().random_range(0..=cap / 2))
 }
 
+/// How long the progress writer gathers before writing.
+const GATHER: Duration = Duration::from_millis(5);
+
 /// Writes progress in batches: one SQLite transaction for whatever accumulated.
 async fn progress_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Progress>) {
     let mut done: Vec<(String, u32)> = Vec::new();
     let mut complete: Vec<Arc<str>> = Vec::new();
     while let Some(first) = rx.recv().await {
+        // Gather for a few milliseconds: a transaction whose events all finish meanwhile is
+        // recorded as complete without writing (then deleting) a row per event. A crash inside
+        // this window can only make those few events be handled again, never lost.
+        if !matches!(first, Progress::Flush(_)) {
+            tokio::time::sleep(GATHER).await;
+        }
         let mut next = Some(first);
         let mut flushes = Vec::new();
         while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
@@ -377,7 +386,7 @@ async fn progress_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<
                     break;
                 }
             }
-            if done.len() + complete.len() >= 4096 {
+            if done.len() + complete.len() >= 65_536 {
                 break;
             }
         }

@@ -58,15 +58,21 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
+        let checkpoint_path = path.clone();
         let (conn, hot) =
             tokio::task::spawn_blocking(move || -> Result<(Connection, Hot), StoreError> {
                 let conn = Self::prepare(Connection::open(path)?)?;
+                // Checkpoints run on a background connection (`spawn_checkpointer`), not inside
+                // commits, so they never add their latency to a transaction's 200.
+                conn.pragma_update(None, "wal_autocheckpoint", 0)?;
                 let hot = Hot::load(&conn)?;
                 Ok((conn, hot))
             })
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), hot: Arc::new(RwLock::new(hot)) })
+        let conn = Arc::new(Mutex::new(conn));
+        spawn_checkpointer(checkpoint_path, Arc::downgrade(&conn));
+        Ok(Self { conn, hot: Arc::new(RwLock::new(hot)) })
     }
 
     /// An in-memory database (for tests).
@@ -121,6 +127,25 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+/// Every second, a PASSIVE checkpoint (never blocks readers or the writer) on a connection of
+/// its own; once a checkpoint is complete SQLite reuses the WAL from its start, so it does not
+/// grow without bound. Stops when the store is dropped.
+fn spawn_checkpointer(path: std::path::PathBuf, store: std::sync::Weak<Mutex<Connection>>) {
+    let spawned = std::thread::Builder::new().name("trestle-checkpoint".into()).spawn(move || {
+        let Ok(conn) = Connection::open(&path) else { return };
+        let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
+        while store.upgrade().is_some() {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(error = %e, "WAL checkpoint skipped");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the checkpoint thread; WAL will grow until restart");
     }
 }
 
