@@ -1,5 +1,6 @@
 //! Prometheus metrics of the framework; bridges register their own on [`Metrics::registry`].
 
+pub use prometheus;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,

@@ -146,7 +146,9 @@ impl IrcClient {
             }
         });
         let mut c = Self { write, lines: rx, seen: Vec::new(), nick: nick.to_owned() };
-        c.raw(&format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\n")).await?;
+        // Servers refuse some nick characters (`[`, `|`) in the user name.
+        let user: String = nick.chars().filter(char::is_ascii_alphanumeric).collect();
+        c.raw(&format!("NICK {nick}\r\nUSER {user} 0 * :{nick}\r\n")).await?;
         c.wait_for(Duration::from_secs(10), |l| l.command == "001")
             .await
             .context("registration")?;

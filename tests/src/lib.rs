@@ -308,6 +308,27 @@ impl MatrixUser {
         .await
     }
 
+    /// Waits for an invite (to a room this user is not in yet); returns the room id.
+    pub async fn wait_for_invite(&self, timeout: Duration) -> anyhow::Result<String> {
+        // Synapse caches identical sync requests for a while: follow `next_batch` instead of
+        // asking the same initial sync again.
+        let since = std::sync::Mutex::new(String::new());
+        wait_for("an invite", timeout, || async {
+            let from = since.lock().map(|s| s.clone()).unwrap_or_default();
+            let path = if from.is_empty() {
+                "/sync?timeout=0".to_owned()
+            } else {
+                format!("/sync?timeout=1000&since={}", enc(&from))
+            };
+            let v = self.get(&path).await.ok()?;
+            if let (Ok(mut s), Some(next)) = (since.lock(), v["next_batch"].as_str()) {
+                *s = next.to_owned();
+            }
+            v["rooms"]["invite"].as_object()?.keys().next().cloned()
+        })
+        .await
+    }
+
     /// A user's profile.
     pub async fn profile(&self, user_id: &str) -> anyhow::Result<Value> {
         self.get(&format!("/profile/{}", enc(user_id))).await

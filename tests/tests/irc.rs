@@ -12,11 +12,15 @@ use trestle_e2e::{
 struct Env {
     synapse: Synapse,
     ircd: Ircd,
-    _bridge: BridgeProcess,
+    bridge: BridgeProcess,
     _dir: tempfile::TempDir,
 }
 
 async fn start() -> anyhow::Result<Env> {
+    start_mode("relay").await
+}
+
+async fn start_mode(mode: &str) -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
     let ircd = Ircd::start().await?;
     let port = free_port();
@@ -32,7 +36,7 @@ async fn start() -> anyhow::Result<Env> {
                  database: {{ path: \"{}\" }}\n\
                  logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
                  permissions: {{ \"*\": user }}\n\
-                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: relay\n      flood_burst: 20\n      flood_penalty_ms: 100\n",
+                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n",
                 reg.display(),
                 dir.path().join("irc.db").display(),
                 ircd.port()
@@ -51,7 +55,7 @@ async fn start() -> anyhow::Result<Env> {
         &dir.path().join("bridge.log"),
     )
     .await?;
-    Ok(Env { synapse, ircd, _bridge: bridge, _dir: dir })
+    Ok(Env { synapse, ircd, bridge, _dir: dir })
 }
 
 fn body(e: &Value) -> &str {
@@ -233,5 +237,118 @@ async fn harness_ircd_starts_and_stops() -> anyhow::Result<()> {
     b.wait_for(Duration::from_secs(5), |l| l.params.get(1).is_some_and(|t| t == "ping from a"))
         .await?;
     ircd.stop();
+    Ok(())
+}
+
+#[tokio::test]
+async fn puppets_speak_as_themselves_and_talk_privately() -> anyhow::Result<()> {
+    let mut env = start_mode("puppets").await?;
+    let port = env.ircd.port();
+    // bob[m] is taken before bob arrives: his puppet gets another nick, and he is told.
+    let _squatter = IrcClient::connect(port, "bob[m]").await?;
+    let mut irc = IrcClient::connect(port, "ircalice").await?;
+    irc.join("#pup").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join("#irc_local_#pup:localhost").await?;
+
+    // Joining the portal connects alice's own IRC connection, which joins the channel.
+    let join = Duration::from_secs(60);
+    irc.wait_for(join, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+
+    // Matrix → IRC: from her own nick, no relay prefix.
+    alice.send_text(&room, "hello from my own connection").await?;
+    let l = irc
+        .wait_for(Duration::from_secs(20), |l| {
+            l.command == "PRIVMSG" && l.params.get(1).is_some_and(|t| t.contains("own connection"))
+        })
+        .await?;
+    assert_eq!(l.nick.as_deref(), Some("alice[m]"));
+    assert_eq!(l.params, ["#pup", "hello from my own connection"]);
+
+    // IRC addressing her nick becomes a mention with a pill.
+    irc.privmsg("#pup", "alice[m]: welcome").await?;
+    let m = alice
+        .wait_for_message(&room, Duration::from_secs(20), |e| body(e) == "alice[m]: welcome")
+        .await?;
+    assert_eq!(m["sender"], "@irc_local_ircalice:localhost");
+    assert_eq!(m["content"]["m.mentions"]["user_ids"], serde_json::json!(["@alice:localhost"]));
+    assert!(
+        m["content"]["formatted_body"]
+            .as_str()
+            .is_some_and(|h| h.contains("https://matrix.to/#/@alice:localhost")),
+        "{m}"
+    );
+
+    // Her puppet is never bridged back as a ghost: no ghost joined, no echo of her message.
+    let members = alice.get(&format!("/rooms/{room}/joined_members")).await?;
+    let ids: Vec<&String> =
+        members["joined"].as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    assert!(!ids.iter().any(|u| u.starts_with("@irc_local_alice")), "{ids:?}");
+    let echoes = alice.messages(&room, 100).await?;
+    assert_eq!(
+        echoes.iter().filter(|e| body(e) == "hello from my own connection").count(),
+        1,
+        "the message came back from IRC"
+    );
+
+    // Nick collision: resolved, and told in the room.
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    bob.join(&room).await?;
+    irc.wait_for(join, |l| l.command == "JOIN" && l.nick.as_deref() == Some("bob[m]_")).await?;
+    bob.wait_for_message(&room, Duration::from_secs(20), |e| {
+        body(e).contains("bob[m] is taken") && body(e).contains("bob[m]_")
+    })
+    .await?;
+
+    // IRC → Matrix privately: a DM room from the ghost, and the answer goes back privately.
+    irc.privmsg("alice[m]", "psst, private").await?;
+    let dm = match alice.wait_for_invite(Duration::from_secs(30)).await {
+        Ok(dm) => dm,
+        Err(e) => anyhow::bail!("{e}\n--- bridge log:\n{}", env.bridge.child.log_tail(60)),
+    };
+    alice.join(&dm).await?;
+    let m = alice
+        .wait_for_message(&dm, Duration::from_secs(20), |e| body(e) == "psst, private")
+        .await?;
+    assert_eq!(m["sender"], "@irc_local_ircalice:localhost");
+    alice.send_text(&dm, "private reply").await?;
+    irc.wait_for(Duration::from_secs(20), |l| {
+        l.command == "PRIVMSG"
+            && l.nick.as_deref() == Some("alice[m]")
+            && l.params == ["ircalice", "private reply"]
+    })
+    .await?;
+
+    // Matrix → IRC privately: inviting a ghost to a DM reaches that nick.
+    let mut carol = IrcClient::connect(port, "carol").await?;
+    let dm2 = alice
+        .create_room(
+            serde_json::json!({"invite": ["@irc_local_carol:localhost"], "is_direct": true,
+            "preset": "trusted_private_chat"}),
+        )
+        .await?;
+    // (A client waits for the invitee to join: the homeserver only tells the bridge about a
+    // room's messages once one of its users is in the room.)
+    trestle_e2e::wait_for("the ghost to join the DM", Duration::from_secs(30), || async {
+        let m = alice.state(&dm2, "m.room.member", "@irc_local_carol:localhost").await.ok()??;
+        (m["membership"] == "join").then_some(())
+    })
+    .await?;
+    alice.send_text(&dm2, "hi carol").await?;
+    carol
+        .wait_for(Duration::from_secs(30), |l| {
+            l.command == "PRIVMSG"
+                && l.nick.as_deref() == Some("alice[m]")
+                && l.params == ["carol", "hi carol"]
+        })
+        .await?;
+
+    // After a crash, recently active puppets come back and rejoin their channels.
+    irc.seen.clear();
+    env.bridge.restart().await?;
+    irc.wait_for(Duration::from_secs(90), |l| {
+        l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")
+    })
+    .await?;
     Ok(())
 }

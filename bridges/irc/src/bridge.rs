@@ -26,10 +26,12 @@ use trestle::{
 };
 
 use crate::{
-    config::{IrcConfig, MembershipSync, NetworkConfig},
+    config::{BridgeMode, IrcConfig, MembershipSync, NetworkConfig},
     conn::{ConnConfig, ConnEvent, ConnectPacer, IrcConnection, IrcLine, line::one_line},
     format::{irc_to_runs, runs_to_irc},
 };
+
+mod puppet;
 
 /// One IRC network.
 struct Network {
@@ -39,6 +41,55 @@ struct Network {
     user_template: Template,
     alias_template: Template,
     excluded: Vec<regex::Regex>,
+    /// Paces every connection to this network: the bot's and the puppets'.
+    pacer: Arc<ConnectPacer>,
+    /// Connection settings the puppets start from.
+    conn_base: ConnConfig,
+    /// Parsed `ipv6_prefix`.
+    ipv6_prefix: Option<(std::net::Ipv6Addr, u8)>,
+    /// Matrix users' own connections (mode `puppets`).
+    puppets: puppet::Puppets,
+}
+
+/// Where a portal's messages go on IRC.
+enum Target {
+    /// A channel.
+    Channel(String),
+    /// A private conversation of a Matrix user with a nick.
+    Direct {
+        /// The Matrix user.
+        user: String,
+        /// The IRC nick.
+        nick: String,
+    },
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The Matrix msgtype and text of a PRIVMSG/NOTICE (`None` for CTCP other than ACTION).
+fn classify_text<'a>(command: &str, text: &'a str) -> Option<(&'static str, &'a str)> {
+    match text.strip_prefix("\x01ACTION ").map(|t| t.trim_end_matches('\x01')) {
+        Some(action) => Some(("m.emote", action)),
+        None if text.starts_with('\x01') => None,
+        None if command == "NOTICE" => Some(("m.notice", text)),
+        None => Some(("m.text", text)),
+    }
+}
+
+/// Matrix content for IRC text: formatting codes become HTML, the body is plain.
+fn content_from_irc(msgtype: &str, text: &str) -> Value {
+    let runs = irc_to_runs(text);
+    let plain: String = runs.iter().map(|r| r.text.as_str()).collect();
+    let mut content = json!({"msgtype": msgtype, "body": plain});
+    if runs.iter().any(|r| r.style != Default::default()) {
+        content["format"] = json!("org.matrix.custom.html");
+        content["formatted_body"] = json!(runs_to_html(&runs));
+    }
+    content
 }
 
 /// The IRC bridge.
@@ -58,6 +109,8 @@ pub struct Inner {
     networks: BTreeMap<String, Arc<Network>>,
     /// Displaynames of Matrix users, from member events (relay prefixes).
     names: Mutex<HashMap<String, String>>,
+    /// `trestle_irc_puppets{network}`: puppet connections.
+    puppet_gauge: trestle::metrics::prometheus::IntGaugeVec,
 }
 
 impl std::fmt::Debug for Inner {
@@ -111,6 +164,18 @@ impl Network {
         format!("@{lp}:{domain}")
     }
 
+    /// The nick behind one of this network's ghost user ids.
+    fn nick_of_ghost(&self, user_id: &str) -> Option<String> {
+        let local = user_id.strip_prefix('@')?.rsplit_once(':')?.0;
+        let vars = self.user_template.extract(local, &[("network", &self.id)])?;
+        let (_, nick) = vars.into_iter().find(|(k, _)| k == "nick")?;
+        trestle::util::escape::unescape_localpart(&nick).ok()
+    }
+
+    fn puppets_all(&self) -> Vec<Arc<puppet::Puppet>> {
+        self.puppets.all()
+    }
+
     fn is_channel(&self, name: &str) -> bool {
         self.bot.isupport().is_channel(name) || name.starts_with(['#', '&'])
     }
@@ -125,9 +190,21 @@ fn valid_channel(name: &str) -> bool {
 
 impl Inner {
     fn network_of(&self, portal: &Portal) -> Option<(Arc<Network>, String)> {
-        let net = portal.metadata.get("network")?.as_str()?;
-        let chan = portal.metadata.get("channel")?.as_str()?;
-        Some((Arc::clone(self.networks.get(net)?), chan.to_owned()))
+        match self.target_of(portal)? {
+            (net, Target::Channel(chan)) => Some((net, chan)),
+            _ => None,
+        }
+    }
+
+    fn target_of(&self, portal: &Portal) -> Option<(Arc<Network>, Target)> {
+        let m = &portal.metadata;
+        let net = Arc::clone(self.networks.get(m.get("network")?.as_str()?)?);
+        if let Some(chan) = m.get("channel").and_then(Value::as_str) {
+            return Some((net, Target::Channel(chan.to_owned())));
+        }
+        let nick = m.get("nick")?.as_str()?.to_owned();
+        let user = m.get("user")?.as_str()?.to_owned();
+        Some((net, Target::Direct { user, nick }))
     }
 
     async fn displayname(&self, user_id: &str) -> String {
@@ -206,17 +283,10 @@ impl Inner {
         }
     }
 
-    async fn relay(
-        &self,
-        net: &Network,
-        channel: &str,
-        sender: &str,
-        msg: &Message,
-        edit: bool,
-    ) -> Result<(), BridgeError> {
-        let name = self.displayname(sender).await;
-        // NUL and CR have no place in IRC text: dropped here, and LF splits lines below. (The
-        // connection refuses any line that still holds one, so nothing can inject either way.)
+    /// The IRC lines of a Matrix message: NUL and CR dropped, one line per LF (the connection
+    /// refuses any line that still holds one, so nothing can inject either way), at most
+    /// `max_lines` of them.
+    fn irc_lines(&self, net: &Network, msg: &Message) -> Vec<String> {
         let text = self.irc_text(msg).replace(['\0', '\r'], "");
         let mut lines: Vec<String> =
             text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
@@ -226,6 +296,54 @@ impl Inner {
             lines.truncate(max);
             lines.push(format!("(… {extra} more lines not shown)"));
         }
+        lines
+    }
+
+    /// A Matrix message (or edit) in a portal, to IRC: through the sender's puppet where the
+    /// network runs puppets and the sender may have one, else relayed by the bot.
+    async fn matrix_message(
+        self: &Arc<Self>,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        msg: &Message,
+        edit: bool,
+    ) -> Result<(), BridgeError> {
+        let Some((net, target)) = room.portal.as_ref().and_then(|p| self.target_of(p)) else {
+            return Ok(());
+        };
+        if net.excluded.iter().any(|r| r.is_match(&event.sender)) {
+            return Ok(());
+        }
+        let level = self.ctx.permission(&event.sender);
+        match target {
+            Target::Channel(chan) => {
+                if net.config.mode == BridgeMode::Puppets && level >= PermissionLevel::User {
+                    self.puppet_say(&net, &chan, &event.room_id, &event.sender, msg, edit).await
+                } else if level >= PermissionLevel::Relay {
+                    self.relay(&net, &chan, &event.sender, msg, edit).await
+                } else {
+                    Ok(())
+                }
+            }
+            Target::Direct { user, nick } => {
+                if event.sender != user || level < PermissionLevel::User {
+                    return Ok(());
+                }
+                self.puppet_say(&net, &nick, &event.room_id, &event.sender, msg, edit).await
+            }
+        }
+    }
+
+    async fn relay(
+        &self,
+        net: &Network,
+        channel: &str,
+        sender: &str,
+        msg: &Message,
+        edit: bool,
+    ) -> Result<(), BridgeError> {
+        let name = self.displayname(sender).await;
+        let lines = self.irc_lines(net, msg);
         let command = if msg.msgtype == MessageType::Notice { "NOTICE" } else { "PRIVMSG" };
         let wrap = |chunk: &str| match msg.msgtype {
             MessageType::Emote => format!("* {name} {chunk}"),
@@ -257,6 +375,10 @@ impl Inner {
         let me = net.bot.nick();
         let cm = net.bot.isupport().casemapping;
         let from_me = line.nick().is_some_and(|n| cm.eq(n, &me));
+        // What our puppets do on IRC is what Matrix users did: never bridged back.
+        if line.command != "KICK" && line.nick().is_some_and(|n| net.is_puppet_nick(n)) {
+            return Ok(());
+        }
         match line.command.as_str() {
             "PRIVMSG" | "NOTICE" => {
                 let (target, text) = (line.param(0), line.param(1));
@@ -269,20 +391,10 @@ impl Inner {
                 else {
                     return Ok(());
                 };
-                let (msgtype, text) =
-                    match text.strip_prefix("\x01ACTION ").map(|t| t.trim_end_matches('\x01')) {
-                        Some(action) => ("m.emote", action),
-                        None if text.starts_with('\x01') => return Ok(()),
-                        None if line.command == "NOTICE" => ("m.notice", text),
-                        None => ("m.text", text),
-                    };
-                let runs = irc_to_runs(text);
-                let plain: String = runs.iter().map(|r| r.text.as_str()).collect();
-                let mut content = json!({"msgtype": msgtype, "body": plain});
-                if runs.iter().any(|r| r.style != Default::default()) {
-                    content["format"] = json!("org.matrix.custom.html");
-                    content["formatted_body"] = json!(runs_to_html(&runs));
-                }
+                let Some((msgtype, text)) = classify_text(&line.command, text) else {
+                    return Ok(());
+                };
+                let content = self.with_mentions(net, content_from_irc(msgtype, text), text);
                 let ghost = net.ghost_user_id(nick, &domain);
                 self.ctx
                     .ensure_ghost(
@@ -321,7 +433,7 @@ impl Inner {
                 } else {
                     (line.param(0), line.nick().unwrap_or_default().to_owned())
                 };
-                if cm.eq(&nick, &me) {
+                if cm.eq(&nick, &me) || net.is_puppet_nick(&nick) {
                     return Ok(());
                 }
                 if let Some(portal) =
@@ -388,7 +500,7 @@ impl Inner {
                     let isupport = net.bot.isupport();
                     for entry in line.param(3).split(' ').filter(|e| !e.is_empty()) {
                         let (_, nick) = isupport.split_prefixes(entry);
-                        if !cm.eq(nick, &me) {
+                        if !cm.eq(nick, &me) && !net.is_puppet_nick(nick) {
                             self.ghost_join(net, nick, &portal.room_id).await?;
                         }
                     }
@@ -397,6 +509,41 @@ impl Inner {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Puppet nicks named in IRC text become Matrix mentions; `nick: …` at the start (how IRC
+    /// addresses someone) becomes a pill.
+    fn with_mentions(&self, net: &Network, mut content: Value, text: &str) -> Value {
+        let nick_char = |c: char| c.is_ascii_alphanumeric() || "[]\\`_^{|}-".contains(c);
+        let mut users: Vec<String> = Vec::new();
+        for word in text.split(|c: char| !nick_char(c)).filter(|w| !w.is_empty()) {
+            if let Some(u) = net.puppets.user_of(&net.fold(word))
+                && !users.contains(&u)
+            {
+                users.push(u);
+            }
+        }
+        if users.is_empty() {
+            return content;
+        }
+        content["m.mentions"] = json!({"user_ids": users});
+        let plain = content["body"].as_str().unwrap_or_default().to_owned();
+        let lead: String = plain.chars().take_while(|c| nick_char(*c)).collect();
+        let rest = &plain[lead.len()..];
+        if !lead.is_empty()
+            && (rest.starts_with(": ") || rest.starts_with(", "))
+            && content.get("formatted_body").is_none()
+            && let Some(user) = net.puppets.user_of(&net.fold(&lead))
+        {
+            let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+            content["format"] = json!("org.matrix.custom.html");
+            content["formatted_body"] = json!(format!(
+                "<a href=\"https://matrix.to/#/{user}\">{}</a>{}",
+                esc(&lead),
+                esc(rest)
+            ));
+        }
+        content
     }
 
     async fn ghost_join(
@@ -513,7 +660,8 @@ impl Bridge for IrcBridge {
                 flood_penalty: Duration::from_millis(n.flood_penalty_ms),
                 queue_capacity: 1024,
             };
-            let (bot, events) = IrcConnection::spawn(conn, pacer, ctx.shutdown());
+            let (bot, events) =
+                IrcConnection::spawn(conn.clone(), Arc::clone(&pacer), ctx.shutdown());
             let allowed = ["network", "nick", "channel"];
             let net = Arc::new(Network {
                 id: id.clone(),
@@ -528,6 +676,10 @@ impl Bridge for IrcBridge {
                     .iter()
                     .filter_map(|r| regex::Regex::new(r).ok())
                     .collect(),
+                pacer,
+                conn_base: conn,
+                ipv6_prefix: n.ipv6_prefix.as_deref().and_then(crate::addr::parse_prefix),
+                puppets: puppet::Puppets::default(),
             });
             receivers.push((Arc::clone(&net), events));
             networks.insert(id.clone(), net);
@@ -553,8 +705,26 @@ impl Bridge for IrcBridge {
                 }
             }
         }
-        let inner = Arc::new(Inner { ctx, networks, names: Mutex::new(HashMap::new()) });
+        let puppet_gauge = trestle::metrics::prometheus::IntGaugeVec::new(
+            trestle::metrics::prometheus::Opts::new(
+                "trestle_irc_puppets",
+                "Matrix users' own IRC connections, by network",
+            ),
+            &["network"],
+        )
+        .map_err(|e| BridgeError::Permanent(e.to_string()))?;
+        ctx.metrics()
+            .registry()
+            .register(Box::new(puppet_gauge.clone()))
+            .map_err(|e| BridgeError::Permanent(e.to_string()))?;
+        let inner =
+            Arc::new(Inner { ctx, networks, names: Mutex::new(HashMap::new()), puppet_gauge });
         for (net, events) in receivers {
+            if net.config.mode == BridgeMode::Puppets {
+                let (b, n) = (Arc::clone(&inner), Arc::clone(&net));
+                tokio::spawn(async move { b.restore_puppets(&n).await });
+                tokio::spawn(puppet::reaper(Arc::clone(&inner), Arc::clone(&net)));
+            }
             tokio::spawn(network_loop(Arc::clone(&inner), net, events));
         }
         Ok(Self { inner })
@@ -562,6 +732,10 @@ impl Bridge for IrcBridge {
 
     async fn stop(&self) {
         for net in self.inner.networks.values() {
+            let quits = net.puppets_all().into_iter().map(|p| async move {
+                p.conn.quit("Bridge shutting down").await;
+            });
+            futures::future::join_all(quits).await;
             net.bot.quit("Bridge shutting down").await;
         }
     }
@@ -692,15 +866,7 @@ impl Bridge for IrcBridge {
         event: &MatrixEvent,
         msg: &Message,
     ) -> Result<(), BridgeError> {
-        let Some((net, chan)) = room.portal.as_ref().and_then(|p| self.inner.network_of(p)) else {
-            return Ok(());
-        };
-        if net.excluded.iter().any(|r| r.is_match(&event.sender))
-            || self.inner.ctx.permission(&event.sender) < PermissionLevel::Relay
-        {
-            return Ok(());
-        }
-        self.inner.relay(&net, &chan, &event.sender, msg, false).await
+        self.inner.matrix_message(room, event, msg, false).await
     }
 
     async fn on_edit(
@@ -710,27 +876,59 @@ impl Bridge for IrcBridge {
         _target: &str,
         new: &Message,
     ) -> Result<(), BridgeError> {
-        let Some((net, chan)) = room.portal.as_ref().and_then(|p| self.inner.network_of(p)) else {
-            return Ok(());
-        };
-        if net.excluded.iter().any(|r| r.is_match(&event.sender)) {
-            return Ok(());
-        }
-        self.inner.relay(&net, &chan, &event.sender, new, true).await
+        self.inner.matrix_message(room, event, new, true).await
     }
 
     async fn on_membership(
         &self,
-        _room: &RoomContext,
+        room: &RoomContext,
         event: &MatrixEvent,
         user_id: &str,
         membership: &str,
-        _prev: Option<&str>,
+        prev: Option<&str>,
     ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let name = event.content.get("displayname").and_then(Value::as_str);
         if membership == "join"
-            && let Some(name) = event.content.get("displayname").and_then(Value::as_str)
+            && let Some(name) = name
         {
-            self.inner.remember_name(user_id, name);
+            b.remember_name(user_id, name);
+        }
+        // A Matrix user invites a ghost: a private conversation with that nick.
+        if membership == "invite" && room.portal.is_none() && event.sender != user_id {
+            for net in b.networks.values() {
+                if let Some(nick) = net.nick_of_ghost(user_id) {
+                    return b
+                        .matrix_direct(net, &event.sender, user_id, &nick, &event.room_id)
+                        .await;
+                }
+            }
+            return Ok(());
+        }
+        let Some((net, Target::Channel(chan))) = room.portal.as_ref().and_then(|p| b.target_of(p))
+        else {
+            return Ok(());
+        };
+        if net.config.mode != BridgeMode::Puppets
+            || b.ctx.is_bridge_user(user_id)
+            || net.excluded.iter().any(|r| r.is_match(user_id))
+        {
+            return Ok(());
+        }
+        match membership {
+            "join" if b.ctx.permission(user_id) >= PermissionLevel::User => {
+                if prev == Some("join") {
+                    if let Some(name) = name {
+                        b.puppet_rename(&net, user_id, name).await;
+                    }
+                    return Ok(());
+                }
+                if let Err(e) = b.puppet_join(&net, user_id, &chan, &event.room_id).await {
+                    b.ctx.notice(&event.room_id, &format!("{user_id}: {e}")).await;
+                }
+            }
+            "leave" | "ban" => b.puppet_part(&net, user_id, &chan).await,
+            _ => {}
         }
         Ok(())
     }
@@ -740,7 +938,9 @@ impl Bridge for IrcBridge {
         room: &RoomContext,
         event: &MatrixEvent,
     ) -> Result<(), BridgeError> {
-        let Some((net, chan)) = room.portal.as_ref().and_then(|p| self.inner.network_of(p)) else {
+        let Some((net, Target::Channel(chan))) =
+            room.portal.as_ref().and_then(|p| self.inner.target_of(p))
+        else {
             return Ok(());
         };
         if event.event_type == "m.room.topic"

@@ -325,8 +325,11 @@ impl BridgeConfig for IrcConfig {
                     "must be an IPv6 prefix such as 2001:db8:1::/64 (length 1-120)",
                 ));
             }
-            if n.mode == BridgeMode::Puppets {
-                errors.push(ConfigError::invalid(key("mode"), "puppets (one IRC connection per Matrix user) is not implemented yet; use relay"));
+            if n.mode == BridgeMode::Puppets && n.max_connections == 0 {
+                errors.push(ConfigError::invalid(
+                    key("max_connections"),
+                    "must be at least 1 in puppets mode",
+                ));
             }
             if n.flood_burst == 0 {
                 errors.push(ConfigError::invalid(key("flood_burst"), "must be at least 1"));

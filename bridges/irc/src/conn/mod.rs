@@ -239,6 +239,17 @@ impl IrcConnection {
         self.send(IrcLine::new("JOIN", &params)).await
     }
 
+    /// Whether we are in (or joining) a channel.
+    pub fn in_channel(&self, channel: &str) -> bool {
+        let st = self.lock();
+        st.channels.contains_key(&st.isupport.casemapping.fold(channel))
+    }
+
+    /// The channels we are in (or joining), as given to [`join`](Self::join).
+    pub fn channels(&self) -> Vec<String> {
+        self.lock().channels.values().map(|(name, _)| name.clone()).collect()
+    }
+
     /// Leaves a channel.
     pub async fn part(&self, channel: &str, reason: &str) -> Result<(), SendError> {
         let folded = self.isupport().casemapping.fold(channel);

@@ -1,0 +1,585 @@
+//! Puppets (mode `puppets`): each Matrix user speaks through an IRC connection of their own.
+//! Also private messages, which need a puppet on the Matrix side.
+//!
+//! A puppet connects when its user first joins a portal or speaks, joins the channels of the
+//! portals its user is in, and quits after `idle_timeout_minutes` without activity. What a
+//! puppet was doing (nick, channels, last activity) is kept in the store's user settings, so a
+//! restart reconnects recently active users only, through the network's connection pacer.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use trestle::{
+    bridge::{BridgeError, GhostProfile},
+    client::{CreateRoom, RoomPreset},
+    event::{Message, MessageType},
+    store::{Portal, UserSettings},
+};
+
+use super::{Inner, Network, bridge_err, content_from_irc, now_ms};
+use crate::conn::{ConnEvent, IrcConnection, IrcLine};
+
+/// Settings are rewritten at most this often just to record activity.
+const TOUCH_SAVE_MS: i64 = 5 * 60 * 1000;
+
+/// One Matrix user's connection to a network.
+pub(super) struct Puppet {
+    pub(super) user_id: String,
+    pub(super) conn: IrcConnection,
+    /// The nick asked for; the server may have given another (collision).
+    wanted_nick: String,
+    last_active: AtomicI64,
+    last_saved: AtomicI64,
+    /// Where to tell the user about their connection (nick collisions, kicks, bans).
+    notify_room: Mutex<Option<String>>,
+}
+
+impl Puppet {
+    fn touch(&self) -> bool {
+        let now = now_ms();
+        self.last_active.store(now, Ordering::Relaxed);
+        now - self.last_saved.load(Ordering::Relaxed) > TOUCH_SAVE_MS
+    }
+
+    fn set_notify_room(&self, room_id: &str) {
+        *self.notify_room.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(room_id.to_owned());
+    }
+
+    fn notify_room(&self) -> Option<String> {
+        self.notify_room.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// The puppets of one network.
+#[derive(Default)]
+pub(super) struct Puppets {
+    by_user: Mutex<HashMap<String, Arc<Puppet>>>,
+    /// Every nick a live puppet has or had (folded) → its user: lines from these are never
+    /// bridged back as ghosts, whichever connection sees the nick change first.
+    nicks: Mutex<HashMap<String, String>>,
+    /// Serialises connection set-up, so that one user never gets two connections.
+    spawning: tokio::sync::Mutex<()>,
+}
+
+impl Puppets {
+    fn get(&self, user_id: &str) -> Option<Arc<Puppet>> {
+        self.by_user.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(user_id).cloned()
+    }
+
+    pub(super) fn all(&self) -> Vec<Arc<Puppet>> {
+        self.by_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.by_user.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    fn add_nick(&self, folded: String, user_id: &str) {
+        self.nicks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(folded, user_id.to_owned());
+    }
+
+    /// The Matrix user behind a puppet nick (folded).
+    pub(super) fn user_of(&self, folded: &str) -> Option<String> {
+        self.nicks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(folded).cloned()
+    }
+
+    fn remove(&self, user_id: &str) -> Option<Arc<Puppet>> {
+        self.nicks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, u| u != user_id);
+        self.by_user.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(user_id)
+    }
+}
+
+/// The ident of a puppet: lowercase letters and digits of the localpart, at most 10.
+fn ident_for(user_id: &str) -> String {
+    let ident: String = user_id
+        .trim_start_matches('@')
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .take(10)
+        .collect();
+    if ident.is_empty() { "matrix".to_owned() } else { ident }
+}
+
+impl Network {
+    /// Whether `nick` belongs to one of our puppets.
+    pub(super) fn is_puppet_nick(&self, nick: &str) -> bool {
+        self.puppets.user_of(&self.fold(nick)).is_some()
+    }
+}
+
+impl Inner {
+    /// The user's puppet on `net`, connecting it if needed.
+    pub(super) async fn puppet(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        user_id: &str,
+    ) -> Result<Arc<Puppet>, BridgeError> {
+        if let Some(p) = net.puppets.get(user_id) {
+            self.touch(net, &p).await;
+            return Ok(p);
+        }
+        let _spawning = net.puppets.spawning.lock().await;
+        if let Some(p) = net.puppets.get(user_id) {
+            return Ok(p);
+        }
+        if net.puppets.len() >= net.config.max_connections as usize {
+            return Err(BridgeError::Permanent(format!(
+                "{} allows at most {} bridged connections; none is free",
+                net.config.name, net.config.max_connections
+            )));
+        }
+        let saved = self.ctx.store().user_settings(user_id, &net.id).await?;
+        let name = self.displayname(user_id).await;
+        let max = net.bot.isupport().nicklen.unwrap_or(30);
+        let wanted =
+            crate::nick::from_template(&net.config.nick_template, Some(&name), user_id, max);
+        let mut cfg = net.conn_base.clone();
+        cfg.nick.clone_from(&wanted);
+        cfg.username = ident_for(user_id);
+        cfg.realname = user_id.to_owned();
+        cfg.password = None;
+        cfg.sasl = None;
+        cfg.queue_capacity = 256;
+        if let Some(prefix) = net.ipv6_prefix {
+            cfg.bind = Some(IpAddr::V6(crate::addr::address_for(prefix, user_id)));
+        }
+        let (conn, events) = IrcConnection::spawn(cfg, Arc::clone(&net.pacer), self.ctx.shutdown());
+        let now = now_ms();
+        let puppet = Arc::new(Puppet {
+            user_id: user_id.to_owned(),
+            conn,
+            wanted_nick: wanted.clone(),
+            last_active: AtomicI64::new(now),
+            last_saved: AtomicI64::new(0),
+            notify_room: Mutex::new(None),
+        });
+        net.puppets.add_nick(net.fold(&wanted), user_id);
+        net.puppets
+            .by_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(user_id.to_owned(), Arc::clone(&puppet));
+        // Channels it was in before a restart come back with it.
+        if let Some(s) = saved
+            && let Some(chans) = s.settings.get("channels").and_then(Value::as_array)
+        {
+            for c in chans.iter().filter_map(Value::as_str) {
+                puppet.conn.join(c, None).await.map_err(bridge_err)?;
+            }
+        }
+        self.puppet_gauge.with_label_values(&[net.id.as_str()]).inc();
+        tracing::info!(network = net.id, user_id, nick = wanted, "puppet connecting");
+        tokio::spawn(puppet_loop(Arc::clone(self), Arc::clone(net), Arc::clone(&puppet), events));
+        self.save(net, &puppet).await;
+        Ok(puppet)
+    }
+
+    async fn touch(&self, net: &Network, p: &Puppet) {
+        if p.touch() {
+            self.save(net, p).await;
+        }
+    }
+
+    /// Records what the puppet is doing (best effort: a failure only means a restart may
+    /// reconnect it a little differently).
+    async fn save(&self, net: &Network, p: &Puppet) {
+        let now = now_ms();
+        p.last_saved.store(now, Ordering::Relaxed);
+        let settings = UserSettings {
+            user_id: p.user_id.clone(),
+            network: net.id.clone(),
+            settings: json!({
+                "nick": p.conn.nick(),
+                "channels": p.conn.channels(),
+                "last_active": p.last_active.load(Ordering::Relaxed),
+            }),
+            secret: None,
+        };
+        if let Err(e) = self.ctx.store().set_user_settings(&settings).await {
+            tracing::warn!(network = net.id, user_id = p.user_id, error = %e, "could not save puppet state");
+        }
+    }
+
+    /// Has the user's puppet join `channel` (connecting it first if needed).
+    pub(super) async fn puppet_join(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        user_id: &str,
+        channel: &str,
+        room_id: &str,
+    ) -> Result<Arc<Puppet>, BridgeError> {
+        let p = self.puppet(net, user_id).await?;
+        p.set_notify_room(room_id);
+        if !p.conn.in_channel(channel) {
+            if p.conn.channels().len() >= net.config.max_channels_per_user as usize {
+                return Err(BridgeError::Permanent(format!(
+                    "your IRC connection is in {} channels already, the most allowed",
+                    net.config.max_channels_per_user
+                )));
+            }
+            p.conn.join(channel, None).await.map_err(bridge_err)?;
+            self.save(net, &p).await;
+        }
+        Ok(p)
+    }
+
+    /// The user left a portal: their puppet leaves the channel.
+    pub(super) async fn puppet_part(&self, net: &Network, user_id: &str, channel: &str) {
+        if let Some(p) = net.puppets.get(user_id)
+            && p.conn.in_channel(channel)
+        {
+            let _ = p.conn.part(channel, "Left the Matrix room").await;
+            self.save(net, &p).await;
+        }
+    }
+
+    /// The user's displayname changed: their puppet follows with a new nick.
+    pub(super) async fn puppet_rename(&self, net: &Network, user_id: &str, displayname: &str) {
+        let Some(p) = net.puppets.get(user_id) else { return };
+        let max = p.conn.isupport().nicklen.unwrap_or(30);
+        let nick =
+            crate::nick::from_template(&net.config.nick_template, Some(displayname), user_id, max);
+        if net.fold(&nick) != net.fold(&p.conn.nick()) {
+            net.puppets.add_nick(net.fold(&nick), user_id);
+            let _ = p.conn.send(IrcLine::new("NICK", &[&nick])).await;
+        }
+    }
+
+    /// Sends a Matrix message through the sender's puppet to a channel or a nick.
+    pub(super) async fn puppet_say(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        target: &str,
+        room_id: &str,
+        sender: &str,
+        msg: &Message,
+        edit: bool,
+    ) -> Result<(), BridgeError> {
+        let p = if net.is_channel(target) {
+            self.puppet_join(net, sender, target, room_id).await?
+        } else {
+            let p = self.puppet(net, sender).await?;
+            p.set_notify_room(room_id);
+            p
+        };
+        for line in self.irc_lines(net, msg) {
+            let line = if edit { format!("* {line}") } else { line };
+            let sent = match msg.msgtype {
+                MessageType::Emote => p.conn.send_action(target, &line).await,
+                MessageType::Notice => p.conn.send_text("NOTICE", target, &line).await.map(drop),
+                _ => p.conn.send_text("PRIVMSG", target, &line).await.map(drop),
+            };
+            sent.map_err(bridge_err)?;
+        }
+        Ok(())
+    }
+
+    /// Quits puppets idle longer than the network allows.
+    pub(super) async fn reap_idle(&self, net: &Network) {
+        let minutes = net.config.idle_timeout_minutes;
+        if minutes == 0 {
+            return;
+        }
+        let limit = i64::try_from(minutes.saturating_mul(60_000)).unwrap_or(i64::MAX);
+        let now = now_ms();
+        for p in net.puppets.all() {
+            if now - p.last_active.load(Ordering::Relaxed) > limit {
+                tracing::info!(network = net.id, user_id = p.user_id, "puppet idle; disconnecting");
+                self.save(net, &p).await;
+                if net.puppets.remove(&p.user_id).is_some() {
+                    self.puppet_gauge.with_label_values(&[net.id.as_str()]).dec();
+                }
+                p.conn.quit("Idle").await;
+            }
+        }
+    }
+
+    /// At start-up: reconnects the puppets of users active within the idle timeout.
+    pub(super) async fn restore_puppets(self: &Arc<Self>, net: &Arc<Network>) {
+        let users = match self.ctx.store().users_with_settings(&net.id).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(network = net.id, error = %e, "cannot read puppet state");
+                return;
+            }
+        };
+        let minutes = net.config.idle_timeout_minutes;
+        let limit = i64::try_from(minutes.saturating_mul(60_000)).unwrap_or(i64::MAX);
+        let now = now_ms();
+        let (mut restored, mut idle) = (0usize, 0usize);
+        for s in users {
+            let last = s.settings.get("last_active").and_then(Value::as_i64).unwrap_or(0);
+            let has_channels =
+                s.settings.get("channels").and_then(Value::as_array).is_some_and(|c| !c.is_empty());
+            if !has_channels || (minutes != 0 && now - last > limit) {
+                idle += 1;
+                continue;
+            }
+            match self.puppet(net, &s.user_id).await {
+                Ok(p) => {
+                    // Keep the saved activity time: a restart is not activity.
+                    p.last_active.store(last, Ordering::Relaxed);
+                    restored += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(network = net.id, user_id = s.user_id, error = %e, "puppet not restored")
+                }
+            }
+        }
+        tracing::info!(network = net.id, restored, idle, "puppets restored at start-up");
+    }
+
+    /// An IRC user wrote privately to a puppet: to the DM room of that user and that nick.
+    async fn irc_direct(
+        self: &Arc<Self>,
+        net: &Network,
+        p: &Puppet,
+        line: &IrcLine,
+    ) -> Result<(), BridgeError> {
+        let Some(nick) = line.nick() else { return Ok(()) };
+        let text = line.param(1);
+        let Some((msgtype, text)) = super::classify_text(&line.command, text) else {
+            return Ok(());
+        };
+        let ghost = net.ghost_user_id(nick, self.ctx.domain());
+        self.ctx
+            .ensure_ghost(
+                &ghost,
+                &GhostProfile {
+                    remote_id: format!("{}/{}", net.id, net.fold(nick)),
+                    displayname: Some(nick.to_owned()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        let remote_id = dm_remote_id(net, &p.user_id, nick);
+        let room_id = match self.ctx.store().portal_by_remote(&remote_id).await? {
+            Some(portal) => portal.room_id,
+            None => {
+                let room_id = self
+                    .ctx
+                    .intent(&ghost)
+                    .create_room(&CreateRoom {
+                        invite: vec![p.user_id.clone()],
+                        is_direct: true,
+                        preset: Some(RoomPreset::TrustedPrivateChat),
+                        ..CreateRoom::default()
+                    })
+                    .await?;
+                self.ctx
+                    .store()
+                    .upsert_portal(&Portal {
+                        remote_id,
+                        room_id: room_id.clone(),
+                        alias: None,
+                        metadata: json!({"network": net.id, "nick": nick, "user": p.user_id}),
+                        created_at: now_ms(),
+                    })
+                    .await?;
+                self.ctx.store().set_membership(&room_id, &ghost, "join").await?;
+                room_id
+            }
+        };
+
+        let content = content_from_irc(msgtype, text);
+        let cause = match line.tag("msgid") {
+            Some(id) => format!("irc:{}:{id}", net.id),
+            None => format!("irc:{}:dm:{}", net.id, rand::random::<u128>()),
+        };
+        let ts = line.tag("time").and_then(super::parse_server_time);
+        let txn = self.ctx.txn_id_for(&cause, 0);
+        self.ctx.send_as(&ghost, &room_id, "m.room.message", content, &txn, ts).await?;
+        Ok(())
+    }
+
+    /// A Matrix user invited a ghost: the room becomes their DM with that nick.
+    pub(super) async fn matrix_direct(
+        &self,
+        net: &Network,
+        inviter: &str,
+        ghost: &str,
+        nick: &str,
+        room_id: &str,
+    ) -> Result<(), BridgeError> {
+        self.ctx
+            .ensure_ghost(
+                ghost,
+                &GhostProfile {
+                    remote_id: format!("{}/{}", net.id, net.fold(nick)),
+                    displayname: Some(nick.to_owned()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        self.ctx.intent(ghost).join(room_id).await?;
+        self.ctx.store().set_membership(room_id, ghost, "join").await?;
+        if net.config.mode != crate::config::BridgeMode::Puppets {
+            let txn = self.ctx.txn_id_for(&format!("dm-refused:{room_id}"), 0);
+            let content = json!({"msgtype": "m.notice", "body": format!(
+                "Private messages need an IRC connection of your own, and {} runs in relay mode: nothing you write here reaches {nick}.",
+                net.config.name
+            )});
+            self.ctx.send_as(ghost, room_id, "m.room.message", content, &txn, None).await?;
+            return Ok(());
+        }
+        self.ctx
+            .store()
+            .upsert_portal(&Portal {
+                remote_id: dm_remote_id(net, inviter, nick),
+                room_id: room_id.to_owned(),
+                alias: None,
+                metadata: json!({"network": net.id, "nick": nick, "user": inviter}),
+                created_at: now_ms(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn tell(&self, p: &Puppet, text: &str) {
+        if let Some(room) = p.notify_room() {
+            self.ctx.notice(&room, text).await;
+        }
+    }
+}
+
+fn dm_remote_id(net: &Network, user_id: &str, nick: &str) -> String {
+    format!("{}/dm/{user_id}/{}", net.id, net.fold(nick))
+}
+
+/// Receives one puppet's events: its nick, private messages to it, and what the server says
+/// about its channels (kicks, bans, full channels) told to the user.
+async fn puppet_loop(
+    b: Arc<Inner>,
+    net: Arc<Network>,
+    p: Arc<Puppet>,
+    mut events: mpsc::Receiver<ConnEvent>,
+) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            ConnEvent::Registered { nick } => {
+                net.puppets.add_nick(net.fold(&nick), &p.user_id);
+                if net.fold(&nick) != net.fold(&p.wanted_nick) {
+                    b.tell(
+                        &p,
+                        &format!(
+                            "{} is taken on {}; you are {nick} there.",
+                            p.wanted_nick, net.config.name
+                        ),
+                    )
+                    .await;
+                }
+                b.save(&net, &p).await;
+            }
+            ConnEvent::Disconnected { reason } => {
+                tracing::info!(network = net.id, user_id = p.user_id, %reason, "puppet disconnected; reconnecting");
+            }
+            ConnEvent::Line(line) => {
+                let me = p.conn.nick();
+                let cm = p.conn.isupport().casemapping;
+                match line.command.as_str() {
+                    // Our own nick change (forced by the server, or a new displayname).
+                    "NICK"
+                        if line.nick().is_some_and(|n| {
+                            net.puppets.user_of(&net.fold(n)).as_deref() == Some(&p.user_id)
+                        }) =>
+                    {
+                        net.puppets.add_nick(net.fold(line.param(0)), &p.user_id);
+                    }
+                    "PRIVMSG" | "NOTICE" if cm.eq(line.param(0), &me) => {
+                        let from = line.nick().unwrap_or_default();
+                        if from.is_empty()
+                            || cm.eq(from, &net.bot.nick())
+                            || net.is_puppet_nick(from)
+                            || from.contains('.')
+                        {
+                            continue;
+                        }
+                        p.touch();
+                        if let Err(e) = b.irc_direct(&net, &p, &line).await {
+                            tracing::error!(network = net.id, user_id = p.user_id, error = %e, "could not bridge a private message");
+                        }
+                    }
+                    "KICK" if cm.eq(line.param(1), &me) => {
+                        let chan = line.param(0).to_owned();
+                        let _ = p.conn.part(&chan, "").await;
+                        b.tell(
+                            &p,
+                            &format!(
+                                "You were kicked from {chan} on {} by {}: {}",
+                                net.config.name,
+                                line.nick().unwrap_or("the server"),
+                                line.param(2)
+                            ),
+                        )
+                        .await;
+                        b.save(&net, &p).await;
+                    }
+                    // Cannot join: banned, invite only, bad key, full, too many channels.
+                    "471" | "473" | "474" | "475" | "405" => {
+                        let chan = line.param(1).to_owned();
+                        let _ = p.conn.part(&chan, "").await;
+                        b.tell(
+                            &p,
+                            &format!(
+                                "Cannot join {chan} on {}: {}",
+                                net.config.name,
+                                line.params.last().map(String::as_str).unwrap_or("")
+                            ),
+                        )
+                        .await;
+                        b.save(&net, &p).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Every minute, quits idle puppets.
+pub(super) async fn reaper(b: Arc<Inner>, net: Arc<Network>) {
+    let shutdown = b.ctx.shutdown().clone();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(60)) => b.reap_idle(&net).await,
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idents() {
+        assert_eq!(ident_for("@Alice.Smith-99:example.org"), "alicesmith");
+        assert_eq!(ident_for("@_:x"), "matrix");
+        assert_eq!(ident_for("@a\r\nb:x"), "ab");
+    }
+}
