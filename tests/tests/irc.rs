@@ -35,8 +35,8 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
                  bot_localpart: ircbot, registration: \"{}\" }}\n\
                  database: {{ path: \"{}\" }}\n\
                  logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
-                 permissions: {{ \"*\": user }}\n\
-                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n",
+                 permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
+                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n",
                 reg.display(),
                 dir.path().join("irc.db").display(),
                 ircd.port()
@@ -350,5 +350,151 @@ async fn puppets_speak_as_themselves_and_talk_privately() -> anyhow::Result<()> 
         l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")
     })
     .await?;
+    Ok(())
+}
+
+fn leaves_of(events: &[Value], user: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == user
+                && e["content"]["membership"] == "leave"
+        })
+        .count()
+}
+
+async fn power_of(user: &MatrixUser, room: &str, who: &str) -> Option<i64> {
+    let pl = user.state(room, "m.room.power_levels", "").await.ok()??;
+    pl["users"][who].as_i64()
+}
+
+#[tokio::test]
+async fn modes_kicks_bans_and_netsplits() -> anyhow::Result<()> {
+    let env = start().await?;
+    let port = env.ircd.port();
+    let t = Duration::from_secs(30);
+    let mut op = IrcClient::connect(port, "ircop").await?;
+    op.join("#mod").await?; // first in: channel operator
+    let mut victim = IrcClient::connect(port, "victim").await?;
+    victim.join("#mod").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join("#irc_local_#mod:localhost").await?;
+
+    // Channel modes become power levels: @ → 50 from the names list, +v → 1 from MODE.
+    trestle_e2e::wait_for("ircop at 50", t, || async {
+        (power_of(&alice, &room, "@irc_local_ircop:localhost").await == Some(50)).then_some(())
+    })
+    .await?;
+    op.raw("MODE #mod +v victim\r\n").await?;
+    trestle_e2e::wait_for("victim at 1", t, || async {
+        (power_of(&alice, &room, "@irc_local_victim:localhost").await == Some(1)).then_some(())
+    })
+    .await?;
+
+    // An IRC kick: the bot kicks the ghost, naming who kicked and why.
+    op.raw("KICK #mod victim :behave\r\n").await?;
+    let kick = alice
+        .wait_for_message(&room, t, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == "@irc_local_victim:localhost"
+                && e["content"]["membership"] == "leave"
+        })
+        .await?;
+    assert_eq!(kick["sender"], "@ircbot:localhost");
+    let reason = kick["content"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ircop") && reason.contains("behave"), "{reason}");
+
+    // A Matrix kick and ban of a ghost: the bot (made operator) does them on IRC.
+    op.raw("MODE #mod +o MatrixBridge\r\n").await?;
+    victim.join("#mod").await?;
+    let ghost = "@irc_local_victim:localhost";
+    trestle_e2e::wait_for("the ghost back", t, || async {
+        let m = alice.state(&room, "m.room.member", ghost).await.ok()??;
+        (m["membership"] == "join").then_some(())
+    })
+    .await?;
+    alice
+        .post(
+            &format!("/rooms/{room}/kick"),
+            serde_json::json!({"user_id": ghost, "reason": "spam"}),
+        )
+        .await?;
+    let l = op
+        .wait_for(t, |l| {
+            l.command == "KICK"
+                && l.nick.as_deref() == Some("MatrixBridge")
+                && l.params.get(1).is_some_and(|n| n == "victim")
+        })
+        .await?;
+    assert!(l.params[2].contains("alice") && l.params[2].contains("spam"), "{}", l.raw);
+    victim.join("#mod").await?;
+    trestle_e2e::wait_for("the ghost back again", t, || async {
+        let m = alice.state(&room, "m.room.member", ghost).await.ok()??;
+        (m["membership"] == "join").then_some(())
+    })
+    .await?;
+    alice
+        .post(
+            &format!("/rooms/{room}/ban"),
+            serde_json::json!({"user_id": ghost, "reason": "enough"}),
+        )
+        .await?;
+    op.wait_for(t, |l| {
+        l.command == "MODE"
+            && l.params.get(1).is_some_and(|m| m == "+b")
+            && l.params.get(2).is_some_and(|m| m == "victim!*@*")
+    })
+    .await?;
+    victim
+        .wait_for(t, |l| {
+            l.command == "KICK" && l.params.get(2).is_some_and(|r| r.contains("enough"))
+        })
+        .await?;
+    victim.raw("JOIN #mod\r\n").await?;
+    victim.wait_for(t, |l| l.command == "474").await?; // banned on IRC too
+
+    // A netsplit (here: a wave of quits): ghosts stay; those back in time never leave.
+    let mut wave = Vec::new();
+    for i in 0..6 {
+        let mut c = IrcClient::connect(port, &format!("split{i}")).await?;
+        c.join("#mod").await?;
+        wave.push(c);
+    }
+    for i in 0..6 {
+        let g = format!("@irc_local_split{i}:localhost");
+        trestle_e2e::wait_for("split ghosts in", t, || async {
+            let m = alice.state(&room, "m.room.member", &g).await.ok()??;
+            (m["membership"] == "join").then_some(())
+        })
+        .await?;
+    }
+    for c in &mut wave {
+        c.raw("QUIT :bye\r\n").await?;
+    }
+    drop(wave);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut back = Vec::new();
+    for i in 0..3 {
+        let mut c = IrcClient::connect(port, &format!("split{i}")).await?;
+        c.join("#mod").await?;
+        back.push(c);
+    }
+    // After the debounce (8 s here) those not back leave; the others never did.
+    trestle_e2e::wait_for("the lost ghosts to leave", Duration::from_secs(40), || async {
+        let events = alice.messages(&room, 300).await.ok()?;
+        (3..6)
+            .all(|i| leaves_of(&events, &format!("@irc_local_split{i}:localhost")) == 1)
+            .then_some(())
+    })
+    .await?;
+    let events = alice.messages(&room, 300).await?;
+    for i in 0..3 {
+        assert_eq!(
+            leaves_of(&events, &format!("@irc_local_split{i}:localhost")),
+            0,
+            "split{i} left"
+        );
+    }
     Ok(())
 }

@@ -49,6 +49,30 @@ struct Network {
     ipv6_prefix: Option<(std::net::Ipv6Addr, u8)>,
     /// Matrix users' own connections (mode `puppets`).
     puppets: puppet::Puppets,
+    /// Member modes per channel: portal id → folded nick → modes (`o`, `v`, …).
+    member_modes: Mutex<HashMap<String, HashMap<String, std::collections::BTreeSet<char>>>>,
+    /// Netsplits: nicks lost in a split (folded) → when, and the rooms their ghosts are in.
+    split: Mutex<HashMap<String, (std::time::Instant, Vec<String>)>>,
+    /// Recent QUITs, for the quit-rate netsplit heuristic.
+    recent_quits: Mutex<std::collections::VecDeque<std::time::Instant>>,
+}
+
+/// Quits within [`SPLIT_WINDOW`] that make a wave a netsplit, whatever their reasons say.
+const SPLIT_QUITS: usize = 5;
+const SPLIT_WINDOW: Duration = Duration::from_secs(2);
+
+/// Whether a QUIT reason has the shape servers give netsplits: two server names.
+fn is_split_reason(reason: &str) -> bool {
+    let mut parts = reason.split(' ');
+    let server = |p: Option<&str>| {
+        p.is_some_and(|s| {
+            s.contains('.')
+                && !s.starts_with('.')
+                && !s.ends_with('.')
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '*')
+        })
+    };
+    server(parts.next()) && server(parts.next()) && parts.next().is_none()
 }
 
 /// Where a portal's messages go on IRC.
@@ -147,7 +171,72 @@ pub fn parse_server_time(s: &str) -> Option<u64> {
     u64::try_from(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms).ok()
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Network {
+    /// Records mode changes of a member; returns the power level their modes now give.
+    fn set_modes(&self, channel: &str, nick: &str, changes: &[(bool, char)]) -> i64 {
+        let mut all = lock(&self.member_modes);
+        let modes =
+            all.entry(self.portal_id(channel)).or_default().entry(self.fold(nick)).or_default();
+        for (set, m) in changes {
+            if *set {
+                modes.insert(*m);
+            } else {
+                modes.remove(m);
+            }
+        }
+        modes
+            .iter()
+            .filter_map(|m| self.config.mode_power_levels.get(m))
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Forgets a member's modes (in one channel, or everywhere).
+    fn forget_modes(
+        &self,
+        channel: Option<&str>,
+        nick: &str,
+    ) -> Vec<(String, std::collections::BTreeSet<char>)> {
+        let folded = self.fold(nick);
+        let mut all = lock(&self.member_modes);
+        let mut removed = Vec::new();
+        for (portal, members) in all.iter_mut() {
+            if channel.is_none_or(|c| *portal == self.portal_id(c))
+                && let Some(m) = members.remove(&folded)
+            {
+                removed.push((portal.clone(), m));
+            }
+        }
+        removed
+    }
+
+    /// Records a QUIT (for the wave heuristic).
+    fn record_quit(&self, at: std::time::Instant) {
+        let mut q = lock(&self.recent_quits);
+        q.push_back(at);
+        while q.len() > 256 {
+            q.pop_front();
+        }
+    }
+
+    /// Whether the quit at `at` was part of a wave: enough quits within [`SPLIT_WINDOW`].
+    fn in_quit_wave(&self, at: std::time::Instant) -> bool {
+        let q = lock(&self.recent_quits);
+        let near = q
+            .iter()
+            .filter(|t| {
+                let d = if **t > at { **t - at } else { at - **t };
+                d <= SPLIT_WINDOW
+            })
+            .count();
+        near >= SPLIT_QUITS
+    }
+
     fn fold(&self, s: &str) -> String {
         self.bot.isupport().casemapping.fold(s)
     }
@@ -257,6 +346,15 @@ impl Inner {
         spec.channel_name = Some(channel.to_owned());
         spec.network = Some((net.id.clone(), net.config.name.clone()));
         spec.metadata = json!({"network": net.id, "channel": channel});
+        // Bridge admins named in `permissions` moderate every portal.
+        spec.power_levels = self
+            .ctx
+            .config()
+            .permissions
+            .iter()
+            .filter(|(who, level)| who.starts_with('@') && **level == PermissionLevel::Admin)
+            .map(|(who, _)| (who.clone(), 100))
+            .collect();
         spec
     }
 
@@ -370,7 +468,11 @@ impl Inner {
     }
 
     /// Handles one line from a network.
-    async fn irc_line(&self, net: &Network, line: IrcLine) -> Result<(), BridgeError> {
+    async fn irc_line(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        line: IrcLine,
+    ) -> Result<(), BridgeError> {
         let domain = self.ctx.domain().to_owned();
         let me = net.bot.nick();
         let cm = net.bot.isupport().casemapping;
@@ -421,6 +523,10 @@ impl Inner {
                 if from_me {
                     return Ok(());
                 }
+                // Back from a netsplit: their ghost never left.
+                if lock(&net.split).remove(&net.fold(nick)).is_some() {
+                    tracing::debug!(network = net.id, nick, "back from the netsplit");
+                }
                 if let Some(portal) =
                     self.ctx.store().portal_by_remote(&net.portal_id(line.param(0))).await?
                 {
@@ -436,14 +542,53 @@ impl Inner {
                 if cm.eq(&nick, &me) || net.is_puppet_nick(&nick) {
                     return Ok(());
                 }
+                net.forget_modes(Some(chan), &nick);
                 if let Some(portal) =
                     self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
                 {
-                    let _ = self
-                        .ctx
-                        .intent(&net.ghost_user_id(&nick, &domain))
-                        .leave(&portal.room_id)
-                        .await;
+                    let ghost = net.ghost_user_id(&nick, &domain);
+                    if line.command == "KICK" {
+                        // The bot kicks the ghost, saying who kicked on IRC and why.
+                        let by = line.nick().unwrap_or("the server");
+                        let reason = match line.param(2) {
+                            "" => format!("kicked on IRC by {by}"),
+                            r => {
+                                format!("kicked on IRC by {by}: {}", crate::format::strip_codes(r))
+                            }
+                        };
+                        if let Err(e) =
+                            self.ctx.bot().kick(&portal.room_id, &ghost, Some(&reason)).await
+                        {
+                            tracing::warn!(error = %e, ghost, "could not kick; the ghost leaves instead");
+                            let _ = self.ctx.intent(&ghost).leave(&portal.room_id).await;
+                        }
+                    } else {
+                        let _ = self.ctx.intent(&ghost).leave(&portal.room_id).await;
+                    }
+                }
+            }
+            "MODE" if net.is_channel(line.param(0)) => {
+                let chan = line.param(0);
+                let isupport = net.bot.isupport();
+                let changes =
+                    isupport.mode_changes(line.param(1), &line.params[2.min(line.params.len())..]);
+                let Some(portal) = self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
+                else {
+                    return Ok(());
+                };
+                for (set, mode, arg) in changes {
+                    match (mode, arg) {
+                        (m, Some(nick)) if isupport.is_prefix_mode(m) => {
+                            let level = net.set_modes(chan, &nick, &[(set, m)]);
+                            if !cm.eq(&nick, &me) && !net.is_puppet_nick(&nick) {
+                                self.ghost_power(net, &nick, &portal.room_id, level).await;
+                            }
+                        }
+                        ('k', key) => {
+                            net.bot.remember_key(chan, if set { key.as_deref() } else { None })
+                        }
+                        _ => {}
+                    }
                 }
             }
             "QUIT" | "NICK" => {
@@ -452,6 +597,11 @@ impl Inner {
                     return Ok(());
                 }
                 let old = net.ghost_user_id(nick, &domain);
+                let moved = net.forget_modes(None, nick);
+                // Every QUIT waits out a short window (was it part of a wave?); netsplit quits
+                // wait `netsplit_debounce_secs`.
+                let split = line.command == "QUIT";
+                let mut held = Vec::new();
                 for portal in self.ctx.store().portals().await? {
                     if portal.metadata.get("network").and_then(Value::as_str) != Some(&net.id) {
                         continue;
@@ -461,10 +611,27 @@ impl Inner {
                     {
                         continue;
                     }
+                    if split {
+                        held.push(portal.room_id.clone());
+                        continue;
+                    }
                     let _ = self.ctx.intent(&old).leave(&portal.room_id).await;
                     if line.command == "NICK" {
-                        self.ghost_join(net, line.param(0), &portal.room_id).await?;
+                        let new = line.param(0);
+                        self.ghost_join(net, new, &portal.room_id).await?;
+                        let chan = portal.metadata.get("channel").and_then(Value::as_str);
+                        if let Some((_, modes)) = moved.iter().find(|(p, _)| *p == portal.remote_id)
+                            && let Some(chan) = chan
+                        {
+                            let changes: Vec<(bool, char)> =
+                                modes.iter().map(|m| (true, *m)).collect();
+                            let level = net.set_modes(chan, new, &changes);
+                            self.ghost_power(net, new, &portal.room_id, level).await;
+                        }
                     }
+                }
+                if !held.is_empty() {
+                    self.hold_split(net, nick, line.param(0), held);
                 }
             }
             "TOPIC" | "332" => {
@@ -499,9 +666,14 @@ impl Inner {
                 {
                     let isupport = net.bot.isupport();
                     for entry in line.param(3).split(' ').filter(|e| !e.is_empty()) {
-                        let (_, nick) = isupport.split_prefixes(entry);
+                        let (modes, nick) = isupport.split_prefixes(entry);
+                        let changes: Vec<(bool, char)> = modes.iter().map(|m| (true, *m)).collect();
+                        let level = net.set_modes(chan, nick, &changes);
                         if !cm.eq(nick, &me) && !net.is_puppet_nick(nick) {
                             self.ghost_join(net, nick, &portal.room_id).await?;
+                            if level > 0 {
+                                self.ghost_power(net, nick, &portal.room_id, level).await;
+                            }
                         }
                     }
                 }
@@ -544,6 +716,67 @@ impl Inner {
             ));
         }
         content
+    }
+
+    /// Gives a ghost the power level its channel modes map to (best effort: logged).
+    async fn ghost_power(&self, net: &Network, nick: &str, room_id: &str, level: i64) {
+        let ghost = net.ghost_user_id(nick, self.ctx.domain());
+        let current = self
+            .ctx
+            .store()
+            .power_levels(room_id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|pl| pl["users"][&ghost].as_i64())
+            .unwrap_or(0);
+        if current == level {
+            return;
+        }
+        if let Err(e) = self.ctx.bot().set_user_power_level(room_id, &ghost, level).await {
+            tracing::warn!(network = net.id, ghost, level, error = %e, "could not set a power level");
+        }
+    }
+
+    /// A netsplit took `nick`: its ghost stays in `rooms` for `netsplit_debounce_secs`; if
+    /// the nick has not come back by then, it leaves them. A split and its rejoin wave cost
+    /// the rooms nothing.
+    fn hold_split(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        nick: &str,
+        reason: &str,
+        rooms: Vec<String>,
+    ) {
+        let at = std::time::Instant::now();
+        net.record_quit(at);
+        let named_split = is_split_reason(reason);
+        let folded = net.fold(nick);
+        lock(&net.split).insert(folded.clone(), (at, rooms));
+        let (b, net, nick) = (Arc::clone(self), Arc::clone(net), nick.to_owned());
+        tokio::spawn(async move {
+            let debounce = Duration::from_secs(net.config.netsplit_debounce_secs);
+            if named_split {
+                tokio::time::sleep(debounce).await;
+            } else {
+                tokio::time::sleep(SPLIT_WINDOW).await;
+                if net.in_quit_wave(at) {
+                    tracing::info!(network = net.id, nick, "quit wave: treated as a netsplit");
+                    tokio::time::sleep(debounce.saturating_sub(SPLIT_WINDOW)).await;
+                }
+            }
+            let rooms = {
+                let mut split = lock(&net.split);
+                match split.get(&folded) {
+                    Some((t, _)) if *t == at => split.remove(&folded).map(|(_, r)| r),
+                    _ => None,
+                }
+            };
+            let ghost = net.ghost_user_id(&nick, b.ctx.domain());
+            for room in rooms.unwrap_or_default() {
+                let _ = b.ctx.intent(&ghost).leave(&room).await;
+            }
+        });
     }
 
     async fn ghost_join(
@@ -680,6 +913,9 @@ impl Bridge for IrcBridge {
                 conn_base: conn,
                 ipv6_prefix: n.ipv6_prefix.as_deref().and_then(crate::addr::parse_prefix),
                 puppets: puppet::Puppets::default(),
+                member_modes: Mutex::default(),
+                split: Mutex::default(),
+                recent_quits: Mutex::default(),
             });
             receivers.push((Arc::clone(&net), events));
             networks.insert(id.clone(), net);
@@ -909,6 +1145,32 @@ impl Bridge for IrcBridge {
         else {
             return Ok(());
         };
+        // A Matrix moderator kicks or bans a ghost: the bot does the same on IRC (it needs
+        // channel operator status there; the server's refusal is logged).
+        if event.sender != user_id
+            && let Some(nick) = net.nick_of_ghost(user_id)
+        {
+            let by = b.displayname(&event.sender).await;
+            let reason = event.content.get("reason").and_then(Value::as_str).unwrap_or("");
+            let reason = one_line(&format!(
+                "{by} on Matrix{}{reason}",
+                if reason.is_empty() { "" } else { ": " }
+            ));
+            let mask = format!("{nick}!*@*");
+            let lines = match (membership, prev) {
+                ("leave", Some("join")) => vec![IrcLine::new("KICK", &[&chan, &nick, &reason])],
+                ("ban", _) => vec![
+                    IrcLine::new("MODE", &[&chan, "+b", &mask]),
+                    IrcLine::new("KICK", &[&chan, &nick, &reason]),
+                ],
+                ("leave", Some("ban")) => vec![IrcLine::new("MODE", &[&chan, "-b", &mask])],
+                _ => Vec::new(),
+            };
+            for l in lines {
+                net.bot.send(l).await.map_err(bridge_err)?;
+            }
+            return Ok(());
+        }
         if net.config.mode != BridgeMode::Puppets
             || b.ctx.is_bridge_user(user_id)
             || net.excluded.iter().any(|r| r.is_match(user_id))
@@ -966,6 +1228,16 @@ mod tests {
         assert_eq!(parse_server_time("2026-11-22T16:35:27.359Z"), Some(1_795_365_327_359));
         assert_eq!(parse_server_time("2000-02-29T12:00:00Z"), Some(951_825_600_000));
         assert_eq!(parse_server_time("garbage"), None);
+    }
+
+    #[test]
+    fn split_reasons() {
+        assert!(is_split_reason("irc.example.net hub.example.net"));
+        assert!(is_split_reason("*.net *.split"));
+        assert!(!is_split_reason("Quit: bye"));
+        assert!(!is_split_reason("Ping timeout: 240 seconds"));
+        assert!(!is_split_reason("see you.later folks.bye now"));
+        assert!(!is_split_reason("a. .b"));
     }
 
     #[test]

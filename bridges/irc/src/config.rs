@@ -160,7 +160,8 @@ pub struct NetworkConfig {
     /// Flood control: milliseconds of penalty per line.
     #[serde(default = "default_flood_penalty")]
     pub flood_penalty_ms: u64,
-    /// Seconds a quit wave is collected before deciding it was a netsplit.
+    /// Seconds the ghosts of users lost in a netsplit (a QUIT naming two servers, or a wave of
+    /// quits) stay in their rooms: those back within it never leave, the others leave after.
     #[serde(default = "default_netsplit")]
     pub netsplit_debounce_secs: u64,
     /// What to do with a Matrix redaction when the server cannot delete messages.
@@ -243,7 +244,7 @@ fn default_flood_penalty() -> u64 {
     2000
 }
 fn default_netsplit() -> u64 {
-    10
+    300
 }
 
 impl BridgeConfig for IrcConfig {

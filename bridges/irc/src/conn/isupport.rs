@@ -48,6 +48,9 @@ pub struct Isupport {
     pub linelen: Option<usize>,
     /// `NETWORK`.
     pub network: Option<String>,
+    /// `CHANMODES`: list modes (always a parameter), modes with a parameter, modes with a
+    /// parameter when set, modes without one.
+    pub chanmodes: [String; 4],
 }
 
 impl Default for Isupport {
@@ -59,6 +62,7 @@ impl Default for Isupport {
             nicklen: None,
             linelen: None,
             network: None,
+            chanmodes: ["beI".to_owned(), "k".to_owned(), "l".to_owned(), "imnpst".to_owned()],
         }
     }
 }
@@ -87,6 +91,12 @@ impl Isupport {
                 "NICKLEN" => self.nicklen = v.parse().ok(),
                 "LINELEN" => self.linelen = v.parse().ok().filter(|n| *n >= 512),
                 "NETWORK" => self.network = Some(v.to_owned()),
+                "CHANMODES" => {
+                    let mut parts = v.split(',');
+                    for slot in &mut self.chanmodes {
+                        *slot = parts.next().unwrap_or_default().to_owned();
+                    }
+                }
                 _ => {}
             }
         }
@@ -95,6 +105,42 @@ impl Isupport {
     /// Whether `name` is a channel.
     pub fn is_channel(&self, name: &str) -> bool {
         name.starts_with(|c: char| self.chantypes.contains(c))
+    }
+
+    /// The changes in a channel `MODE` line (`+o-v`, then its arguments): (set?, mode, argument).
+    /// Which modes take an argument comes from PREFIX and CHANMODES; a missing argument ends
+    /// the list.
+    pub fn mode_changes(&self, modes: &str, args: &[String]) -> Vec<(bool, char, Option<String>)> {
+        let mut out = Vec::new();
+        let mut args = args.iter();
+        let mut set = true;
+        for c in modes.chars() {
+            match c {
+                '+' => set = true,
+                '-' => set = false,
+                _ => {
+                    let takes_arg = self.prefix.iter().any(|(m, _)| *m == c)
+                        || self.chanmodes[0].contains(c)
+                        || self.chanmodes[1].contains(c)
+                        || (set && self.chanmodes[2].contains(c));
+                    let arg = if takes_arg {
+                        match args.next() {
+                            Some(a) => Some(a.clone()),
+                            None => break,
+                        }
+                    } else {
+                        None
+                    };
+                    out.push((set, c, arg));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `mode` is a member prefix mode (`o`, `v`, …).
+    pub fn is_prefix_mode(&self, mode: char) -> bool {
+        self.prefix.iter().any(|(m, _)| *m == mode)
     }
 
     /// Splits a NAMES entry (`@+nick`) into its modes and the nick.
@@ -117,6 +163,28 @@ impl Isupport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mode_lines() {
+        let mut i = Isupport::default();
+        i.apply(&["PREFIX=(qaohv)~&@%+".to_owned(), "CHANMODES=beI,k,l,imMnOPQRstVz".to_owned()]);
+        let args: Vec<String> =
+            ["alice", "*!*@bad", "secret", "10", "bob"].map(String::from).to_vec();
+        assert_eq!(
+            i.mode_changes("+ob-k+lmv", &args),
+            vec![
+                (true, 'o', Some("alice".to_owned())),
+                (true, 'b', Some("*!*@bad".to_owned())),
+                (false, 'k', Some("secret".to_owned())),
+                (true, 'l', Some("10".to_owned())),
+                (true, 'm', None),
+                (true, 'v', Some("bob".to_owned())),
+            ]
+        );
+        // -l takes no argument; a missing argument stops the list.
+        assert_eq!(i.mode_changes("-l+o", &[]), vec![(false, 'l', None)]);
+        assert!(i.is_prefix_mode('h') && !i.is_prefix_mode('b'));
+    }
 
     #[test]
     fn casemapping_and_tokens() {

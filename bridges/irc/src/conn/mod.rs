@@ -250,6 +250,15 @@ impl IrcConnection {
         self.lock().channels.values().map(|(name, _)| name.clone()).collect()
     }
 
+    /// Remembers a channel's key (`MODE +k`), used when rejoining after a reconnect.
+    pub fn remember_key(&self, channel: &str, key: Option<&str>) {
+        let mut st = self.lock();
+        let folded = st.isupport.casemapping.fold(channel);
+        if let Some(entry) = st.channels.get_mut(&folded) {
+            entry.1 = key.map(str::to_owned);
+        }
+    }
+
     /// Leaves a channel.
     pub async fn part(&self, channel: &str, reason: &str) -> Result<(), SendError> {
         let folded = self.isupport().casemapping.fold(channel);
