@@ -45,8 +45,13 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// A binary built by cargo: `name` like `trestle-irc` or `examples/echo`.
+/// `TRESTLE_PROFILE=release` looks in the release profile first (benchmarks).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    for profile in ["debug", "release"] {
+    let profiles = match std::env::var("TRESTLE_PROFILE").as_deref() {
+        Ok("release") => ["release", "debug"],
+        _ => ["debug", "release"],
+    };
+    for profile in profiles {
         let p = target_dir().join(profile).join(name);
         if p.exists() {
             return Ok(p);

@@ -13,7 +13,7 @@ struct Env {
     synapse: Synapse,
     ircd: Ircd,
     bridge: BridgeProcess,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn start() -> anyhow::Result<Env> {
@@ -33,7 +33,7 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
                 "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
                  appservice: {{ id: irc, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
                  bot_localpart: ircbot, registration: \"{}\" }}\n\
-                 database: {{ path: \"{}\" }}\n\
+                 database: {{ path: \"{}\", secret_key: \"test-only-secret-key-0123456789\" }}\n\
                  logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
                  permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
                  bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n",
@@ -55,7 +55,7 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
         &dir.path().join("bridge.log"),
     )
     .await?;
-    Ok(Env { synapse, ircd, bridge, _dir: dir })
+    Ok(Env { synapse, ircd, bridge, dir })
 }
 
 fn body(e: &Value) -> &str {
@@ -496,5 +496,139 @@ async fn modes_kicks_bans_and_netsplits() -> anyhow::Result<()> {
             "split{i} left"
         );
     }
+    Ok(())
+}
+
+/// Sends a command in the admin room and returns the bot's next answer, checking it contains
+/// `expect`.
+async fn command(
+    user: &MatrixUser,
+    room: &str,
+    line: &str,
+    expect: &str,
+) -> anyhow::Result<String> {
+    let from_bot = |events: &[Value]| {
+        events
+            .iter()
+            .filter(|e| e["sender"] == "@ircbot:localhost" && e["type"] == "m.room.message")
+            .count()
+    };
+    let before = from_bot(&user.messages(room, 200).await?);
+    user.send_text(room, line).await?;
+    let reply = trestle_e2e::wait_for("the bot's answer", Duration::from_secs(30), || async {
+        let events = user.messages(room, 200).await.ok()?;
+        if from_bot(&events) <= before {
+            return None;
+        }
+        events.iter().rev().find(|e| e["sender"] == "@ircbot:localhost").map(|e| body(e).to_owned())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{line}: {e}"))?;
+    anyhow::ensure!(reply.contains(expect), "{line}: answer {reply:?} lacks {expect:?}");
+    Ok(reply)
+}
+
+#[tokio::test]
+async fn admin_room_commands() -> anyhow::Result<()> {
+    let env = start_mode("puppets").await?;
+    let port = env.ircd.port();
+    let t = Duration::from_secs(30);
+    let mut irc = IrcClient::connect(port, "ircalice").await?;
+    irc.join("#pup").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let portal = alice.join("#irc_local_#pup:localhost").await?;
+    irc.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+    let admin = alice
+        .create_room(serde_json::json!({"invite": ["@ircbot:localhost"], "is_direct": true}))
+        .await?;
+    trestle_e2e::wait_for("the bot in the admin room", t, || async {
+        let m = alice.state(&admin, "m.room.member", "@ircbot:localhost").await.ok()??;
+        (m["membership"] == "join").then_some(())
+    })
+    .await?;
+
+    alice
+        .wait_for_message(&admin, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("admin room")
+        })
+        .await?;
+    // !nick: the puppet changes nick, and keeps being recognised (no ghost for it).
+    command(&alice, &admin, "!nick alicia", "alicia").await?;
+    irc.wait_for(t, |l| {
+        l.command == "NICK" && l.nick.as_deref() == Some("alice[m]") && l.params == ["alicia"]
+    })
+    .await?;
+    alice.send_text(&portal, "renamed").await?;
+    irc.wait_for(t, |l| {
+        l.nick.as_deref() == Some("alicia") && l.params.get(1).is_some_and(|m| m == "renamed")
+    })
+    .await?;
+    // Invalid or hostile nicks are refused.
+    let refused = command(&alice, &admin, "!nick \"bad\r\nQUIT :x\"", "").await?;
+    assert!(!refused.contains("Asked"), "{refused}");
+
+    // !whois through the bot.
+    let whois = command(&alice, &admin, "!whois ircalice", "ircalice is").await?;
+    assert!(whois.contains("127.0.0.1") && whois.contains("#pup"), "{whois}");
+
+    // !cmd: a raw command through her own connection; connection-managing commands refused.
+    command(&alice, &admin, "!cmd local PRIVMSG ircalice :raw hello", "Sent").await?;
+    irc.wait_for(t, |l| {
+        l.nick.as_deref() == Some("alicia") && l.params == ["ircalice", "raw hello"]
+    })
+    .await?;
+    command(&alice, &admin, "!cmd local QUIT :bye", "managed by the bridge").await?;
+
+    // !storepass: kept encrypted (the plaintext is nowhere in the database).
+    command(&alice, &admin, "!storepass local hunter2-very-secret", "Stored").await?;
+    // Once handled, the transaction that carried the command is zeroed, and the checkpointer
+    // (every second) brings that into the database file.
+    trestle_e2e::wait_for("no plaintext in the database", Duration::from_secs(20), || async {
+        let bytes = std::fs::read(env.dir.path().join("irc.db")).ok()?;
+        (!bytes.windows(19).any(|w| w == b"hunter2-very-secret")).then_some(())
+    })
+    .await?;
+    command(&alice, &admin, "!removepass local", "forgotten").await?;
+
+    // !part, then !quit.
+    command(&alice, &admin, "!part #pup", "Left #pup").await?;
+    irc.wait_for(t, |l| l.command == "PART" && l.nick.as_deref() == Some("alicia")).await?;
+    command(&alice, &admin, "!quit", "Disconnected").await?;
+    // (No channel in common any more, so no QUIT line reaches us: ask the server.)
+    let mut gone = false;
+    for _ in 0..30 {
+        irc.raw("WHOIS alicia\r\n").await?;
+        let reply = irc
+            .wait_for(Duration::from_secs(2), |l| {
+                matches!(l.command.as_str(), "401" | "311")
+                    && l.params.get(1).is_some_and(|n| n == "alicia")
+            })
+            .await?;
+        irc.seen.retain(|l| {
+            !matches!(l.command.as_str(), "401" | "311" | "312" | "318" | "319" | "317")
+        });
+        if reply.command == "401" {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(gone, "alicia still connected after !quit");
+
+    // !plumb an existing room (alice is a bridge admin), then !unlink it.
+    let mut other = IrcClient::connect(port, "plumber").await?;
+    other.join("#plumbed").await?;
+    let room = alice.create_room(serde_json::json!({"invite": ["@ircbot:localhost"]})).await?;
+    trestle_e2e::wait_for("the bot invited", t, || async {
+        let m = alice.state(&room, "m.room.member", "@ircbot:localhost").await.ok()??;
+        (m["membership"] == "invite" || m["membership"] == "join").then_some(())
+    })
+    .await?;
+    command(&alice, &admin, &format!("!plumb {room} #plumbed"), "now bridged").await?;
+    other.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+    other.privmsg("#plumbed", "into the plumbed room").await?;
+    alice.wait_for_message(&room, t, |e| body(e) == "into the plumbed room").await?;
+    command(&alice, &admin, &format!("!unlink {room}"), "unlinked").await?;
+    other.wait_for(t, |l| l.command == "PART" && l.nick.as_deref() == Some("MatrixBridge")).await?;
     Ok(())
 }

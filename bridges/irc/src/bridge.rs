@@ -31,6 +31,7 @@ use crate::{
     format::{irc_to_runs, runs_to_irc},
 };
 
+mod commands;
 mod puppet;
 
 /// One IRC network.
@@ -55,7 +56,12 @@ struct Network {
     split: Mutex<HashMap<String, (std::time::Instant, Vec<String>)>>,
     /// Recent QUITs, for the quit-rate netsplit heuristic.
     recent_quits: Mutex<std::collections::VecDeque<std::time::Instant>>,
+    /// `!whois` in flight: folded nick → replies so far, and who waits for them.
+    whois: Mutex<WhoisWaiters>,
 }
+
+type WhoisWaiters =
+    HashMap<String, (Vec<String>, Option<tokio::sync::oneshot::Sender<Vec<String>>>)>;
 
 /// Quits within [`SPLIT_WINDOW`] that make a wave a netsplit, whatever their reasons say.
 const SPLIT_QUITS: usize = 5;
@@ -634,6 +640,32 @@ impl Inner {
                     self.hold_split(net, nick, line.param(0), held);
                 }
             }
+            // WHOIS replies, for `!whois`.
+            "311" | "312" | "319" | "330" | "301" | "317" | "318" | "401" => {
+                let nick = line.param(1);
+                let mut waiters = lock(&net.whois);
+                let Some((lines, tx)) = waiters.get_mut(&net.fold(nick)) else { return Ok(()) };
+                let text = match line.command.as_str() {
+                    "311" => Some(format!(
+                        "{nick} is {}@{} ({})",
+                        line.param(2),
+                        line.param(3),
+                        line.param(5)
+                    )),
+                    "312" => Some(format!("on server {} ({})", line.param(2), line.param(3))),
+                    "319" => Some(format!("in {}", line.param(2))),
+                    "330" => Some(format!("logged in as {}", line.param(2))),
+                    "301" => Some(format!("away: {}", line.param(2))),
+                    "317" => Some(format!("idle {} s", line.param(2))),
+                    _ => None,
+                };
+                lines.extend(text.map(|t| crate::format::strip_codes(&t)));
+                if matches!(line.command.as_str(), "318" | "401")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(std::mem::take(lines));
+                }
+            }
             "TOPIC" | "332" => {
                 let (chan, topic) = if line.command == "332" {
                     (line.param(1), line.param(2))
@@ -916,6 +948,7 @@ impl Bridge for IrcBridge {
                 member_modes: Mutex::default(),
                 split: Mutex::default(),
                 recent_quits: Mutex::default(),
+                whois: Mutex::default(),
             });
             receivers.push((Arc::clone(&net), events));
             networks.insert(id.clone(), net);
@@ -977,6 +1010,7 @@ impl Bridge for IrcBridge {
     }
 
     fn commands(&self, registry: &mut CommandRegistry<Self>) {
+        commands::register(registry);
         registry.add(Command::new(
             "join",
             "<#channel> [network]",

@@ -89,7 +89,7 @@ impl Puppets {
         self.by_user.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
-    fn add_nick(&self, folded: String, user_id: &str) {
+    pub(super) fn add_nick(&self, folded: String, user_id: &str) {
         self.nicks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -154,16 +154,34 @@ impl Inner {
             )));
         }
         let saved = self.ctx.store().user_settings(user_id, &net.id).await?;
-        let name = self.displayname(user_id).await;
         let max = net.bot.isupport().nicklen.unwrap_or(30);
-        let wanted =
-            crate::nick::from_template(&net.config.nick_template, Some(&name), user_id, max);
+        let wanted = match saved.as_ref().and_then(|s| s.settings.get("nick_override")?.as_str()) {
+            Some(nick) => nick.to_owned(),
+            None => {
+                let name = self.displayname(user_id).await;
+                crate::nick::from_template(&net.config.nick_template, Some(&name), user_id, max)
+            }
+        };
         let mut cfg = net.conn_base.clone();
         cfg.nick.clone_from(&wanted);
         cfg.username = ident_for(user_id);
         cfg.realname = user_id.to_owned();
         cfg.password = None;
         cfg.sasl = None;
+        // `!storepass`: `account:password` is SASL PLAIN, anything else the server password.
+        if let Some(sealed) = saved.as_ref().and_then(|s| s.secret.as_deref()) {
+            match self.ctx.secrets().open(sealed) {
+                Ok(secret) => match secret.split_once(':') {
+                    Some((account, password)) => {
+                        cfg.sasl = Some((account.to_owned(), password.to_owned()));
+                    }
+                    None => cfg.password = Some(secret),
+                },
+                Err(e) => {
+                    tracing::warn!(network = net.id, user_id, error = %e, "cannot decrypt the stored password; connecting without it");
+                }
+            }
+        }
         cfg.queue_capacity = 256;
         if let Some(prefix) = net.ipv6_prefix {
             cfg.bind = Some(IpAddr::V6(crate::addr::address_for(prefix, user_id)));
@@ -210,19 +228,105 @@ impl Inner {
     async fn save(&self, net: &Network, p: &Puppet) {
         let now = now_ms();
         p.last_saved.store(now, Ordering::Relaxed);
-        let settings = UserSettings {
-            user_id: p.user_id.clone(),
-            network: net.id.clone(),
-            settings: json!({
-                "nick": p.conn.nick(),
-                "channels": p.conn.channels(),
-                "last_active": p.last_active.load(Ordering::Relaxed),
-            }),
-            secret: None,
-        };
-        if let Err(e) = self.ctx.store().set_user_settings(&settings).await {
+        let (nick, channels) = (p.conn.nick(), p.conn.channels());
+        let last = p.last_active.load(Ordering::Relaxed);
+        let r = self
+            .update_settings(net, &p.user_id, |s| {
+                s["nick"] = json!(nick);
+                s["channels"] = json!(channels);
+                s["last_active"] = json!(last);
+            })
+            .await;
+        if let Err(e) = r {
             tracing::warn!(network = net.id, user_id = p.user_id, error = %e, "could not save puppet state");
         }
+    }
+
+    /// Read-modify-write of a user's settings for a network (the stored secret is kept).
+    async fn update_settings(
+        &self,
+        net: &Network,
+        user_id: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> Result<(), BridgeError> {
+        let existing = self.ctx.store().user_settings(user_id, &net.id).await?;
+        let mut settings = existing
+            .as_ref()
+            .map(|s| s.settings.clone())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        f(&mut settings);
+        self.ctx
+            .store()
+            .set_user_settings(&UserSettings {
+                user_id: user_id.to_owned(),
+                network: net.id.clone(),
+                settings,
+                secret: existing.and_then(|s| s.secret),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// `!nick`: the nick the user chose, kept over displayname changes and restarts.
+    pub(super) async fn set_nick_override(
+        &self,
+        net: &Network,
+        user_id: &str,
+        nick: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        self.update_settings(net, user_id, |s| s["nick_override"] = json!(nick)).await
+    }
+
+    /// `!storepass` / `!removepass`: the secret is sealed with the bridge's key before it is
+    /// stored, and used from the next connection.
+    pub(super) async fn store_secret(
+        &self,
+        net: &Network,
+        user_id: &str,
+        secret: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        let sealed = match secret {
+            Some(s) => Some(
+                self.ctx.secrets().seal(s).map_err(|e| BridgeError::Permanent(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let existing = self.ctx.store().user_settings(user_id, &net.id).await?;
+        self.ctx
+            .store()
+            .set_user_settings(&UserSettings {
+                user_id: user_id.to_owned(),
+                network: net.id.clone(),
+                settings: existing.map_or_else(|| json!({}), |s| s.settings),
+                secret: sealed,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Quits and forgets the user's puppet; returns the channels it was in.
+    pub(super) async fn drop_puppet(
+        &self,
+        net: &Network,
+        user_id: &str,
+        reason: &str,
+    ) -> Vec<String> {
+        let Some(p) = net.puppets.remove(user_id) else { return Vec::new() };
+        self.puppet_gauge.with_label_values(&[net.id.as_str()]).dec();
+        let channels = p.conn.channels();
+        self.save(net, &p).await;
+        p.conn.quit(reason).await;
+        channels
+    }
+
+    /// `!quit`: the puppet is not brought back at the next start.
+    pub(super) async fn forget_channels(
+        &self,
+        net: &Network,
+        user_id: &str,
+    ) -> Result<(), BridgeError> {
+        self.update_settings(net, user_id, |s| s["channels"] = json!([])).await
     }
 
     /// Has the user's puppet join `channel` (connecting it first if needed).
@@ -261,6 +365,10 @@ impl Inner {
     /// The user's displayname changed: their puppet follows with a new nick.
     pub(super) async fn puppet_rename(&self, net: &Network, user_id: &str, displayname: &str) {
         let Some(p) = net.puppets.get(user_id) else { return };
+        let chosen = self.ctx.store().user_settings(user_id, &net.id).await.ok().flatten();
+        if chosen.is_some_and(|s| s.settings.get("nick_override").is_some_and(|n| !n.is_null())) {
+            return;
+        }
         let max = p.conn.isupport().nicklen.unwrap_or(30);
         let nick =
             crate::nick::from_template(&net.config.nick_template, Some(displayname), user_id, max);

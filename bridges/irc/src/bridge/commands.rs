@@ -1,0 +1,367 @@
+//! The commands of the bot's admin room (beyond `!join` and `!listrooms`): a user's own IRC
+//! connection (`!nick`, `!part`, `!storepass`, `!removepass`, `!reconnect`, `!quit`, `!cmd`),
+//! `!whois`, and for admins `!plumb` / `!unlink`.
+//!
+//! Every argument that reaches IRC is checked by the connection layer (no CR, LF or NUL can
+//! pass), and nicks and channels are validated here first.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::json;
+use trestle::{
+    commands::{Command, CommandError, CommandInvocation, CommandRegistry, PermissionLevel},
+    store::Portal,
+};
+
+use super::{Inner, IrcBridge, Network, now_ms, valid_channel};
+use crate::{config::BridgeMode, conn::IrcLine};
+
+fn failed(e: impl std::fmt::Display) -> CommandError {
+    CommandError::Failed(e.to_string())
+}
+
+/// The network named by argument `i`, or the only/first one.
+fn network(b: &Inner, inv: &CommandInvocation, i: usize) -> Result<Arc<Network>, CommandError> {
+    match inv.args.get(i) {
+        Some(n) => {
+            b.networks.get(n.as_str()).cloned().ok_or_else(|| failed(format!("no network {n}")))
+        }
+        None => b.networks.values().next().cloned().ok_or_else(|| failed("no network")),
+    }
+}
+
+fn puppets_only(net: &Network) -> Result<(), CommandError> {
+    if net.config.mode == BridgeMode::Puppets {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "{} runs in relay mode: there is no connection of your own",
+            net.config.name
+        )))
+    }
+}
+
+/// IRC commands `!cmd` refuses: they would break the connection's own state.
+const RAW_REFUSED: &[&str] = &["QUIT", "PASS", "USER", "CAP", "AUTHENTICATE", "NICK", "PONG"];
+
+/// Parses and checks a raw line for `!cmd`.
+pub(super) fn raw_command(text: &str) -> Result<IrcLine, CommandError> {
+    let line = IrcLine::parse(text).ok_or_else(|| failed("not an IRC command"))?;
+    if line.source.is_some() || !line.tags.is_empty() {
+        return Err(failed("no prefix or tags, just the command"));
+    }
+    let command = line.command.to_ascii_uppercase();
+    if RAW_REFUSED.contains(&command.as_str()) {
+        return Err(failed(format!(
+            "{command} is managed by the bridge; use !nick, !quit or !reconnect"
+        )));
+    }
+    line.to_wire().map_err(failed)?;
+    Ok(line)
+}
+
+type Handler = fn(CommandInvocation, Arc<IrcBridge>) -> trestle::commands::CommandFuture;
+
+fn add(
+    r: &mut CommandRegistry<IrcBridge>,
+    name: &str,
+    usage: &str,
+    help: &str,
+    level: PermissionLevel,
+    h: Handler,
+) {
+    r.add(Command::new(name, usage, help, level, h));
+}
+
+/// Registers the commands.
+pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
+    add(r, "nick", "<nick> [network]", "Change your IRC nick", PermissionLevel::User, |inv, b| {
+        Box::pin(async move {
+            let b = &b.inner;
+            let nick = inv.arg(0, "nick <nick> [network]")?.to_owned();
+            let net = network(b, &inv, 1)?;
+            puppets_only(&net)?;
+            let max = net.bot.isupport().nicklen.unwrap_or(30);
+            if !crate::nick::is_valid(&nick, max) {
+                return Err(failed(format!(
+                    "{nick} is not a valid nick here (at most {max} characters, letters first)"
+                )));
+            }
+            let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
+            b.set_nick_override(&net, &inv.sender, Some(&nick)).await.map_err(failed)?;
+            net.puppets.add_nick(net.fold(&nick), &inv.sender);
+            p.conn.send(IrcLine::new("NICK", &[&nick])).await.map_err(failed)?;
+            Ok(format!("Asked {} for the nick {nick}.", net.config.name))
+        })
+    });
+    add(
+        r,
+        "part",
+        "<#channel> [network]",
+        "Leave a channel with your IRC connection",
+        PermissionLevel::User,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let chan = inv.arg(0, "part <#channel> [network]")?.to_owned();
+                let net = network(b, &inv, 1)?;
+                puppets_only(&net)?;
+                if !valid_channel(&chan) {
+                    return Err(failed(format!("{chan} is not a valid channel name")));
+                }
+                b.puppet_part(&net, &inv.sender, &chan).await;
+                Ok(format!(
+                    "Left {chan} on {}. (You stay in the Matrix room until you leave it.)",
+                    net.config.name
+                ))
+            })
+        },
+    );
+    add(
+        r,
+        "whois",
+        "<nick> [network]",
+        "Who is this IRC user?",
+        PermissionLevel::User,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let nick = inv.arg(0, "whois <nick> [network]")?.to_owned();
+                let net = network(b, &inv, 1)?;
+                let max = net.bot.isupport().nicklen.unwrap_or(30);
+                if !crate::nick::is_valid(&nick, max) {
+                    return Err(failed(format!("{nick} is not a valid nick")));
+                }
+                if let Some(user) = net.puppets.user_of(&net.fold(&nick)) {
+                    return Ok(format!("{nick} is the Matrix user {user}, through this bridge."));
+                }
+                let lines = b.whois(&net, &nick).await.map_err(failed)?;
+                Ok(if lines.is_empty() {
+                    format!("No such nick: {nick}")
+                } else {
+                    lines.join("\n")
+                })
+            })
+        },
+    );
+    add(
+        r,
+        "storepass",
+        "<network> <password | account:password>",
+        "Store your IRC password (server password, or SASL account:password), encrypted",
+        PermissionLevel::User,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let usage = "storepass <network> <password | account:password>";
+                let net = network(b, &inv, 0)?;
+                puppets_only(&net)?;
+                let secret = inv.arg(1, usage)?.to_owned();
+                if secret.contains(['\r', '\n', '\0']) {
+                    return Err(failed("the password holds a line break or NUL"));
+                }
+                b.store_secret(&net, &inv.sender, Some(&secret)).await.map_err(failed)?;
+                Ok(format!(
+                    "Stored (encrypted) for {}; used from your next connection: !reconnect {}. Delete your message holding the password from this room.",
+                    net.config.name, net.id
+                ))
+            })
+        },
+    );
+    add(
+        r,
+        "removepass",
+        "<network>",
+        "Forget your stored IRC password",
+        PermissionLevel::User,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let net = network(b, &inv, 0)?;
+                b.store_secret(&net, &inv.sender, None).await.map_err(failed)?;
+                Ok(format!("Your password for {} is forgotten.", net.config.name))
+            })
+        },
+    );
+    add(
+        r,
+        "reconnect",
+        "[network]",
+        "Reconnect your IRC connection",
+        PermissionLevel::User,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let net = network(b, &inv, 0)?;
+                puppets_only(&net)?;
+                let channels = b.drop_puppet(&net, &inv.sender, "Reconnecting").await;
+                let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
+                for c in &channels {
+                    p.conn.join(c, None).await.map_err(failed)?;
+                }
+                Ok(format!("Reconnecting to {} ({} channels).", net.config.name, channels.len()))
+            })
+        },
+    );
+    add(
+        r,
+        "quit",
+        "[network]",
+        "Disconnect your IRC connection (until you next speak)",
+        PermissionLevel::User,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let net = network(b, &inv, 0)?;
+                puppets_only(&net)?;
+                b.drop_puppet(&net, &inv.sender, "Quit").await;
+                b.forget_channels(&net, &inv.sender).await.map_err(failed)?;
+                Ok(format!("Disconnected from {}.", net.config.name))
+            })
+        },
+    );
+    add(
+        r,
+        "cmd",
+        "<network> <IRC command…>",
+        "Send a raw IRC command through your connection",
+        PermissionLevel::User,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let usage = "cmd <network> <IRC command…>";
+                let net = network(b, &inv, 0)?;
+                puppets_only(&net)?;
+                if inv.args.len() < 2 {
+                    return Err(CommandError::Usage(usage.to_owned()));
+                }
+                let line = raw_command(&inv.args[1..].join(" "))?;
+                let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
+                p.conn.send(line).await.map_err(failed)?;
+                Ok("Sent.".to_owned())
+            })
+        },
+    );
+    add(
+        r,
+        "plumb",
+        "<!room:id> <#channel> [network]",
+        "Bridge an existing room to a channel",
+        PermissionLevel::Admin,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let usage = "plumb <!room:id> <#channel> [network]";
+                let room = inv.arg(0, usage)?.to_owned();
+                let chan = inv.arg(1, usage)?.to_owned();
+                let net = network(b, &inv, 2)?;
+                if !room.starts_with('!') || !valid_channel(&chan) {
+                    return Err(CommandError::Usage(usage.to_owned()));
+                }
+                if b.ctx
+                    .store()
+                    .portal_by_remote(&net.portal_id(&chan))
+                    .await
+                    .map_err(failed)?
+                    .is_some()
+                {
+                    return Err(failed(format!("{chan} is bridged already; !unlink it first")));
+                }
+                b.ctx.bot().join(&room).await.map_err(|e| {
+                    failed(format!("the bot cannot join {room} (invite it first): {e}"))
+                })?;
+                let spec = b.portal_spec(&net, &chan);
+                let portal = Portal {
+                    remote_id: spec.remote_id.clone(),
+                    room_id: room.clone(),
+                    alias: None,
+                    metadata: json!({"network": net.id, "channel": chan, "plumbed": true}),
+                    created_at: now_ms(),
+                };
+                b.ctx.store().upsert_portal(&portal).await.map_err(failed)?;
+                let info = b.ctx.bridge_info_content(&spec);
+                let content = serde_json::to_value(&info).map_err(failed)?;
+                for t in ["m.bridge", "uk.half-shot.bridge"] {
+                    let _ = b
+                        .ctx
+                        .bot()
+                        .send_state(&room, t, &info.state_key(), content.clone(), None)
+                        .await;
+                }
+                net.bot.join(&chan, None).await.map_err(failed)?;
+                Ok(format!("{room} is now bridged to {chan} on {}.", net.config.name))
+            })
+        },
+    );
+    add(
+        r,
+        "unlink",
+        "<!room:id | #channel> [network]",
+        "Stop bridging a room",
+        PermissionLevel::Admin,
+        |inv, b| {
+            Box::pin(async move {
+                let b = &b.inner;
+                let usage = "unlink <!room:id | #channel> [network]";
+                let what = inv.arg(0, usage)?.to_owned();
+                let net = network(b, &inv, 1)?;
+                let portal = if what.starts_with('!') {
+                    b.ctx.store().portal_by_room(&what).await.map_err(failed)?
+                } else {
+                    b.ctx.store().portal_by_remote(&net.portal_id(&what)).await.map_err(failed)?
+                }
+                .ok_or_else(|| failed(format!("{what} is not bridged")))?;
+                let Some((net, super::Target::Channel(chan))) = b.target_of(&portal) else {
+                    return Err(failed("that is a private conversation, not a channel"));
+                };
+                b.ctx.store().delete_portal(&portal.remote_id).await.map_err(failed)?;
+                let _ = net.bot.part(&chan, "Unlinked from Matrix").await;
+                for p in net.puppets.all() {
+                    if p.conn.in_channel(&chan) {
+                        let _ = p.conn.part(&chan, "Unlinked from Matrix").await;
+                    }
+                }
+                b.ctx
+                    .notice(&portal.room_id, &format!("This room is no longer bridged to {chan}."))
+                    .await;
+                if portal.metadata.get("plumbed").is_some() {
+                    let _ = b.ctx.bot().leave(&portal.room_id).await;
+                }
+                Ok(format!("{chan} on {} is unlinked from {}.", net.config.name, portal.room_id))
+            })
+        },
+    );
+}
+
+impl Inner {
+    /// `WHOIS` through the bot; the replies, or nothing for an unknown nick.
+    async fn whois(
+        &self,
+        net: &Network,
+        nick: &str,
+    ) -> Result<Vec<String>, crate::conn::SendError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        super::lock(&net.whois).insert(net.fold(nick), (Vec::new(), Some(tx)));
+        net.bot.send(IrcLine::new("WHOIS", &[nick])).await?;
+        let lines =
+            tokio::time::timeout(Duration::from_secs(10), rx).await.ok().and_then(Result::ok);
+        super::lock(&net.whois).remove(&net.fold(nick));
+        Ok(lines.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_commands_are_checked() {
+        assert!(raw_command("MODE #chan +o alice").is_ok());
+        assert!(raw_command("PRIVMSG NickServ :IDENTIFY x").is_ok());
+        assert!(raw_command("QUIT :bye").is_err());
+        assert!(raw_command("quit").is_err());
+        assert!(raw_command(":evil!x@y PRIVMSG #a :b").is_err());
+        assert!(raw_command("PRIVMSG #a :b\r\nQUIT").is_err());
+        assert!(raw_command("").is_err());
+    }
+}
