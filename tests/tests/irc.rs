@@ -36,7 +36,7 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
                  database: {{ path: \"{}\", secret_key: \"test-only-secret-key-0123456789\" }}\n\
                  logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
                  permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
-                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n",
+                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n",
                 reg.display(),
                 dir.path().join("irc.db").display(),
                 ircd.port()
@@ -630,5 +630,62 @@ async fn admin_room_commands() -> anyhow::Result<()> {
     alice.wait_for_message(&room, t, |e| body(e) == "into the plumbed room").await?;
     command(&alice, &admin, &format!("!unlink {room}"), "unlinked").await?;
     other.wait_for(t, |l| l.command == "PART" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn replies_reactions_and_redactions_reach_irc() -> anyhow::Result<()> {
+    let env = start().await?;
+    let t = Duration::from_secs(30);
+    let mut irc = IrcClient::connect(env.ircd.port(), "ircalice").await?;
+    irc.join("#rr").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join("#irc_local_#rr:localhost").await?;
+    irc.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+    irc.privmsg("#rr", "the original words, and a few more to make it long").await?;
+    let orig = alice.wait_for_message(&room, t, |e| body(e).starts_with("the original")).await?;
+    let orig_id = orig["event_id"].as_str().unwrap_or_default().to_owned();
+
+    // A reply carries a short quote of what it answers.
+    let reply = alice
+        .send(
+            &room,
+            "m.room.message",
+            serde_json::json!({
+                "msgtype": "m.text",
+                "body": "> <@irc_local_ircalice:localhost> the original words\n\nI agree",
+                "m.relates_to": {"m.in_reply_to": {"event_id": orig_id}}
+            }),
+        )
+        .await?;
+    let l = irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m.contains("I agree"))).await?;
+    assert_eq!(
+        l.params[1],
+        "<alice> <ircalice> \"the original words, and a few more to ma…\" <- I agree"
+    );
+
+    // A reaction becomes an action line naming what it reacts to.
+    alice
+        .send(
+            &room,
+            "m.reaction",
+            serde_json::json!({
+                "m.relates_to": {"rel_type": "m.annotation", "event_id": orig_id, "key": "👍"}
+            }),
+        )
+        .await?;
+    irc.wait_for(t, |l| {
+        l.params
+            .get(1)
+            .is_some_and(|m| m.starts_with("* alice reacted with 👍 to <ircalice> \"the original"))
+    })
+    .await?;
+
+    // A redaction (redaction_fallback: notice) says a message was deleted, not what it said.
+    alice.put(&format!("/rooms/{room}/redact/{reply}/r1"), serde_json::json!({})).await?;
+    let l = irc
+        .wait_for(t, |l| l.params.get(1).is_some_and(|m| m.contains("deleted a message")))
+        .await?;
+    assert_eq!(l.params[1], "* alice deleted a message from alice");
     Ok(())
 }

@@ -139,6 +139,9 @@ pub struct Inner {
     networks: BTreeMap<String, Arc<Network>>,
     /// Displaynames of Matrix users, from member events (relay prefixes).
     names: Mutex<HashMap<String, String>>,
+    /// Recent messages per room (event id, sender's name, text) for reply quotes, reactions
+    /// and redactions; scoped per room, so nothing of one room reaches another.
+    recent: Mutex<HashMap<String, std::collections::VecDeque<(String, String, String)>>>,
     /// `trestle_irc_puppets{network}`: puppet connections.
     puppet_gauge: trestle::metrics::prometheus::IntGaugeVec,
 }
@@ -403,8 +406,34 @@ impl Inner {
         lines
     }
 
+    /// Remembers a bridged message of a room (for reply quotes, reactions, redactions).
+    fn remember_message(&self, room_id: &str, event_id: &str, name: &str, text: &str) {
+        let mut recent = lock(&self.recent);
+        if recent.len() > 10_000 && !recent.contains_key(room_id) {
+            recent.clear();
+        }
+        let q = recent.entry(room_id.to_owned()).or_default();
+        if q.len() >= 256 {
+            q.pop_front();
+        }
+        q.push_back((event_id.to_owned(), name.to_owned(), text.to_owned()));
+    }
+
+    /// A message of this room seen recently: (sender's name, a short quote).
+    fn recall(&self, room_id: &str, event_id: &str) -> Option<(String, String)> {
+        let recent = lock(&self.recent);
+        let (_, name, text) = recent.get(room_id)?.iter().rev().find(|(e, _, _)| e == event_id)?;
+        let first = text.lines().next().unwrap_or_default();
+        let mut quote: String = first.chars().take(40).collect();
+        if quote.len() < first.len() || text.lines().nth(1).is_some() {
+            quote.push('…');
+        }
+        Some((name.clone(), quote))
+    }
+
     /// A Matrix message (or edit) in a portal, to IRC: through the sender's puppet where the
-    /// network runs puppets and the sender may have one, else relayed by the bot.
+    /// network runs puppets and the sender may have one, else relayed by the bot. A reply
+    /// carries a short quote of what it answers: `<alice> "the quote…" <- the reply`.
     async fn matrix_message(
         self: &Arc<Self>,
         room: &RoomContext,
@@ -414,6 +443,25 @@ impl Inner {
     ) -> Result<(), BridgeError> {
         let Some((net, target)) = room.portal.as_ref().and_then(|p| self.target_of(p)) else {
             return Ok(());
+        };
+        let name = match net.puppets.get(&event.sender) {
+            Some(p) => p.conn.nick(),
+            None => self.displayname(&event.sender).await,
+        };
+        self.remember_message(&event.room_id, &event.event_id, &name, &msg.body);
+        let quoted;
+        let msg = match msg.reply_to.as_deref().and_then(|r| self.recall(&event.room_id, r)) {
+            Some((who, quote)) if !edit => {
+                let prefix = format!("<{who}> \"{quote}\" <- ");
+                let esc =
+                    |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+                let mut m = msg.clone();
+                m.body = format!("{prefix}{}", msg.body);
+                m.html = msg.html.as_ref().map(|h| format!("{}{h}", esc(&prefix)));
+                quoted = m;
+                &quoted
+            }
+            _ => msg,
         };
         if net.excluded.iter().any(|r| r.is_match(&event.sender)) {
             return Ok(());
@@ -520,9 +568,12 @@ impl Inner {
                 };
                 let ts = line.tag("time").and_then(parse_server_time);
                 let txn = self.ctx.txn_id_for(&cause, 0);
-                self.ctx
+                let plain = content["body"].as_str().unwrap_or_default().to_owned();
+                let event_id = self
+                    .ctx
                     .send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, ts)
                     .await?;
+                self.remember_message(&portal.room_id, &event_id, nick, &plain);
             }
             "JOIN" => {
                 let Some(nick) = line.nick() else { return Ok(()) };
@@ -986,8 +1037,13 @@ impl Bridge for IrcBridge {
             .registry()
             .register(Box::new(puppet_gauge.clone()))
             .map_err(|e| BridgeError::Permanent(e.to_string()))?;
-        let inner =
-            Arc::new(Inner { ctx, networks, names: Mutex::new(HashMap::new()), puppet_gauge });
+        let inner = Arc::new(Inner {
+            ctx,
+            networks,
+            names: Mutex::new(HashMap::new()),
+            recent: Mutex::default(),
+            puppet_gauge,
+        });
         for (net, events) in receivers {
             if net.config.mode == BridgeMode::Puppets {
                 let (b, n) = (Arc::clone(&inner), Arc::clone(&net));
@@ -1147,6 +1203,45 @@ impl Bridge for IrcBridge {
         new: &Message,
     ) -> Result<(), BridgeError> {
         self.inner.matrix_message(room, event, new, true).await
+    }
+
+    async fn on_reaction(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        target: &str,
+        key: &str,
+    ) -> Result<(), BridgeError> {
+        // IRC has no reactions (ngIRCd and most servers lack `+draft/react`): an action line
+        // saying what was reacted to, for messages this bridge saw.
+        let Some((who, quote)) = self.inner.recall(&event.room_id, target) else { return Ok(()) };
+        let body = format!("reacted with {} to <{who}> \"{quote}\"", one_line(key));
+        let Some(msg) = Message::from_content(&json!({"msgtype": "m.emote", "body": body})) else {
+            return Ok(());
+        };
+        self.inner.matrix_message(room, event, &msg, false).await
+    }
+
+    async fn on_redaction(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        target: &str,
+        _reason: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        let Some((net, _)) = room.portal.as_ref().and_then(|p| self.inner.target_of(p)) else {
+            return Ok(());
+        };
+        if net.config.redaction_fallback != crate::config::RedactionFallback::Notice {
+            return Ok(());
+        }
+        // Only for messages this bridge carried, and without repeating what was deleted.
+        let Some((who, _)) = self.inner.recall(&event.room_id, target) else { return Ok(()) };
+        let body = format!("deleted a message from {who}");
+        let Some(msg) = Message::from_content(&json!({"msgtype": "m.emote", "body": body})) else {
+            return Ok(());
+        };
+        self.inner.matrix_message(room, event, &msg, false).await
     }
 
     async fn on_membership(

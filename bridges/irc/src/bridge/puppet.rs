@@ -72,7 +72,7 @@ pub(super) struct Puppets {
 }
 
 impl Puppets {
-    fn get(&self, user_id: &str) -> Option<Arc<Puppet>> {
+    pub(super) fn get(&self, user_id: &str) -> Option<Arc<Puppet>> {
         self.by_user.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(user_id).cloned()
     }
 
