@@ -60,6 +60,9 @@ struct Network {
     whois: Mutex<WhoisWaiters>,
 }
 
+/// A recent message of a room: (event id, sender's name, text).
+type Recent = (String, String, String);
+
 type WhoisWaiters =
     HashMap<String, (Vec<String>, Option<tokio::sync::oneshot::Sender<Vec<String>>>)>;
 
@@ -141,7 +144,7 @@ pub struct Inner {
     names: Mutex<HashMap<String, String>>,
     /// Recent messages per room (event id, sender's name, text) for reply quotes, reactions
     /// and redactions; scoped per room, so nothing of one room reaches another.
-    recent: Mutex<HashMap<String, std::collections::VecDeque<(String, String, String)>>>,
+    recent: Mutex<HashMap<String, std::collections::VecDeque<Recent>>>,
     /// `trestle_irc_puppets{network}`: puppet connections.
     puppet_gauge: trestle::metrics::prometheus::IntGaugeVec,
 }
