@@ -1,0 +1,8 @@
+//! The Trestle SMS bridge: SMS conversations through a gateway (Kannel, Twilio-style REST) as
+//! Matrix rooms.
+#![warn(missing_docs)]
+
+pub mod encoding;
+pub mod number;
+pub mod optout;
+pub mod ratelimit;
