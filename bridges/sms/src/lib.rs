@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod encoding;
+pub mod gateway;
 pub mod number;
 pub mod optout;
 pub mod ratelimit;
