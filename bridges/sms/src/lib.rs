@@ -2,6 +2,8 @@
 //! Matrix rooms.
 #![warn(missing_docs)]
 
+pub mod bridge;
+pub mod config;
 pub mod encoding;
 pub mod gateway;
 pub mod number;

@@ -208,7 +208,7 @@ impl Gateway for Kannel {
         if status.is_success() {
             return Ok(sms.id.clone());
         }
-        if status.is_server_error() || status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        if status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE {
             Err(GatewayError::Temporary(format!("Kannel answered {status}: {body}")))
         } else {
             Err(GatewayError::Rejected(format!("Kannel answered {status}: {body}")))

@@ -253,7 +253,7 @@ impl Gateway for Twilio {
         let msg = body.get("message").and_then(serde_json::Value::as_str).unwrap_or("");
         let code = body.get("code").map(ToString::to_string).unwrap_or_default();
         let text = format!("{status} {msg} (code {code})");
-        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             Err(GatewayError::Temporary(text))
         } else {
             Err(GatewayError::Rejected(text))
