@@ -234,7 +234,7 @@ impl Inner {
                 }
                 Some(Keyword::Help) => {
                     let help = cfg.help_text.clone();
-                    match self.send_sms(&portal.room_id, &ours, &theirs, &help, true).await {
+                    match self.send_sms(&portal.room_id, &ours, &theirs, &help, true, None).await {
                         Ok(SendOutcome::Sent(_)) => {
                             self.ctx
                                 .notice(
@@ -255,7 +255,9 @@ impl Inner {
     }
 
     /// Sends `text` from `ours` to `theirs` for `room_id`, refusing (with a notice) what must not
-    /// be sent. `keyword_reply` bypasses the opt-out (HELP answers are always allowed).
+    /// be sent. `keyword_reply` bypasses the opt-out (HELP answers are always allowed). `origin`
+    /// (event id, sender) is the Matrix event the SMS carries: it is remembered *before* the
+    /// gateway is called, since a delivery report can arrive before the send call returns.
     async fn send_sms(
         &self,
         room_id: &str,
@@ -263,6 +265,7 @@ impl Inner {
         theirs: &Address,
         text: &str,
         keyword_reply: bool,
+        origin: Option<(&str, &str)>,
     ) -> Result<SendOutcome, BridgeError> {
         let Some(dial) = theirs.dial() else {
             self.ctx
@@ -308,8 +311,14 @@ impl Inner {
             text: text.to_owned(),
             encoding: seg.encoding,
         };
+        if let Some((event_id, sender)) = origin {
+            self.remember_sent(&sms.id, room_id, event_id, sender, theirs).await?;
+        }
         match self.gateway.send(&sms).await {
             Ok(id) => {
+                if let Some((event_id, sender)) = origin.filter(|_| id != sms.id) {
+                    self.remember_sent(&id, room_id, event_id, sender, theirs).await?;
+                }
                 tracing::info!(parts = seg.count(), encoding = ?seg.encoding, id, "SMS handed to the gateway");
                 Ok(SendOutcome::Sent(id))
             }
@@ -351,9 +360,18 @@ impl Inner {
     /// A delivery report: a read receipt from the ghost when delivered, a notice when failed;
     /// each once.
     async fn report(&self, r: DeliveryReport) -> Result<(), BridgeError> {
-        let Some(raw) =
-            self.ctx.store().kv_get(&format!("sms.out:{}:{}", self.gw(), r.message_id)).await?
-        else {
+        let key = format!("sms.out:{}:{}", self.gw(), r.message_id);
+        let mut raw = self.ctx.store().kv_get(&key).await?;
+        // A gateway that names messages itself (REST) may report before its send call returned
+        // and the id was recorded: give the sender a moment.
+        for _ in 0..30 {
+            if raw.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            raw = self.ctx.store().kv_get(&key).await?;
+        }
+        let Some(raw) = raw else {
             tracing::debug!(id = r.message_id, "delivery report for an unknown message");
             return Ok(());
         };
@@ -377,6 +395,7 @@ impl Inner {
                 let intent = self.ctx.intent(&ghost);
                 intent.ensure_joined(&sent.room_id).await?;
                 intent.send_receipt(&sent.room_id, &sent.event_id).await?;
+                tracing::info!(id = r.message_id, "SMS delivered; read receipt sent");
             }
             DeliveryStatus::Failed(reason) => {
                 self.ctx.notice(&sent.room_id, &format!("SMS to {to} failed: {reason}")).await;
@@ -573,21 +592,16 @@ impl Bridge for SmsBridge {
                     if !text.trim().is_empty() {
                         let content = json!({"msgtype": "m.notice",
                             "body": format!("{} sent: {text}", inv.sender)});
-                        if let SendOutcome::Sent(id) = b
-                            .send_sms(&portal.room_id, &ours, &theirs, &text, false)
+                        let event_id = b
+                            .ctx
+                            .bot()
+                            .send_message(&portal.room_id, content)
                             .await
-                            .map_err(fail)?
-                        {
-                            let event_id = b
-                                .ctx
-                                .bot()
-                                .send_message(&portal.room_id, content)
-                                .await
-                                .map_err(|e| CommandError::Failed(e.to_string()))?;
-                            b.remember_sent(&id, &portal.room_id, &event_id, &inv.sender, &theirs)
-                                .await
-                                .map_err(fail)?;
-                        }
+                            .map_err(|e| CommandError::Failed(e.to_string()))?;
+                        let origin = Some((event_id.as_str(), inv.sender.as_str()));
+                        b.send_sms(&portal.room_id, &ours, &theirs, &text, false, origin)
+                            .await
+                            .map_err(fail)?;
                     }
                     Ok(format!("Conversation with {theirs} from {ours}: {}", portal.room_id))
                 })
@@ -640,11 +654,8 @@ impl Bridge for SmsBridge {
             (None, MessageType::Emote) => format!("* {}", msg.body),
             (None, _) => msg.body.clone(),
         };
-        if let SendOutcome::Sent(id) =
-            b.send_sms(&event.room_id, &ours, &theirs, &text, false).await?
-        {
-            b.remember_sent(&id, &event.room_id, &event.event_id, &event.sender, &theirs).await?;
-        }
+        let origin = Some((event.event_id.as_str(), event.sender.as_str()));
+        b.send_sms(&event.room_id, &ours, &theirs, &text, false, origin).await?;
         Ok(())
     }
 

@@ -1,0 +1,333 @@
+//! End-to-end tests of the SMS bridge: a real Synapse, a real Kannel (bearerbox + smsbox) whose
+//! fake SMSC (`fakesmsc`) plays the phone network, and a Matrix user on the client-server API.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trestle_e2e::{
+    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    kannel::{Kannel, Mt},
+    wait_for,
+};
+
+const OURS: &str = "+441234567890";
+const PHONE: &str = "+447700900123";
+const GHOST: &str = "@sms_+447700900123:localhost";
+const SECRET: &str = "e2e-webhook-secret-0123456789";
+const T: Duration = Duration::from_secs(30);
+
+struct Env {
+    synapse: Synapse,
+    kannel: Kannel,
+    alice: MatrixUser,
+    hooks: String,
+    _bridge: BridgeProcess,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> anyhow::Result<Option<Env>> {
+    if !Kannel::available() {
+        eprintln!("skipping: Kannel (bearerbox, smsbox, kannel-extras' fakesmsc) is not installed");
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new().prefix("trestle-sms-").tempdir()?;
+    let (port, hook_port) = (free_port(), free_port());
+    let hooks = format!("http://127.0.0.1:{hook_port}");
+    let kannel = Kannel::start(&format!(
+        "{hooks}/kannel/mo?secret={SECRET}&from=%p&to=%P&text=%b&charset=%C&coding=%c&id=%I"
+    ))
+    .await?;
+    let (user, password) = kannel.credentials();
+    let config = dir.path().join("sms.yaml");
+    let reg = dir.path().join("sms-registration.yaml");
+    let write = |hs: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
+                 appservice: {{ id: sms, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
+                 bot_localpart: smsbot, registration: \"{reg}\" }}\n\
+                 database: {{ path: \"{db}\" }}\n\
+                 logging: {{ level: \"info,trestle=debug,trestle_sms=debug\" }}\n\
+                 permissions: {{ \"*\": user }}\n\
+                 bridge:\n  default_region: GB\n  numbers:\n    \"{OURS}\":\n      owners: [\"@alice:localhost\"]\n\
+                 \x20 max_segments: 3\n  help_text: \"Help: reply STOP to opt out.\"\n\
+                 \x20 webhooks:\n    listen: \"127.0.0.1:{hook_port}\"\n    public_url: \"{hooks}\"\n    secret: \"{SECRET}\"\n\
+                 \x20   allow_ips: [\"127.0.0.0/8\"]\n\
+                 \x20 gateway:\n    type: kannel\n    sendsms_url: \"{url}\"\n    username: {user}\n    password: {password}\n    smsc: fake1\n\
+                 \x20 rate_limit: {{ gateway_burst: 50, gateway_per_second: 50.0, number_burst: 50, number_per_second: 50.0 }}\n",
+                reg = reg.display(),
+                db = dir.path().join("sms.db").display(),
+                url = kannel.sendsms_url(),
+            ),
+        )
+    };
+    write("http://127.0.0.1:1")?;
+    let bin = binary("trestle-sms")?;
+    BridgeProcess::generate_registration(&bin, &config, &reg)?;
+    let synapse = Synapse::start(&[&reg]).await?;
+    write(&synapse.url())?;
+    let alice = MatrixUser::register(&synapse.url(), "alice").await?;
+    let bridge = BridgeProcess::start(
+        &bin,
+        &config,
+        &format!("http://127.0.0.1:{port}"),
+        &dir.path().join("bridge.log"),
+    )
+    .await?;
+    Ok(Some(Env { synapse, kannel, alice, hooks, _bridge: bridge, _dir: dir }))
+}
+
+fn body(e: &Value) -> &str {
+    e["content"]["body"].as_str().unwrap_or_default()
+}
+
+/// An initial sync. Synapse caches sync responses per request for a while, so every call asks
+/// for a different (tiny) timeout: an initial sync answers at once anyway.
+async fn sync(user: &MatrixUser) -> anyhow::Result<Value> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    user.get(&format!("/sync?timeout={n}")).await
+}
+
+/// Waits for an invite to a room and joins it.
+async fn accept_invite(user: &MatrixUser) -> anyhow::Result<String> {
+    let room = wait_for("an invite", T, || async {
+        let s = sync(user).await.ok()?;
+        s["rooms"]["invite"].as_object()?.keys().next().cloned()
+    })
+    .await?;
+    user.join(&room).await?;
+    Ok(room)
+}
+
+/// An inbound SMS from PHONE; returns the portal room (joined by alice).
+async fn first_contact(env: &Env, text: &str) -> anyhow::Result<String> {
+    env.kannel.inject(PHONE, OURS, text).await?;
+    let room = accept_invite(&env.alice).await?;
+    env.alice.wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == text).await?;
+    Ok(room)
+}
+
+/// MTs sent after the first `skip`.
+async fn new_mts(env: &Env, skip: usize, n: usize) -> anyhow::Result<Vec<Mt>> {
+    Ok(env.kannel.wait_received(skip + n, T).await?.split_off(skip))
+}
+
+async fn notice_containing(env: &Env, room: &str, needle: &str) -> anyhow::Result<Value> {
+    env.alice
+        .wait_for_message(room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).contains(needle)
+        })
+        .await
+}
+
+#[tokio::test]
+async fn sms_both_ways_with_delivery_receipt() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    // SMS in → a new room, alice (the number's owner) invited, the ghost says the text.
+    let room = first_contact(&env, "hello from the phone").await?;
+    let profile = env.alice.profile(GHOST).await?;
+    assert_eq!(profile["displayname"], PHONE);
+    let name = env.alice.state(&room, "m.room.name", "").await?.unwrap_or_default();
+    assert_eq!(name["name"], PHONE);
+
+    // Non-ASCII (UCS-2 on the air) arrives intact.
+    env.kannel.inject(PHONE, OURS, "привет 🙂 ok").await?;
+    env.alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "привет 🙂 ok")
+        .await?;
+    // Both SMS went to the same portal: no second invite.
+    let s = sync(&env.alice).await?;
+    let other_invites: Vec<&String> = s["rooms"]["invite"]
+        .as_object()
+        .map(|m| m.keys().filter(|r| **r != room).collect())
+        .unwrap_or_default();
+    assert!(other_invites.is_empty(), "{other_invites:?}");
+
+    // Matrix → SMS, from our number to theirs.
+    let before = env.kannel.received().len();
+    let event_id = env.alice.send_text(&room, "hi back {ok}").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!((mts[0].from.as_str(), mts[0].to.as_str()), (OURS, PHONE));
+    assert_eq!(mts[0].kind, "text");
+    assert_eq!(mts[0].plain_text(), "hi back {ok}");
+
+    // Kannel's DLR (delivered) → a read receipt from the ghost on alice's event.
+    wait_for("the ghost's read receipt", T, || async {
+        let s = sync(&env.alice).await.ok()?;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.receipt" && e["content"][&event_id]["m.read"][GHOST].is_object()
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // UCS-2 out.
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, "ça va? 🙂").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(mts[0].kind, "ucs-2");
+    assert_eq!(mts[0].ucs2_text(), "ça va? 🙂");
+    Ok(())
+}
+
+#[tokio::test]
+async fn long_messages_split_and_counted() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let room = first_contact(&env, "long ones please").await?;
+
+    let cases: [(String, &str, &[usize]); 3] = [
+        ("x".repeat(200), "gsm", &[153, 47]),
+        // Extension characters are two septets: 76 per part (a pair never straddles parts).
+        ("{".repeat(100), "gsm", &[76, 24]),
+        ("я".repeat(100), "ucs2", &[67, 33]),
+    ];
+    for (text, enc, sizes) in cases {
+        // The bridge's own count agrees with the gateway's split.
+        let seg = trestle_sms::encoding::segment(&text);
+        assert_eq!(seg.count(), sizes.len());
+        let before = env.kannel.received().len();
+        env.alice.send_text(&room, &text).await?;
+        let mts = new_mts(&env, before, sizes.len()).await?;
+        let mut got = Vec::new();
+        for (i, m) in mts.iter().enumerate() {
+            assert_eq!(m.concat(), Some((sizes.len() as u8, i as u8 + 1)), "{m:?}");
+            let part = if enc == "ucs2" { m.ucs2_text() } else { m.plain_text() };
+            assert_eq!(part.chars().count(), sizes[i], "{enc} part {i}: {part}");
+            assert_eq!(part, seg.parts[i]);
+            got.push(part);
+        }
+        assert_eq!(got.concat(), text);
+    }
+
+    // Over max_segments (3): refused with the count, nothing sent.
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, &"y".repeat(500)).await?;
+    let n = notice_containing(&env, &room, "would be 4 SMS").await?;
+    assert!(
+        body(&n).contains("GSM-7, 500 characters") && body(&n).contains("limit is 3"),
+        "{}",
+        body(&n)
+    );
+    let long_ucs2 = "ж".repeat(202);
+    env.alice.send_text(&room, &long_ucs2).await?;
+    notice_containing(&env, &room, "would be 4 SMS (UCS-2, 202").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.kannel.received().len(), before, "nothing sent for refused messages");
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_start_and_help() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let room = first_contact(&env, "hi").await?;
+
+    env.kannel.inject(PHONE, OURS, "Stop").await?;
+    notice_containing(&env, &room, "sent STOP").await?;
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, "are you there?").await?;
+    notice_containing(&env, &room, "opted out").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.kannel.received().len(), before, "nothing is sent after STOP");
+
+    // HELP is answered even while opted out.
+    env.kannel.inject(PHONE, OURS, "HELP").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(mts[0].plain_text(), "Help: reply STOP to opt out.");
+    assert_eq!(mts[0].to, PHONE);
+    notice_containing(&env, &room, "asked for HELP").await?;
+
+    env.kannel.inject(PHONE, OURS, "START").await?;
+    notice_containing(&env, &room, "sent START").await?;
+    env.alice.send_text(&room, "welcome back").await?;
+    let mts = new_mts(&env, before + 1, 1).await?;
+    assert_eq!(mts[0].plain_text(), "welcome back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhooks_are_authenticated_and_idempotent() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let room = first_contact(&env, "first").await?;
+    let http = reqwest::Client::new();
+    let mo = |secret: &str, id: &str, text: &str| {
+        format!(
+            "{}/kannel/mo?secret={secret}&from=%2B447700900123&to=%2B441234567890&text={text}&charset=UTF-8&coding=0&id={id}",
+            env.hooks
+        )
+    };
+    // A wrong or missing secret is refused and creates nothing.
+    assert_eq!(
+        http.get(mo("wrong-secret-wrong-secret", "x1", "forged")).send().await?.status(),
+        403
+    );
+    assert_eq!(
+        http.get(format!(
+            "{}/kannel/mo?from=%2B447700900123&to=%2B441234567890&text=forged",
+            env.hooks
+        ))
+        .send()
+        .await?
+        .status(),
+        403
+    );
+    // A DLR with a wrong token is refused.
+    assert_eq!(
+        http.get(format!("{}/kannel/dlr?id=abc&token=00&status=1", env.hooks))
+            .send()
+            .await?
+            .status(),
+        403
+    );
+    // The same callback three times (as Kannel retries it): one message.
+    for _ in 0..3 {
+        assert_eq!(http.get(mo(SECRET, "retry-1", "only+once")).send().await?.status(), 200);
+    }
+    // A later message proves the earlier ones were all handled.
+    assert_eq!(http.get(mo(SECRET, "retry-2", "after")).send().await?.status(), 200);
+    env.alice.wait_for_message(&room, T, |e| body(e) == "after").await?;
+    let msgs = env.alice.messages(&room, 100).await?;
+    assert_eq!(msgs.iter().filter(|e| body(e) == "only once").count(), 1);
+    assert_eq!(msgs.iter().filter(|e| body(e) == "forged").count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn conversation_started_from_matrix() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    // Admin room: a DM with the bot.
+    let admin = env
+        .alice
+        .create_room(
+            json!({"is_direct": true, "invite": ["@smsbot:localhost"], "preset": "private_chat"}),
+        )
+        .await?;
+    env.alice
+        .wait_for_message(&admin, T, |e| {
+            e["sender"] == "@smsbot:localhost" && body(e).contains("admin room")
+        })
+        .await?;
+    let before = env.kannel.received().len();
+    env.alice.send_text(&admin, "!sms 07700 900456 \"hello, new friend\"").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(
+        (mts[0].to.as_str(), mts[0].plain_text().as_str()),
+        ("+447700900456", "hello, new friend")
+    );
+    let room = accept_invite(&env.alice).await?;
+    let ghost = "@sms_+447700900456:localhost";
+    env.alice
+        .wait_for_message(&room, T, |e| e["type"] == "m.room.member" && e["state_key"] == ghost)
+        .await?;
+    // The reply lands in the same room.
+    env.kannel.inject("+447700900456", OURS, "who is this").await?;
+    env.alice
+        .wait_for_message(&room, T, |e| e["sender"] == ghost && body(e) == "who is this")
+        .await?;
+    let _ = &env.synapse;
+    Ok(())
+}
