@@ -111,7 +111,9 @@ async fn first_contact(env: &Env, text: &str) -> anyhow::Result<String> {
 
 /// MTs sent after the first `skip`.
 async fn new_mts(env: &Env, skip: usize, n: usize) -> anyhow::Result<Vec<Mt>> {
-    Ok(env.kannel.wait_received(skip + n, T).await?.split_off(skip))
+    // Panics (rather than returning the error) so that the servers' logs are printed.
+    let all = env.kannel.wait_received(skip + n, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    Ok(all[skip..].to_vec())
 }
 
 async fn notice_containing(env: &Env, room: &str, needle: &str) -> anyhow::Result<Value> {
@@ -120,6 +122,7 @@ async fn notice_containing(env: &Env, room: &str, needle: &str) -> anyhow::Resul
             e["content"]["msgtype"] == "m.notice" && body(e).contains(needle)
         })
         .await
+        .map_err(|e| anyhow::anyhow!("{e}: no notice containing {needle:?}"))
 }
 
 #[tokio::test]

@@ -438,6 +438,17 @@ impl Inner {
     }
 }
 
+/// Splits `!sms` arguments: the leading words that are all number characters
+/// (`07700 900123`, `+44 (0) 7700-900123`) form the number, the rest is the text.
+pub fn split_number_and_text(args: &[String]) -> (String, String) {
+    let is_num = |w: &str| {
+        !w.is_empty()
+            && w.chars().all(|c| c.is_ascii_digit() || matches!(c, '+' | '(' | ')' | '-' | '.'))
+    };
+    let n = args.iter().take_while(|w| is_num(w)).count().max(1);
+    (args[..n.min(args.len())].join(" "), args[n.min(args.len())..].join(" "))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -571,13 +582,14 @@ impl Bridge for SmsBridge {
                 Box::pin(async move {
                     let b = &b.inner;
                     let usage = "sms <number> [text…]";
-                    let number = inv.arg(0, usage)?;
+                    inv.arg(0, usage)?;
+                    let (number, text) = split_number_and_text(&inv.args);
                     let cfg = b.cfg();
                     let ours = b.number_of(&inv.sender).ok_or_else(|| {
                         CommandError::Failed("you own no SMS number on this bridge".into())
                     })?;
                     let Some(theirs @ (Address::Number(_) | Address::Short(_))) =
-                        Address::classify(number, cfg.region(), cfg.validation())
+                        Address::classify(&number, cfg.region(), cfg.validation())
                     else {
                         return Err(CommandError::Failed(format!(
                             "{number} is not a phone number I can text"
@@ -588,7 +600,6 @@ impl Bridge for SmsBridge {
                     if !b.owners(&ours).contains(&inv.sender) {
                         let _ = b.ctx.bot().invite(&portal.room_id, &inv.sender).await;
                     }
-                    let text = inv.args[1..].join(" ");
                     if !text.trim().is_empty() {
                         let content = json!({"msgtype": "m.notice",
                             "body": format!("{} sent: {text}", inv.sender)});
@@ -681,6 +692,24 @@ impl Bridge for SmsBridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_arguments() {
+        let a = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            split_number_and_text(&a(&["07700", "900456", "hello, new friend"])),
+            ("07700 900456".into(), "hello, new friend".into())
+        );
+        assert_eq!(
+            split_number_and_text(&a(&["+44", "(0)", "7700-900456", "hi", "2", "you"])),
+            ("+44 (0) 7700-900456".into(), "hi 2 you".into())
+        );
+        assert_eq!(
+            split_number_and_text(&a(&["+447700900456"])),
+            ("+447700900456".into(), String::new())
+        );
+        assert_eq!(split_number_and_text(&a(&["bob", "hi"])), ("bob".into(), "hi".into()));
+    }
 
     #[test]
     fn portal_ids() {
