@@ -322,6 +322,167 @@ mod tests {
         assert!(!verify("12345", url, &params, ""));
     }
 
+    /// Records what the webhooks deliver.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<GatewayEvent>>);
+
+    #[async_trait]
+    impl EventSink for Recorder {
+        async fn handle(&self, event: GatewayEvent) -> Result<(), String> {
+            self.0.lock().unwrap().push(event);
+            Ok(())
+        }
+    }
+
+    async fn serve(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(k, val)| ((*k).to_owned(), (*val).to_owned())).collect()
+    }
+
+    #[tokio::test]
+    async fn webhooks_need_a_valid_signature() {
+        let recorder = Arc::new(Recorder::default());
+        // The public URL is what the provider calls; here, the listener itself.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let gw = Twilio::new(TwilioSettings {
+            api_url: "http://127.0.0.1:1".parse().unwrap(),
+            account_sid: "AC1".into(),
+            auth_token: "tok".into(),
+            public_url: base.parse().unwrap(),
+        });
+        let router = gw.routes(Arc::clone(&recorder) as Arc<dyn EventSink>);
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let http = reqwest::Client::new();
+        let form = pairs(&[
+            ("MessageSid", "SM1"),
+            ("From", "+447700900123"),
+            ("To", "+441234567890"),
+            ("Body", "hi & bye"),
+        ]);
+        let url = format!("{base}/twilio/sms");
+        let post = |sig: Option<String>, form: Vec<(String, String)>| {
+            let mut req = http.post(&url).form(&form);
+            if let Some(s) = sig {
+                req = req.header("X-Twilio-Signature", s);
+            }
+            req.send()
+        };
+        // Unsigned, wrongly signed, signed with another token, or tampered: 403, nothing delivered.
+        assert_eq!(post(None, form.clone()).await.unwrap().status(), 403);
+        assert_eq!(post(Some("AAAA".into()), form.clone()).await.unwrap().status(), 403);
+        assert_eq!(
+            post(Some(signature("other", &url, &form)), form.clone()).await.unwrap().status(),
+            403
+        );
+        let mut tampered = form.clone();
+        tampered[3].1 = "evil".into();
+        assert_eq!(
+            post(Some(signature("tok", &url, &form)), tampered).await.unwrap().status(),
+            403
+        );
+        assert!(recorder.0.lock().unwrap().is_empty());
+        // Properly signed: delivered, answered with TwiML.
+        let resp = post(Some(signature("tok", &url, &form)), form.clone()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.text().await.unwrap().contains("<Response/>"));
+        assert_eq!(
+            recorder.0.lock().unwrap().as_slice(),
+            [GatewayEvent::Inbound(InboundSms {
+                gateway_id: "SM1".into(),
+                from: "+447700900123".into(),
+                to: "+441234567890".into(),
+                text: "hi & bye".into(),
+            })]
+        );
+        // Status callbacks too.
+        let status = pairs(&[
+            ("MessageSid", "SM9"),
+            ("MessageStatus", "undelivered"),
+            ("ErrorCode", "30003"),
+        ]);
+        let surl = format!("{base}/twilio/status");
+        let r = http.post(&surl).form(&status).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let r = http
+            .post(&surl)
+            .header("X-Twilio-Signature", signature("tok", &surl, &status))
+            .form(&status)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            recorder.0.lock().unwrap().last(),
+            Some(&GatewayEvent::Report(DeliveryReport {
+                message_id: "SM9".into(),
+                status: DeliveryStatus::Failed("undelivered (error 30003)".into()),
+            }))
+        );
+    }
+
+    #[tokio::test]
+    async fn send_posts_the_form_with_basic_auth() {
+        use axum::{extract::Path, routing::post};
+        let seen = Arc::new(std::sync::Mutex::new(None::<(String, String, Vec<(String, String)>)>));
+        let s2 = Arc::clone(&seen);
+        let api = axum::Router::new().route(
+            "/2010-04-01/Accounts/{sid}/Messages.json",
+            post(move |Path(sid): Path<String>, headers: HeaderMap, body: Bytes| {
+                let seen = Arc::clone(&s2);
+                async move {
+                    let auth = headers.get("authorization").unwrap().to_str().unwrap().to_owned();
+                    let f = form(&body);
+                    let to = get(&f, "To").to_owned();
+                    *seen.lock().unwrap() = Some((sid, auth, f));
+                    if to == "+10000000000" {
+                        return (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"code": 21211, "message": "Invalid 'To' Phone Number"})));
+                    }
+                    (StatusCode::CREATED, axum::Json(serde_json::json!({"sid": "SMabc", "status": "queued"})))
+                }
+            }),
+        );
+        let api_url = serve(api).await;
+        let gw = Twilio::new(TwilioSettings {
+            api_url: api_url.parse().unwrap(),
+            account_sid: "AC1".into(),
+            auth_token: "tok".into(),
+            public_url: "https://hooks.example.org/".parse().unwrap(),
+        });
+        let mut sms = OutboundSms {
+            id: "ours".into(),
+            from: "+441234567890".into(),
+            to: "+447700900123".into(),
+            text: "héllo".into(),
+            encoding: crate::encoding::Encoding::Ucs2,
+        };
+        assert_eq!(gw.send(&sms).await.unwrap(), "SMabc");
+        let (sid, auth, f) = seen.lock().unwrap().clone().unwrap();
+        assert_eq!(sid, "AC1");
+        let expected = base64::engine::general_purpose::STANDARD.encode("AC1:tok");
+        assert_eq!(auth, format!("Basic {expected}"));
+        assert_eq!(get(&f, "Body"), "héllo");
+        assert_eq!(get(&f, "From"), "+441234567890");
+        assert_eq!(get(&f, "StatusCallback"), "https://hooks.example.org/twilio/status");
+        sms.to = "+10000000000".into();
+        let err = gw.send(&sms).await.unwrap_err();
+        assert!(matches!(&err, GatewayError::Rejected(m) if m.contains("21211")), "{err}");
+        // An unreachable API is temporary.
+        let down = Twilio::new(TwilioSettings {
+            api_url: "http://127.0.0.1:1".parse().unwrap(),
+            account_sid: "AC1".into(),
+            auth_token: "tok".into(),
+            public_url: "https://hooks.example.org/".parse().unwrap(),
+        });
+        assert!(matches!(down.send(&sms).await, Err(GatewayError::Temporary(_))));
+    }
+
     #[test]
     fn statuses() {
         assert_eq!(message_status("delivered", ""), DeliveryStatus::Delivered);
