@@ -334,3 +334,48 @@ async fn conversation_started_from_matrix() -> anyhow::Result<()> {
     let _ = &env.synapse;
     Ok(())
 }
+
+#[tokio::test]
+async fn inviting_a_ghost_makes_a_portal() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let ghost = "@sms_+447700900777:localhost";
+    let room = env
+        .alice
+        .create_room(json!({"is_direct": true, "invite": [ghost], "preset": "private_chat"}))
+        .await?;
+    // The ghost joins, and the room is told what it now is.
+    env.alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == ghost
+                && e["content"]["membership"] == "join"
+        })
+        .await?;
+    notice_containing(&env, &room, "SMS conversation with +447700900777").await?;
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, "hello via invite").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!((mts[0].from.as_str(), mts[0].to.as_str()), (OURS, "+447700900777"));
+    assert_eq!(mts[0].plain_text(), "hello via invite");
+    // The answer comes back to this room, not a new one.
+    env.kannel.inject("+447700900777", OURS, "got it").await?;
+    env.alice.wait_for_message(&room, T, |e| e["sender"] == ghost && body(e) == "got it").await?;
+    let s = sync(&env.alice).await?;
+    assert!(
+        s["rooms"]["invite"].as_object().is_none_or(|m| m.is_empty()),
+        "no new portal: {}",
+        s["rooms"]["invite"]
+    );
+
+    // An SMS to a number that is not ours is dropped (answered 200 so the gateway stops).
+    let r = reqwest::get(format!(
+        "{}/kannel/mo?secret={SECRET}&from=%2B447700900777&to=%2B449999999999&text=lost&charset=UTF-8&id=n1",
+        env.hooks
+    ))
+    .await?;
+    assert_eq!(r.status(), 200);
+    env.kannel.inject("+447700900777", OURS, "still here").await?;
+    env.alice.wait_for_message(&room, T, |e| body(e) == "still here").await?;
+    assert!(env.alice.messages(&room, 100).await?.iter().all(|e| body(e) != "lost"));
+    Ok(())
+}

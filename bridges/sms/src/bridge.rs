@@ -311,12 +311,12 @@ impl Inner {
             text: text.to_owned(),
             encoding: seg.encoding,
         };
-        if let Some((event_id, sender)) = origin {
-            self.remember_sent(&sms.id, room_id, event_id, sender, theirs).await?;
-        }
+        // Remembered without an event when there is none, so its reports are recognised at once.
+        let (event_id, sender) = origin.unwrap_or(("", ""));
+        self.remember_sent(&sms.id, room_id, event_id, sender, theirs).await?;
         match self.gateway.send(&sms).await {
             Ok(id) => {
-                if let Some((event_id, sender)) = origin.filter(|_| id != sms.id) {
+                if id != sms.id {
                     self.remember_sent(&id, room_id, event_id, sender, theirs).await?;
                 }
                 tracing::info!(parts = seg.count(), encoding = ?seg.encoding, id, "SMS handed to the gateway");
@@ -343,6 +343,9 @@ impl Inner {
             Sent { room_id: room_id.to_owned(), event_id: event_id.to_owned(), to: to.key() };
         let v = serde_json::to_string(&sent).map_err(retry)?;
         self.ctx.store().kv_set(&format!("sms.out:{}:{id}", self.gw()), &v).await?;
+        if event_id.is_empty() {
+            return Ok(());
+        }
         self.ctx
             .store()
             .insert_message(&MessageMapping {
@@ -360,6 +363,14 @@ impl Inner {
     /// A delivery report: a read receipt from the ghost when delivered, a notice when failed;
     /// each once.
     async fn report(&self, r: DeliveryReport) -> Result<(), BridgeError> {
+        let kind = match &r.status {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed(_) => "failed",
+            DeliveryStatus::Pending(s) => {
+                tracing::debug!(id = r.message_id, status = s, "SMS not delivered yet");
+                return Ok(());
+            }
+        };
         let key = format!("sms.out:{}:{}", self.gw(), r.message_id);
         let mut raw = self.ctx.store().kv_get(&key).await?;
         // A gateway that names messages itself (REST) may report before its send call returned
@@ -377,19 +388,13 @@ impl Inner {
         };
         let sent: Sent = serde_json::from_str(&raw).map_err(retry)?;
         let Some(to) = Address::from_key(&sent.to) else { return Ok(()) };
-        let kind = match &r.status {
-            DeliveryStatus::Delivered => "delivered",
-            DeliveryStatus::Failed(_) => "failed",
-            DeliveryStatus::Pending(s) => {
-                tracing::debug!(id = r.message_id, status = s, "SMS not delivered yet");
-                return Ok(());
-            }
-        };
         let once = format!("sms.dlr:{}:{}:{kind}", self.gw(), r.message_id);
         if self.ctx.store().kv_get(&once).await?.is_some() {
             return Ok(());
         }
         match &r.status {
+            // An SMS without a Matrix event (a HELP answer): nothing to mark read.
+            DeliveryStatus::Delivered if sent.event_id.is_empty() => {}
             DeliveryStatus::Delivered => {
                 let ghost = self.ensure_ghost(&to).await?;
                 let intent = self.ctx.intent(&ghost);
