@@ -183,11 +183,13 @@ async fn long_messages_split_and_counted() -> anyhow::Result<()> {
     let Some(env) = start().await? else { return Ok(()) };
     let room = first_contact(&env, "long ones please").await?;
 
-    let cases: [(String, &str, &[usize]); 3] = [
+    let cases: [(String, &str, &[usize]); 4] = [
         ("x".repeat(200), "gsm", &[153, 47]),
         // Extension characters are two septets: 76 per part (a pair never straddles parts).
         ("{".repeat(100), "gsm", &[76, 24]),
         ("я".repeat(100), "ucs2", &[67, 33]),
+        // An emoji (a surrogate pair) that would straddle the 67-unit boundary moves whole.
+        (format!("{}🙂{}", "я".repeat(66), "я".repeat(10)), "ucs2", &[66, 11]),
     ];
     for (text, enc, sizes) in cases {
         // The bridge's own count agrees with the gateway's split.

@@ -310,6 +310,7 @@ impl Inner {
             to: dial.to_owned(),
             text: text.to_owned(),
             encoding: seg.encoding,
+            parts: seg.parts.clone(),
         };
         // Remembered without an event when there is none, so its reports are recognised at once.
         let (event_id, sender) = origin.unwrap_or(("", ""));

@@ -5,6 +5,10 @@
 //!   message (`/kannel/dlr?id=…&token=…&status=%d&reply=%A`). Kannel answers 202
 //!   `0: Accepted for delivery` (or 200 `3: Queued for later delivery`). Kannel's sendsms answer
 //!   carries no id, so the bridge's own id names the message in the DLR URL.
+//! - **Long texts** are sent part by part, each with our own concatenation UDH
+//!   (`05 00 03 ref total seq`) in `udh`, split by [`crate::encoding::segment`]: Kannel's own
+//!   splitting (`concatenation = true`) counts UCS-2 in 16-bit units and can cut an emoji's
+//!   surrogate pair in two (seen with Kannel 1.4.5). Every part carries the same DLR URL.
 //! - **Receive (MO):** an `sms-service` with `get-url` =
 //!   `{public_url}/kannel/mo?secret=…&from=%p&to=%P&text=%b&charset=%C&coding=%c&id=%I`
 //!   (`%b` is the message verbatim; `%a` would squeeze spaces) and `max-messages = 0` (no reply
@@ -89,15 +93,16 @@ impl Kannel {
         )
     }
 
-    /// The full sendsms URL for `sms` (it contains the password: never log it).
-    pub fn sendsms_request(&self, sms: &OutboundSms) -> String {
+    /// The full sendsms URL for `text` of `sms`, with a user data header if given (it contains
+    /// the password: never log it).
+    pub fn sendsms_request(&self, sms: &OutboundSms, text: &str, udh: Option<&[u8]>) -> String {
         let s = &self.settings;
         let mut q = vec![
             ("username", s.username.clone()),
             ("password", s.password.clone()),
             ("from", sms.from.clone()),
             ("to", sms.to.clone()),
-            ("text", sms.text.clone()),
+            ("text", text.to_owned()),
             ("charset", "UTF-8".to_owned()),
             ("coding", sms.encoding.kannel_coding().to_string()),
             ("dlr-mask", s.dlr_mask.to_string()),
@@ -106,10 +111,36 @@ impl Kannel {
         if let Some(smsc) = &s.smsc {
             q.push(("smsc", smsc.clone()));
         }
-        let query: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect();
+        let mut query: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect();
+        if let Some(udh) = udh {
+            query.push(format!("udh={}", percent_encoding::percent_encode(udh, NON_ALPHANUMERIC)));
+        }
         let mut url = s.sendsms_url.clone();
         url.set_query(Some(&query.join("&")));
         url.into()
+    }
+
+    async fn send_one(
+        &self,
+        sms: &OutboundSms,
+        text: &str,
+        udh: Option<&[u8]>,
+    ) -> Result<(), GatewayError> {
+        let resp =
+            self.http.get(self.sendsms_request(sms, text, udh)).send().await.map_err(|e| {
+                GatewayError::Temporary(format!("cannot reach Kannel: {}", e.without_url()))
+            })?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let body = body.trim();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE {
+            Err(GatewayError::Temporary(format!("Kannel answered {status}: {body}")))
+        } else {
+            Err(GatewayError::Rejected(format!("Kannel answered {status}: {body}")))
+        }
     }
 }
 
@@ -199,20 +230,18 @@ impl Gateway for Kannel {
     }
 
     async fn send(&self, sms: &OutboundSms) -> Result<String, GatewayError> {
-        let resp = self.http.get(self.sendsms_request(sms)).send().await.map_err(|e| {
-            GatewayError::Temporary(format!("cannot reach Kannel: {}", e.without_url()))
-        })?;
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        let body = body.trim();
-        if status.is_success() {
+        if sms.parts.len() <= 1 {
+            self.send_one(sms, &sms.text, None).await?;
             return Ok(sms.id.clone());
         }
-        if status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE {
-            Err(GatewayError::Temporary(format!("Kannel answered {status}: {body}")))
-        } else {
-            Err(GatewayError::Rejected(format!("Kannel answered {status}: {body}")))
+        let total = u8::try_from(sms.parts.len())
+            .map_err(|_| GatewayError::Rejected("more than 255 parts".into()))?;
+        let reference = rand::random::<u8>();
+        for (i, part) in sms.parts.iter().enumerate() {
+            let seq = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            self.send_one(sms, part, Some(&[0x05, 0x00, 0x03, reference, total, seq])).await?;
         }
+        Ok(sms.id.clone())
     }
 
     fn routes(&self, sink: Arc<dyn EventSink>) -> axum::Router {
@@ -250,8 +279,9 @@ mod tests {
             to: "+447700900123".into(),
             text: "héllo & {bye}".into(),
             encoding: Encoding::Ucs2,
+            parts: vec!["héllo & {bye}".into()],
         };
-        let url = k.sendsms_request(&sms);
+        let url = k.sendsms_request(&sms, &sms.text, None);
         let (base, query) = url.split_once('?').unwrap();
         assert_eq!(base, "http://127.0.0.1:13013/cgi-bin/sendsms");
         let q = parse_query(query);
@@ -273,6 +303,11 @@ mod tests {
             )
         );
         assert!(!dlr.contains("s3cret"), "the secret itself never leaves in a DLR URL");
+        assert!(!q.contains_key("udh"));
+        let url = k.sendsms_request(&sms, "part", Some(&[5, 0, 3, 0xab, 2, 1]));
+        let q = parse_query(url.split_once('?').unwrap().1);
+        assert_eq!(q["udh"], vec![5, 0, 3, 0xab, 2, 1]);
+        assert_eq!(text(&q, "text"), "part");
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct OutboundSms {
     pub text: String,
     /// The encoding chosen for it.
     pub encoding: Encoding,
+    /// The text split into SMS parts (see [`crate::encoding::segment`]): one part for a short
+    /// text. Gateways that split themselves may ignore it; Kannel sends these parts with our own
+    /// concatenation header, because its own splitting can cut a surrogate pair in two.
+    pub parts: Vec<String>,
 }
 
 /// An SMS received (mobile originated).
@@ -98,8 +102,7 @@ pub trait Gateway: Send + Sync + std::fmt::Debug + 'static {
     /// Short name (`kannel`, `twilio`), used in store keys.
     fn name(&self) -> &'static str;
 
-    /// Sends one SMS (the gateway concatenates long texts); returns the id its delivery reports
-    /// will carry.
+    /// Sends one (possibly concatenated) SMS; returns the id its delivery reports will carry.
     async fn send(&self, sms: &OutboundSms) -> Result<String, GatewayError>;
 
     /// The webhook routes (paths starting with `/{name}/`) delivering events to `sink`.

@@ -461,6 +461,7 @@ mod tests {
             to: "+447700900123".into(),
             text: "héllo".into(),
             encoding: crate::encoding::Encoding::Ucs2,
+            parts: vec!["héllo".into()],
         };
         assert_eq!(gw.send(&sms).await.unwrap(), "SMabc");
         let (sid, auth, f) = seen.lock().unwrap().clone().unwrap();
