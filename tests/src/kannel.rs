@@ -4,7 +4,10 @@
 //!
 //! - Link `fake1`: a long-running `fakesmsc` receives every MT (what the bridge sends); its log
 //!   lines `Got message N: <from to type [udh] data>` are parsed by [`Kannel::received`].
-//! - Link `fake2`: [`Kannel::inject`] runs a short-lived `fakesmsc -m 1` to send one MO.
+//! - Link `fake2`: [`Kannel::inject`] runs a short-lived `fakesmsc -m 1` to send one MO. It has
+//!   `allowed-smsc-id = fake2`, so no MT is ever routed to it (the sendsms `smsc` parameter is
+//!   only a routing hint: without this, an MT sent while an injector is connected could go
+//!   either way).
 //! - With the fake SMSC, Kannel reports delivery at once: DLR status 1 (delivered) and 8 (SMSC
 //!   ack) reach the `dlr-url` of every MT.
 
@@ -94,13 +97,15 @@ pub fn parse_fakesmsc_line(line: &str) -> Option<Mt> {
 /// A running Kannel with its fake SMSC.
 #[derive(Debug)]
 pub struct Kannel {
-    dir: tempfile::TempDir,
+    // Fields drop in order: the processes (which print their logs when a test panics) before
+    // the directory holding the logs.
     _bearerbox: ChildGuard,
     _smsbox: ChildGuard,
     _phone: ChildGuard,
     sendsms_port: u16,
     inject_port: u16,
     admin_port: u16,
+    dir: tempfile::TempDir,
 }
 
 impl Kannel {
@@ -124,7 +129,8 @@ impl Kannel {
                  box-allow-ip = 127.0.0.1\nlog-level = 1\nlog-file = \"{d}/bearerbox.log\"\n\
                  dlr-storage = internal\n\n\
                  group = smsc\nsmsc = fake\nsmsc-id = fake1\nport = {fake1}\nconnect-allow-ip = 127.0.0.1\n\n\
-                 group = smsc\nsmsc = fake\nsmsc-id = fake2\nport = {fake2}\nconnect-allow-ip = 127.0.0.1\n\n\
+                 group = smsc\nsmsc = fake\nsmsc-id = fake2\nport = {fake2}\nconnect-allow-ip = 127.0.0.1\n\
+                 allowed-smsc-id = fake2\n\n\
                  group = smsbox\nbearerbox-host = 127.0.0.1\nsendsms-port = {sendsms}\n\
                  log-file = \"{d}/smsbox.log\"\nlog-level = 1\nmo-recode = true\n\
                  http-request-retry = 3\nhttp-queue-delay = 1\n\n\
