@@ -25,19 +25,19 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
-async fn start() -> anyhow::Result<Option<Env>> {
-    if !Kannel::available() {
-        eprintln!("skipping: Kannel (bearerbox, smsbox, kannel-extras' fakesmsc) is not installed");
-        return Ok(None);
-    }
+/// Synapse, alice and the bridge, with `gateway` as the config's `bridge.gateway` section
+/// (indented by four spaces) and the webhook listener on `hook_port`.
+struct Launched {
+    synapse: Synapse,
+    alice: MatrixUser,
+    bridge: BridgeProcess,
+    dir: tempfile::TempDir,
+}
+
+async fn launch(gateway: &str, hook_port: u16) -> anyhow::Result<Launched> {
     let dir = tempfile::Builder::new().prefix("trestle-sms-").tempdir()?;
-    let (port, hook_port) = (free_port(), free_port());
+    let port = free_port();
     let hooks = format!("http://127.0.0.1:{hook_port}");
-    let kannel = Kannel::start(&format!(
-        "{hooks}/kannel/mo?secret={SECRET}&from=%p&to=%P&text=%b&charset=%C&coding=%c&id=%I"
-    ))
-    .await?;
-    let (user, password) = kannel.credentials();
     let config = dir.path().join("sms.yaml");
     let reg = dir.path().join("sms-registration.yaml");
     let write = |hs: &str| {
@@ -54,11 +54,10 @@ async fn start() -> anyhow::Result<Option<Env>> {
                  \x20 max_segments: 3\n  help_text: \"Help: reply STOP to opt out.\"\n\
                  \x20 webhooks:\n    listen: \"127.0.0.1:{hook_port}\"\n    public_url: \"{hooks}\"\n    secret: \"{SECRET}\"\n\
                  \x20   allow_ips: [\"127.0.0.0/8\"]\n\
-                 \x20 gateway:\n    type: kannel\n    sendsms_url: \"{url}\"\n    username: {user}\n    password: {password}\n    smsc: fake1\n\
+                 \x20 gateway:\n{gateway}\
                  \x20 rate_limit: {{ gateway_burst: 50, gateway_per_second: 50.0, number_burst: 50, number_per_second: 50.0 }}\n",
                 reg = reg.display(),
                 db = dir.path().join("sms.db").display(),
-                url = kannel.sendsms_url(),
             ),
         )
     };
@@ -75,7 +74,34 @@ async fn start() -> anyhow::Result<Option<Env>> {
         &dir.path().join("bridge.log"),
     )
     .await?;
-    Ok(Some(Env { synapse, kannel, alice, hooks, _bridge: bridge, _dir: dir }))
+    Ok(Launched { synapse, alice, bridge, dir })
+}
+
+async fn start() -> anyhow::Result<Option<Env>> {
+    if !Kannel::available() {
+        eprintln!("skipping: Kannel (bearerbox, smsbox, kannel-extras' fakesmsc) is not installed");
+        return Ok(None);
+    }
+    let hook_port = free_port();
+    let hooks = format!("http://127.0.0.1:{hook_port}");
+    let kannel = Kannel::start(&format!(
+        "{hooks}/kannel/mo?secret={SECRET}&from=%p&to=%P&text=%b&charset=%C&coding=%c&id=%I"
+    ))
+    .await?;
+    let (user, password) = kannel.credentials();
+    let gateway = format!(
+        "    type: kannel\n    sendsms_url: \"{}\"\n    username: {user}\n    password: {password}\n    smsc: fake1\n",
+        kannel.sendsms_url()
+    );
+    let l = launch(&gateway, hook_port).await?;
+    Ok(Some(Env {
+        synapse: l.synapse,
+        kannel,
+        alice: l.alice,
+        hooks,
+        _bridge: l.bridge,
+        _dir: l.dir,
+    }))
 }
 
 fn body(e: &Value) -> &str {
@@ -379,5 +405,141 @@ async fn inviting_a_ghost_makes_a_portal() -> anyhow::Result<()> {
     env.kannel.inject("+447700900777", OURS, "still here").await?;
     env.alice.wait_for_message(&room, T, |e| body(e) == "still here").await?;
     assert!(env.alice.messages(&room, 100).await?.iter().all(|e| body(e) != "lost"));
+    Ok(())
+}
+
+/// What the fake REST API received: (account sid in the path, Authorization header, form).
+type Sent = Vec<(String, String, Vec<(String, String)>)>;
+
+/// A fake Twilio Messages API: records each send and answers with sid `SM<n>`.
+async fn fake_rest_api() -> anyhow::Result<(String, std::sync::Arc<std::sync::Mutex<Sent>>)> {
+    use axum::{extract::Path, http::HeaderMap, routing::post};
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Sent::new()));
+    let s2 = std::sync::Arc::clone(&sent);
+    let app = axum::Router::new().route(
+        "/2010-04-01/Accounts/{sid}/Messages.json",
+        post(move |Path(sid): Path<String>, headers: HeaderMap, body: axum::body::Bytes| {
+            let sent = std::sync::Arc::clone(&s2);
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let form: Vec<(String, String)> =
+                    url::form_urlencoded::parse(&body).into_owned().collect();
+                let mut sent = sent.lock().unwrap();
+                sent.push((sid, auth, form));
+                let n = sent.len();
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(json!({"sid": format!("SM{n}"), "status": "queued"})),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, sent))
+}
+
+fn form_get<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn rest_gateway_end_to_end() -> anyhow::Result<()> {
+    use trestle_sms::gateway::twilio::signature;
+    let (api, sent) = fake_rest_api().await?;
+    let hook_port = free_port();
+    let hooks = format!("http://127.0.0.1:{hook_port}");
+    let gateway = format!(
+        "    type: twilio\n    api_url: \"{api}\"\n    account_sid: AC123\n    auth_token: tw-token\n"
+    );
+    let l = launch(&gateway, hook_port).await?;
+    let alice = &l.alice;
+    let http = reqwest::Client::new();
+    let params = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    };
+    let post = |path: &str, form: Vec<(String, String)>, sign: Option<&str>| {
+        let url = format!("{hooks}{path}");
+        let mut req = http.post(&url).form(&form);
+        if let Some(token) = sign {
+            req = req.header("X-Twilio-Signature", signature(token, &url, &form));
+        }
+        req.send()
+    };
+
+    // Inbound: unsigned and wrongly signed are refused; signed creates the portal.
+    let inbound = params(&[
+        ("MessageSid", "SMin1"),
+        ("From", PHONE),
+        ("To", OURS),
+        ("Body", "hello over REST"),
+        ("NumMedia", "0"),
+    ]);
+    assert_eq!(post("/twilio/sms", inbound.clone(), None).await?.status(), 403);
+    assert_eq!(post("/twilio/sms", inbound.clone(), Some("not-the-token")).await?.status(), 403);
+    let r = post("/twilio/sms", inbound.clone(), Some("tw-token")).await?;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await?.contains("<Response/>"));
+    let room = accept_invite(alice).await?;
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "hello over REST")
+        .await?;
+    // Twilio retries: the same MessageSid again creates nothing.
+    assert_eq!(post("/twilio/sms", inbound, Some("tw-token")).await?.status(), 200);
+
+    // Outbound: a form POST with Basic auth and our status callback.
+    let event_id = alice.send_text(&room, "answer over REST").await?;
+    let got = wait_for("the REST send", T, || async {
+        let s = sent.lock().unwrap();
+        (!s.is_empty()).then(|| s[0].clone())
+    })
+    .await?;
+    assert_eq!(got.0, "AC123");
+    assert_eq!(got.1, "Basic QUMxMjM6dHctdG9rZW4="); // base64("AC123:tw-token")
+    assert_eq!(form_get(&got.2, "To"), PHONE);
+    assert_eq!(form_get(&got.2, "From"), OURS);
+    assert_eq!(form_get(&got.2, "Body"), "answer over REST");
+    assert_eq!(form_get(&got.2, "StatusCallback"), format!("{hooks}/twilio/status"));
+
+    // Status callbacks: forged refused; delivered → read receipt; undelivered → notice.
+    let delivered = params(&[("MessageSid", "SM1"), ("MessageStatus", "delivered")]);
+    assert_eq!(post("/twilio/status", delivered.clone(), None).await?.status(), 403);
+    assert_eq!(post("/twilio/status", delivered, Some("tw-token")).await?.status(), 200);
+    wait_for("the ghost's read receipt", T, || async {
+        let s = sync(alice).await.ok()?;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.receipt" && e["content"][&event_id]["m.read"][GHOST].is_object()
+            })
+            .then_some(())
+    })
+    .await?;
+    alice.send_text(&room, "this one fails").await?;
+    wait_for("the second REST send", T, || async {
+        (sent.lock().unwrap().len() >= 2).then_some(())
+    })
+    .await?;
+    let failed =
+        params(&[("MessageSid", "SM2"), ("MessageStatus", "undelivered"), ("ErrorCode", "30003")]);
+    assert_eq!(post("/twilio/status", failed, Some("tw-token")).await?.status(), 200);
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice"
+                && body(e).contains("failed: undelivered (error 30003)")
+        })
+        .await?;
+    assert_eq!(
+        alice.messages(&room, 100).await?.iter().filter(|e| body(e) == "hello over REST").count(),
+        1
+    );
+    let _ = (&l.synapse, &l.dir, &l.bridge);
     Ok(())
 }
