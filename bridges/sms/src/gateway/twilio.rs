@@ -69,9 +69,34 @@ pub fn signature(auth_token: &str, url: &str, params: &[(String, String)]) -> St
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
-/// Whether `given` is the right signature (constant-time comparison).
+/// Whether `given` is the right signature (constant-time comparison). Like Twilio's own
+/// validators, the URL is also tried with its default port added or removed (`:443` for https,
+/// `:80` for http), since proxies disagree about writing it.
 pub fn verify(auth_token: &str, url: &str, params: &[(String, String)], given: &str) -> bool {
-    secret_eq(given.as_bytes(), signature(auth_token, url, params).as_bytes())
+    url_variants(url)
+        .iter()
+        .any(|u| secret_eq(given.as_bytes(), signature(auth_token, u, params).as_bytes()))
+}
+
+/// `url`, and `url` with its scheme's default port toggled.
+fn url_variants(url: &str) -> Vec<String> {
+    let mut out = vec![url.to_owned()];
+    let Ok(parsed) = url::Url::parse(url) else { return out };
+    let default = match parsed.scheme() {
+        "https" => 443,
+        "http" => 80,
+        _ => return out,
+    };
+    let Some((scheme, rest)) = url.split_once("://") else { return out };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let suffix = format!(":{default}");
+    if let Some(host) = authority.strip_suffix(&suffix) {
+        out.push(format!("{scheme}://{host}{tail}"));
+    } else if parsed.port().is_none() {
+        out.push(format!("{scheme}://{authority}{suffix}{tail}"));
+    }
+    out
 }
 
 /// Maps a Twilio `MessageStatus` to a delivery status.
@@ -482,6 +507,28 @@ mod tests {
             public_url: "https://hooks.example.org/".parse().unwrap(),
         });
         assert!(matches!(down.send(&sms).await, Err(GatewayError::Temporary(_))));
+    }
+
+    #[test]
+    fn default_port_variants() {
+        let params = example("+14158675310");
+        let sig = signature("12345", "https://mycompany.com:443/myapp.php?foo=1&bar=2", &params);
+        // Signed with the port, received without (and the reverse).
+        assert!(verify("12345", "https://mycompany.com/myapp.php?foo=1&bar=2", &params, &sig));
+        assert!(verify(
+            "12345",
+            "https://mycompany.com:443/myapp.php?foo=1&bar=2",
+            &params,
+            "GvWf1cFY/Q7PnoempGyD5oXAezc="
+        ));
+        // A non-default port is never dropped or invented.
+        let odd = signature("12345", "https://mycompany.com:8443/x", &params);
+        assert!(!verify("12345", "https://mycompany.com/x", &params, &odd));
+        assert_eq!(url_variants("http://h:8080/p"), vec!["http://h:8080/p".to_owned()]);
+        assert_eq!(
+            url_variants("http://h/p?q"),
+            vec!["http://h/p?q".to_owned(), "http://h:80/p?q".to_owned()]
+        );
     }
 
     #[test]
