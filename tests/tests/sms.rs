@@ -21,7 +21,7 @@ struct Env {
     kannel: Kannel,
     alice: MatrixUser,
     hooks: String,
-    _bridge: BridgeProcess,
+    bridge: BridgeProcess,
     _dir: tempfile::TempDir,
 }
 
@@ -99,7 +99,7 @@ async fn start() -> anyhow::Result<Option<Env>> {
         kannel,
         alice: l.alice,
         hooks,
-        _bridge: l.bridge,
+        bridge: l.bridge,
         _dir: l.dir,
     }))
 }
@@ -249,6 +249,10 @@ async fn long_messages_split_and_counted() -> anyhow::Result<()> {
     notice_containing(&env, &room, "would be 4 SMS (UCS-2, 202").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(env.kannel.received().len(), before, "nothing sent for refused messages");
+    // The bridge's counters agree: 4 messages in 2 parts each, 2 refused as too long.
+    assert_eq!(env.bridge.metric("trestle_sms_sent_total").await?, 4.0);
+    assert_eq!(env.bridge.metric("trestle_sms_sent_parts_total").await?, 8.0);
+    assert_eq!(env.bridge.metric("trestle_sms_refused_total").await?, 2.0);
     Ok(())
 }
 
@@ -324,6 +328,8 @@ async fn webhooks_are_authenticated_and_idempotent() -> anyhow::Result<()> {
     let msgs = env.alice.messages(&room, 100).await?;
     assert_eq!(msgs.iter().filter(|e| body(e) == "only once").count(), 1);
     assert_eq!(msgs.iter().filter(|e| body(e) == "forged").count(), 0);
+    // first, retry-1 and retry-2 bridged; retry-1 twice more as duplicates.
+    assert_eq!(env.bridge.metric("trestle_sms_received_total").await?, 5.0);
     Ok(())
 }
 

@@ -42,11 +42,59 @@ impl std::fmt::Debug for SmsBridge {
     }
 }
 
+/// The bridge's own Prometheus counters (served on the framework's `/metrics`).
+#[derive(Debug, Clone)]
+struct SmsMetrics {
+    /// SMS received, by outcome (`bridged`, `duplicate`, `dropped`).
+    received: prometheus::IntCounterVec,
+    /// SMS handed to the gateway.
+    sent: prometheus::IntCounter,
+    /// The parts they cost.
+    parts: prometheus::IntCounter,
+    /// Messages not sent, by reason.
+    refused: prometheus::IntCounterVec,
+    /// Final delivery reports, by outcome.
+    reports: prometheus::IntCounterVec,
+}
+
+impl SmsMetrics {
+    fn register(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        use prometheus::{IntCounter, IntCounterVec, Opts};
+        let vec =
+            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let one = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(Self {
+            received: vec(
+                "trestle_sms_received_total",
+                "Inbound SMS callbacks by outcome",
+                "outcome",
+            )?,
+            sent: one("trestle_sms_sent_total", "SMS handed to the gateway")?,
+            parts: one("trestle_sms_sent_parts_total", "SMS parts handed to the gateway")?,
+            refused: vec("trestle_sms_refused_total", "Messages not sent, by reason", "reason")?,
+            reports: vec(
+                "trestle_sms_delivery_reports_total",
+                "Final delivery reports by outcome",
+                "outcome",
+            )?,
+        })
+    }
+}
+
 /// The bridge's state, shared with the webhook handlers.
 pub struct Inner {
     ctx: Context<SmsConfig>,
     gateway: Arc<dyn Gateway>,
     limiter: RateLimiter,
+    metrics: SmsMetrics,
     /// Inbound callbacks are handled one at a time: a retried callback racing the original
     /// still creates nothing twice.
     inbound_lock: tokio::sync::Mutex<()>,
@@ -172,6 +220,7 @@ impl Inner {
         let done_key = format!("sms.mo:{}:{}", self.gw(), sms.gateway_id);
         if self.ctx.store().kv_get(&done_key).await?.is_some() {
             tracing::debug!(id = sms.gateway_id, "repeated inbound callback ignored");
+            self.metrics.received.with_label_values(&["duplicate"]).inc();
             return Ok(());
         }
         let cfg = self.cfg();
@@ -184,11 +233,13 @@ impl Inner {
                 "inbound SMS for a number that is not configured; dropped"
             );
             self.ctx.store().kv_set(&done_key, "dropped").await?;
+            self.metrics.received.with_label_values(&["dropped"]).inc();
             return Ok(());
         };
         let Some(theirs) = Address::classify(&sms.from, cfg.region(), cfg.validation()) else {
             tracing::warn!(id = sms.gateway_id, "inbound SMS with an unusable sender; dropped");
             self.ctx.store().kv_set(&done_key, "dropped").await?;
+            self.metrics.received.with_label_values(&["dropped"]).inc();
             return Ok(());
         };
         let portal = self.portal_for(&ours, &theirs).await?;
@@ -251,6 +302,7 @@ impl Inner {
             }
         }
         self.ctx.store().kv_set(&done_key, "done").await?;
+        self.metrics.received.with_label_values(&["bridged"]).inc();
         Ok(())
     }
 
@@ -274,6 +326,7 @@ impl Inner {
                     &format!("{theirs} is an alphanumeric sender: it cannot receive replies."),
                 )
                 .await;
+            self.metrics.refused.with_label_values(&["alphanumeric"]).inc();
             return Ok(SendOutcome::Refused);
         };
         if !keyword_reply
@@ -282,6 +335,7 @@ impl Inner {
             self.ctx
                 .notice(room_id, &format!("Not sent: {theirs} opted out (STOP). They can send START to receive messages again."))
                 .await;
+            self.metrics.refused.with_label_values(&["opted_out"]).inc();
             return Ok(SendOutcome::Refused);
         }
         let seg = segment(text);
@@ -301,6 +355,7 @@ impl Inner {
                     ),
                 )
                 .await;
+            self.metrics.refused.with_label_values(&["too_long"]).inc();
             return Ok(SendOutcome::Refused);
         }
         self.limiter.acquire(dial, u32::try_from(seg.count()).unwrap_or(u32::MAX)).await;
@@ -321,10 +376,13 @@ impl Inner {
                     self.remember_sent(&id, room_id, event_id, sender, theirs).await?;
                 }
                 tracing::info!(parts = seg.count(), encoding = ?seg.encoding, id, "SMS handed to the gateway");
+                self.metrics.sent.inc();
+                self.metrics.parts.inc_by(u64::try_from(seg.count()).unwrap_or(u64::MAX));
                 Ok(SendOutcome::Sent(id))
             }
             Err(GatewayError::Rejected(reason)) => {
                 self.ctx.notice(room_id, &format!("SMS to {theirs} not sent: {reason}")).await;
+                self.metrics.refused.with_label_values(&["rejected_by_gateway"]).inc();
                 Ok(SendOutcome::Refused)
             }
             Err(e @ GatewayError::Temporary(_)) => Err(retry(e)),
@@ -409,6 +467,7 @@ impl Inner {
             DeliveryStatus::Pending(_) => {}
         }
         self.ctx.store().kv_set(&once, "1").await?;
+        self.metrics.reports.with_label_values(&[kind]).inc();
         Ok(())
     }
 
@@ -549,6 +608,8 @@ impl Bridge for SmsBridge {
             gateway: Arc::clone(&gateway),
             limiter,
             inbound_lock: tokio::sync::Mutex::new(()),
+            metrics: SmsMetrics::register(ctx.metrics().registry())
+                .map_err(|e| BridgeError::Permanent(format!("cannot register metrics: {e}")))?,
         });
         let allow = Arc::new(
             IpAllowList::parse(&cfg.webhooks.allow_ips)
