@@ -236,7 +236,7 @@ impl Inner {
             self.metrics.received.with_label_values(&["dropped"]).inc();
             return Ok(());
         };
-        let Some(theirs) = Address::classify(&sms.from, cfg.region(), cfg.validation()) else {
+        let Some(theirs) = Address::classify(&sms.from, cfg.region(), Validation::Lenient) else {
             tracing::warn!(id = sms.gateway_id, "inbound SMS with an unusable sender; dropped");
             self.ctx.store().kv_set(&done_key, "dropped").await?;
             self.metrics.received.with_label_values(&["dropped"]).inc();

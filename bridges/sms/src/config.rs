@@ -14,7 +14,8 @@ pub struct SmsConfig {
     /// Region for numbers written without a country code (`GB`, `US`, `DE`…).
     #[serde(default)]
     pub default_region: Option<String>,
-    /// Require numbers to be valid in their numbering plan (else: plausible length suffices).
+    /// Require numbers typed by Matrix users (`!sms`) to be valid in their numbering plan (else:
+    /// plausible length suffices). Senders of inbound SMS are always accepted leniently.
     #[serde(default)]
     pub strict_numbers: bool,
     /// Our numbers (E.164) and the Matrix users who own each.

@@ -130,7 +130,10 @@ impl Address {
             .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
             .map(|c| c.to_ascii_lowercase())
             .collect();
-        (!alpha.is_empty() && alpha.len() <= 16).then_some(Self::Alpha(alpha))
+        // An alphanumeric sender id has at least one letter; digits that fail as a number are
+        // not one.
+        (alpha.bytes().any(|b| b.is_ascii_lowercase()) && alpha.len() <= 16)
+            .then_some(Self::Alpha(alpha))
     }
 
     /// The key used in ghost ids and portal ids: `+447700900123`, `12345`, `a.mybank`.
@@ -271,6 +274,9 @@ mod tests {
             assert_eq!(Address::from_key(&a.key()), Some(a.clone()));
         }
         assert_eq!(Address::from_key("+12"), None);
+        // Digits that are no valid number are not an alphanumeric sender either.
+        assert_eq!(Address::classify("+447700900123", None, Validation::Strict), None);
+        assert_eq!(Address::classify("123456789012", None, Validation::Lenient), None);
         assert_eq!(Address::from_key("a."), None);
     }
 }
