@@ -275,6 +275,9 @@ async fn stop_start_and_help() -> anyhow::Result<()> {
     assert_eq!(mts[0].plain_text(), "Help: reply STOP to opt out.");
     assert_eq!(mts[0].to, PHONE);
     notice_containing(&env, &room, "asked for HELP").await?;
+    // Asked again: not answered twice within the hour.
+    env.kannel.inject(PHONE, OURS, "help").await?;
+    notice_containing(&env, &room, "asked for HELP again").await?;
 
     env.kannel.inject(PHONE, OURS, "START").await?;
     notice_containing(&env, &room, "sent START").await?;

@@ -284,18 +284,35 @@ impl Inner {
                     }
                 }
                 Some(Keyword::Help) => {
-                    let help = cfg.help_text.clone();
-                    match self.send_sms(&portal.room_id, &ours, &theirs, &help, true, None).await {
-                        Ok(SendOutcome::Sent(_)) => {
-                            self.ctx
-                                .notice(
-                                    &portal.room_id,
-                                    &format!("{theirs} asked for HELP; answered with: {help}"),
-                                )
-                                .await;
+                    // Answered at most once an hour per conversation: a HELP loop (or a
+                    // prankster) must not run up the SMS bill.
+                    let key = format!("sms.help:{ours}:{}", theirs.key());
+                    let last = self.ctx.store().kv_get(&key).await?;
+                    let recent = last
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .is_some_and(|t| now_ms() - t < HELP_INTERVAL_MS);
+                    if recent {
+                        self.ctx
+                            .notice(&portal.room_id, &format!("{theirs} asked for HELP again; not answered twice within an hour."))
+                            .await;
+                    } else {
+                        let help = cfg.help_text.clone();
+                        match self
+                            .send_sms(&portal.room_id, &ours, &theirs, &help, true, None)
+                            .await
+                        {
+                            Ok(SendOutcome::Sent(_)) => {
+                                self.ctx.store().kv_set(&key, &now_ms().to_string()).await?;
+                                self.ctx
+                                    .notice(
+                                        &portal.room_id,
+                                        &format!("{theirs} asked for HELP; answered with: {help}"),
+                                    )
+                                    .await;
+                            }
+                            Ok(SendOutcome::Refused) => {}
+                            Err(e) => tracing::warn!(error = %e, "could not answer HELP"),
                         }
-                        Ok(SendOutcome::Refused) => {}
-                        Err(e) => tracing::warn!(error = %e, "could not answer HELP"),
                     }
                 }
                 None => {}
@@ -513,6 +530,9 @@ pub fn split_number_and_text(args: &[String]) -> (String, String) {
     let n = args.iter().take_while(|w| is_num(w)).count().max(1);
     (args[..n.min(args.len())].join(" "), args[n.min(args.len())..].join(" "))
 }
+
+/// HELP is answered at most once per this interval and conversation.
+const HELP_INTERVAL_MS: i64 = 3_600_000;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
