@@ -217,12 +217,13 @@ async fn long_messages_split_and_counted() -> anyhow::Result<()> {
         // An emoji (a surrogate pair) that would straddle the 67-unit boundary moves whole.
         (format!("{}🙂{}", "я".repeat(66), "я".repeat(10)), "ucs2", &[66, 11]),
     ];
+    let mut last_event = String::new();
     for (text, enc, sizes) in cases {
         // The bridge's own count agrees with the gateway's split.
         let seg = trestle_sms::encoding::segment(&text);
         assert_eq!(seg.count(), sizes.len());
         let before = env.kannel.received().len();
-        env.alice.send_text(&room, &text).await?;
+        last_event = env.alice.send_text(&room, &text).await?;
         let mts = new_mts(&env, before, sizes.len()).await?;
         let mut got = Vec::new();
         for (i, m) in mts.iter().enumerate() {
@@ -234,6 +235,22 @@ async fn long_messages_split_and_counted() -> anyhow::Result<()> {
         }
         assert_eq!(got.concat(), text);
     }
+    // Every part of the last one was reported delivered: the ghost has read it.
+    wait_for("the ghost's read receipt", T, || async {
+        let s = sync(&env.alice).await.ok()?;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.receipt" && e["content"][&last_event]["m.read"][GHOST].is_object()
+            })
+            .then_some(())
+    })
+    .await?;
+    // One report acted on per message (not per part, not per retry).
+    wait_for("4 delivery reports counted", T, || async {
+        (env.bridge.metric("trestle_sms_delivery_reports_total").await.ok()? == 4.0).then_some(())
+    })
+    .await?;
 
     // Over max_segments (3): refused with the count, nothing sent.
     let before = env.kannel.received().len();

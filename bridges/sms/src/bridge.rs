@@ -98,6 +98,9 @@ pub struct Inner {
     /// Inbound callbacks are handled one at a time: a retried callback racing the original
     /// still creates nothing twice.
     inbound_lock: tokio::sync::Mutex<()>,
+    /// Delivery reports are acted on one at a time: the reports of a message's parts arrive
+    /// together, and each outcome must be acted on once.
+    report_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -464,6 +467,25 @@ impl Inner {
         };
         let sent: Sent = serde_json::from_str(&raw).map_err(retry)?;
         let Some(to) = Address::from_key(&sent.to) else { return Ok(()) };
+        let _one_at_a_time = self.report_lock.lock().await;
+        // A concatenated message is delivered when every part is.
+        if let (DeliveryStatus::Delivered, Some((seq, total))) = (&r.status, r.part)
+            && total > 1
+        {
+            let part_key = |n: u8| format!("sms.dlr:{}:{}:part{n}", self.gw(), r.message_id);
+            self.ctx.store().kv_set(&part_key(seq), "1").await?;
+            for n in 1..=total {
+                if self.ctx.store().kv_get(&part_key(n)).await?.is_none() {
+                    tracing::debug!(
+                        id = r.message_id,
+                        seq,
+                        total,
+                        "part delivered; waiting for the others"
+                    );
+                    return Ok(());
+                }
+            }
+        }
         let once = format!("sms.dlr:{}:{}:{kind}", self.gw(), r.message_id);
         if self.ctx.store().kv_get(&once).await?.is_some() {
             return Ok(());
@@ -628,6 +650,7 @@ impl Bridge for SmsBridge {
             gateway: Arc::clone(&gateway),
             limiter,
             inbound_lock: tokio::sync::Mutex::new(()),
+            report_lock: tokio::sync::Mutex::new(()),
             metrics: SmsMetrics::register(ctx.metrics().registry())
                 .map_err(|e| BridgeError::Permanent(format!("cannot register metrics: {e}")))?,
         });

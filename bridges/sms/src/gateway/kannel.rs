@@ -83,11 +83,14 @@ impl Kannel {
         Self { settings: Arc::new(settings), http }
     }
 
-    /// The `dlr-url` Kannel calls back for message `id` (Kannel expands `%d` and `%A`).
-    pub fn dlr_url(&self, id: &str) -> String {
+    /// The `dlr-url` Kannel calls back for message `id`, or for part `(seq, total)` of it
+    /// (Kannel expands `%d` and `%A`).
+    pub fn dlr_url(&self, id: &str, part: Option<(u8, u8)>) -> String {
         let base = self.settings.public_url.as_str().trim_end_matches('/');
+        let part =
+            part.map(|(seq, total)| format!("&part={seq}&parts={total}")).unwrap_or_default();
         format!(
-            "{base}/kannel/dlr?id={}&token={}&status=%d&reply=%A",
+            "{base}/kannel/dlr?id={}&token={}{part}&status=%d&reply=%A",
             enc(id),
             message_token(&self.settings.secret, id)
         )
@@ -106,7 +109,8 @@ impl Kannel {
             ("charset", "UTF-8".to_owned()),
             ("coding", sms.encoding.kannel_coding().to_string()),
             ("dlr-mask", s.dlr_mask.to_string()),
-            ("dlr-url", self.dlr_url(&sms.id)),
+            // A concatenation UDH (05 00 03 ref total seq) names the part its reports are about.
+            ("dlr-url", self.dlr_url(&sms.id, udh.filter(|u| u.len() == 6).map(|u| (u[5], u[4])))),
         ];
         if let Some(smsc) = &s.smsc {
             q.push(("smsc", smsc.clone()));
@@ -219,7 +223,11 @@ async fn dlr(State(h): State<Hooks>, OriginalUri(uri): OriginalUri) -> (StatusCo
     let Ok(status) = text(&q, "status").trim().parse::<u32>() else {
         return (StatusCode::BAD_REQUEST, "bad status");
     };
-    let report = DeliveryReport { message_id: id, status: dlr_status(status, &text(&q, "reply")) };
+    let seq = text(&q, "part").parse::<u8>().ok();
+    let total = text(&q, "parts").parse::<u8>().ok();
+    let part = seq.zip(total).filter(|(s, t)| *s >= 1 && s <= t);
+    let report =
+        DeliveryReport { message_id: id, status: dlr_status(status, &text(&q, "reply")), part };
     deliver(h.sink.as_ref(), GatewayEvent::Report(report)).await
 }
 
@@ -307,6 +315,13 @@ mod tests {
         let url = k.sendsms_request(&sms, "part", Some(&[5, 0, 3, 0xab, 2, 1]));
         let q = parse_query(url.split_once('?').unwrap().1);
         assert_eq!(q["udh"], vec![5, 0, 3, 0xab, 2, 1]);
+        // Each part's reports name the part.
+        assert_eq!(
+            text(&q, "dlr-url"),
+            format!(
+                "https://sms.example.org/hooks/kannel/dlr?id=abc&token={token}&part=1&parts=2&status=%d&reply=%A"
+            )
+        );
         assert_eq!(text(&q, "text"), "part");
     }
 

@@ -67,6 +67,9 @@ pub struct DeliveryReport {
     pub message_id: String,
     /// What happened.
     pub status: DeliveryStatus,
+    /// Which part it is about, `(seq, total)` counting from 1, when the gateway reports the parts
+    /// of a concatenated message one by one.
+    pub part: Option<(u8, u8)>,
 }
 
 /// Something a gateway told us.

@@ -227,6 +227,7 @@ async fn status(
     let report = DeliveryReport {
         message_id: sid.to_owned(),
         status: message_status(get(&params, "MessageStatus"), get(&params, "ErrorCode")),
+        part: None,
     };
     deliver(h.sink.as_ref(), GatewayEvent::Report(report)).await
 }
@@ -448,6 +449,7 @@ mod tests {
             Some(&GatewayEvent::Report(DeliveryReport {
                 message_id: "SM9".into(),
                 status: DeliveryStatus::Failed("undelivered (error 30003)".into()),
+                part: None,
             }))
         );
     }
