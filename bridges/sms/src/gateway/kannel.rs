@@ -8,7 +8,7 @@
 //! - **Long texts** are sent part by part, each with our own concatenation UDH
 //!   (`05 00 03 ref total seq`) in `udh`, split by [`crate::encoding::segment`]: Kannel's own
 //!   splitting (`concatenation = true`) counts UCS-2 in 16-bit units and can cut an emoji's
-//!   surrogate pair in two (seen with Kannel 1.4.5). Every part carries the same DLR URL.
+//!   surrogate pair in two (seen with Kannel 1.4.5). Each part's DLR URL adds `&part=N&parts=T`.
 //! - **Receive (MO):** an `sms-service` with `get-url` =
 //!   `{public_url}/kannel/mo?secret=…&from=%p&to=%P&text=%b&charset=%C&coding=%c&id=%I`
 //!   (`%b` is the message verbatim; `%a` would squeeze spaces) and `max-messages = 0` (no reply
