@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 pub mod ircd;
+pub mod kannel;
 pub mod synapse;
 
 pub use synapse::Synapse;

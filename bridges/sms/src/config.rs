@@ -1,0 +1,279 @@
+//! The `bridge:` section of the SMS bridge's config.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use trestle::config::{BridgeConfig, Config, ConfigError};
+
+use crate::{gateway::webhook::IpAllowList, number};
+
+/// The SMS bridge's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmsConfig {
+    /// Region for numbers written without a country code (`GB`, `US`, `DE`…).
+    #[serde(default)]
+    pub default_region: Option<String>,
+    /// Require numbers typed by Matrix users (`!sms`) to be valid in their numbering plan (else:
+    /// plausible length suffices). Senders of inbound SMS are always accepted leniently.
+    #[serde(default)]
+    pub strict_numbers: bool,
+    /// Our numbers (E.164) and the Matrix users who own each.
+    pub numbers: BTreeMap<String, OwnedNumber>,
+    /// Ghost localpart prefix: `@{prefix}{number}:server` (`@sms_+447700900123:example.org`).
+    #[serde(default = "default_prefix")]
+    pub user_prefix: String,
+    /// Most SMS parts one Matrix message may become; longer messages are refused with a notice.
+    #[serde(default = "default_max_segments")]
+    pub max_segments: u32,
+    /// Answer to HELP (and INFO) from a remote number.
+    #[serde(default = "default_help")]
+    pub help_text: String,
+    /// The public webhook listener the gateway calls.
+    pub webhooks: WebhooksConfig,
+    /// The gateway.
+    pub gateway: GatewayConfig,
+    /// Outbound rate limits.
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+}
+
+/// One of our numbers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnedNumber {
+    /// Matrix users invited to this number's conversations and allowed to send from it.
+    pub owners: Vec<String>,
+}
+
+/// The webhook listener.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Its public base URL, as the gateway reaches it.
+    pub public_url: url::Url,
+    /// Shared secret authenticating the gateway's callbacks.
+    pub secret: String,
+    /// Source addresses allowed to call (IPs or CIDR prefixes); empty allows all.
+    #[serde(default)]
+    pub allow_ips: Vec<String>,
+}
+
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url.as_str())
+            .field("secret", &"<redacted>")
+            .field("allow_ips", &self.allow_ips)
+            .finish()
+    }
+}
+
+/// Which gateway, and its settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum GatewayConfig {
+    /// Kannel's smsbox HTTP interface.
+    Kannel(KannelConfig),
+    /// A Twilio-style REST API.
+    Twilio(TwilioConfig),
+}
+
+/// Kannel settings.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KannelConfig {
+    /// The smsbox sendsms URL.
+    pub sendsms_url: url::Url,
+    /// sendsms-user name.
+    pub username: String,
+    /// sendsms-user password.
+    pub password: String,
+    /// Route through this smsc-id.
+    #[serde(default)]
+    pub smsc: Option<String>,
+    /// Which delivery reports to ask for (31 = all).
+    #[serde(default = "default_dlr_mask")]
+    pub dlr_mask: u8,
+}
+
+impl std::fmt::Debug for KannelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KannelConfig")
+            .field("sendsms_url", &self.sendsms_url.as_str())
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("smsc", &self.smsc)
+            .field("dlr_mask", &self.dlr_mask)
+            .finish()
+    }
+}
+
+/// REST gateway settings.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioConfig {
+    /// API base URL.
+    #[serde(default = "default_twilio_api")]
+    pub api_url: url::Url,
+    /// Account SID.
+    pub account_sid: String,
+    /// Auth token (API password and webhook signing key).
+    pub auth_token: String,
+}
+
+impl std::fmt::Debug for TwilioConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TwilioConfig")
+            .field("api_url", &self.api_url.as_str())
+            .field("account_sid", &self.account_sid)
+            .field("auth_token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Outbound rate limits, in SMS parts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Gateway-wide burst.
+    #[serde(default = "default_gw_burst")]
+    pub gateway_burst: u32,
+    /// Gateway-wide parts per second.
+    #[serde(default = "default_gw_rate")]
+    pub gateway_per_second: f64,
+    /// Burst per destination number.
+    #[serde(default = "default_num_burst")]
+    pub number_burst: u32,
+    /// Parts per second per destination number.
+    #[serde(default = "default_num_rate")]
+    pub number_per_second: f64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            gateway_burst: default_gw_burst(),
+            gateway_per_second: default_gw_rate(),
+            number_burst: default_num_burst(),
+            number_per_second: default_num_rate(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "sms_".to_owned()
+}
+fn default_max_segments() -> u32 {
+    6
+}
+fn default_help() -> String {
+    "This number is answered through Matrix. Reply STOP to stop messages, START to resume."
+        .to_owned()
+}
+fn default_dlr_mask() -> u8 {
+    31
+}
+fn default_twilio_api() -> url::Url {
+    url::Url::parse("https://api.twilio.com").expect("valid URL")
+}
+fn default_gw_burst() -> u32 {
+    20
+}
+fn default_gw_rate() -> f64 {
+    10.0
+}
+fn default_num_burst() -> u32 {
+    10
+}
+fn default_num_rate() -> f64 {
+    1.0
+}
+
+impl SmsConfig {
+    /// The parsed default region.
+    pub fn region(&self) -> Option<phonenumber::country::Id> {
+        self.default_region.as_deref().and_then(|r| number::parse_region(r).ok())
+    }
+
+    /// The number validation mode.
+    pub fn validation(&self) -> number::Validation {
+        if self.strict_numbers { number::Validation::Strict } else { number::Validation::Lenient }
+    }
+}
+
+impl BridgeConfig for SmsConfig {
+    const EXAMPLE: &'static str = include_str!("example-bridge-section.yaml");
+
+    fn validate(&self, _config: &Config<Self>) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        if let Some(r) = &self.default_region
+            && number::parse_region(r).is_err()
+        {
+            errors.push(ConfigError::invalid(
+                "bridge.default_region",
+                "not a two-letter region code",
+            ));
+        }
+        if self.numbers.is_empty() {
+            errors.push(ConfigError::invalid("bridge.numbers", "at least one number is needed"));
+        }
+        for (n, owned) in &self.numbers {
+            if number::E164::from_e164(n).is_none() {
+                errors.push(ConfigError::invalid(
+                    format!("bridge.numbers.{n}"),
+                    "must be an E.164 number such as +447700900123",
+                ));
+            }
+            if owned.owners.is_empty() {
+                errors.push(ConfigError::invalid(
+                    format!("bridge.numbers.{n}.owners"),
+                    "at least one owner is needed",
+                ));
+            }
+            for o in &owned.owners {
+                if !trestle::util::escape::is_valid_user_id(o) {
+                    errors.push(ConfigError::invalid(
+                        format!("bridge.numbers.{n}.owners"),
+                        format!("{o} is not a user id"),
+                    ));
+                }
+            }
+        }
+        if self.user_prefix.is_empty()
+            || !trestle::util::escape::is_valid_localpart(&self.user_prefix)
+        {
+            errors.push(ConfigError::invalid(
+                "bridge.user_prefix",
+                "must be a non-empty localpart prefix (a-z 0-9 . _ = - / +)",
+            ));
+        }
+        if self.max_segments == 0 {
+            errors.push(ConfigError::invalid("bridge.max_segments", "must be at least 1"));
+        }
+        if self.webhooks.secret.len() < 16 {
+            errors.push(ConfigError::invalid(
+                "bridge.webhooks.secret",
+                "must be at least 16 characters",
+            ));
+        }
+        if let Err(e) = IpAllowList::parse(&self.webhooks.allow_ips) {
+            errors.push(ConfigError::invalid("bridge.webhooks.allow_ips", e.to_string()));
+        }
+        let r = &self.rate_limit;
+        if r.gateway_burst == 0
+            || r.number_burst == 0
+            || r.gateway_per_second <= 0.0
+            || r.number_per_second <= 0.0
+        {
+            errors.push(ConfigError::invalid(
+                "bridge.rate_limit",
+                "bursts and rates must be positive",
+            ));
+        }
+        errors
+    }
+}

@@ -1,0 +1,571 @@
+//! End-to-end tests of the SMS bridge: a real Synapse, a real Kannel (bearerbox + smsbox) whose
+//! fake SMSC (`fakesmsc`) plays the phone network, and a Matrix user on the client-server API.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trestle_e2e::{
+    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    kannel::{Kannel, Mt},
+    wait_for,
+};
+
+const OURS: &str = "+441234567890";
+const PHONE: &str = "+447700900123";
+const GHOST: &str = "@sms_+447700900123:localhost";
+const SECRET: &str = "e2e-webhook-secret-0123456789";
+const T: Duration = Duration::from_secs(30);
+
+struct Env {
+    synapse: Synapse,
+    kannel: Kannel,
+    alice: MatrixUser,
+    hooks: String,
+    bridge: BridgeProcess,
+    _dir: tempfile::TempDir,
+}
+
+/// Synapse, alice and the bridge, with `gateway` as the config's `bridge.gateway` section
+/// (indented by four spaces) and the webhook listener on `hook_port`.
+struct Launched {
+    synapse: Synapse,
+    alice: MatrixUser,
+    bridge: BridgeProcess,
+    dir: tempfile::TempDir,
+}
+
+async fn launch(gateway: &str, hook_port: u16) -> anyhow::Result<Launched> {
+    let dir = tempfile::Builder::new().prefix("trestle-sms-").tempdir()?;
+    let port = free_port();
+    let hooks = format!("http://127.0.0.1:{hook_port}");
+    let config = dir.path().join("sms.yaml");
+    let reg = dir.path().join("sms-registration.yaml");
+    let write = |hs: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
+                 appservice: {{ id: sms, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
+                 bot_localpart: smsbot, registration: \"{reg}\" }}\n\
+                 database: {{ path: \"{db}\" }}\n\
+                 logging: {{ level: \"info,trestle=debug,trestle_sms=debug\" }}\n\
+                 permissions: {{ \"*\": user }}\n\
+                 bridge:\n  default_region: GB\n  numbers:\n    \"{OURS}\":\n      owners: [\"@alice:localhost\"]\n\
+                 \x20 max_segments: 3\n  help_text: \"Help: reply STOP to opt out.\"\n\
+                 \x20 webhooks:\n    listen: \"127.0.0.1:{hook_port}\"\n    public_url: \"{hooks}\"\n    secret: \"{SECRET}\"\n\
+                 \x20   allow_ips: [\"127.0.0.0/8\"]\n\
+                 \x20 gateway:\n{gateway}\
+                 \x20 rate_limit: {{ gateway_burst: 50, gateway_per_second: 50.0, number_burst: 50, number_per_second: 50.0 }}\n",
+                reg = reg.display(),
+                db = dir.path().join("sms.db").display(),
+            ),
+        )
+    };
+    write("http://127.0.0.1:1")?;
+    let bin = binary("trestle-sms")?;
+    BridgeProcess::generate_registration(&bin, &config, &reg)?;
+    let synapse = Synapse::start(&[&reg]).await?;
+    write(&synapse.url())?;
+    let alice = MatrixUser::register(&synapse.url(), "alice").await?;
+    let bridge = BridgeProcess::start(
+        &bin,
+        &config,
+        &format!("http://127.0.0.1:{port}"),
+        &dir.path().join("bridge.log"),
+    )
+    .await?;
+    Ok(Launched { synapse, alice, bridge, dir })
+}
+
+async fn start() -> anyhow::Result<Option<Env>> {
+    if !Kannel::available() {
+        eprintln!("skipping: Kannel (bearerbox, smsbox, kannel-extras' fakesmsc) is not installed");
+        return Ok(None);
+    }
+    let hook_port = free_port();
+    let hooks = format!("http://127.0.0.1:{hook_port}");
+    let kannel = Kannel::start(&format!(
+        "{hooks}/kannel/mo?secret={SECRET}&from=%p&to=%P&text=%b&charset=%C&coding=%c&id=%I"
+    ))
+    .await?;
+    let (user, password) = kannel.credentials();
+    let gateway = format!(
+        "    type: kannel\n    sendsms_url: \"{}\"\n    username: {user}\n    password: {password}\n    smsc: fake1\n",
+        kannel.sendsms_url()
+    );
+    let l = launch(&gateway, hook_port).await?;
+    Ok(Some(Env {
+        synapse: l.synapse,
+        kannel,
+        alice: l.alice,
+        hooks,
+        bridge: l.bridge,
+        _dir: l.dir,
+    }))
+}
+
+fn body(e: &Value) -> &str {
+    e["content"]["body"].as_str().unwrap_or_default()
+}
+
+/// An initial sync. Synapse caches sync responses per request for a while, so every call asks
+/// for a different (tiny) timeout: an initial sync answers at once anyway.
+async fn sync(user: &MatrixUser) -> anyhow::Result<Value> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    user.get(&format!("/sync?timeout={n}")).await
+}
+
+/// Waits for an invite to a room and joins it.
+async fn accept_invite(user: &MatrixUser) -> anyhow::Result<String> {
+    let room = wait_for("an invite", T, || async {
+        let s = sync(user).await.ok()?;
+        s["rooms"]["invite"].as_object()?.keys().next().cloned()
+    })
+    .await?;
+    user.join(&room).await?;
+    Ok(room)
+}
+
+/// An inbound SMS from PHONE; returns the portal room (joined by alice).
+async fn first_contact(env: &Env, text: &str) -> anyhow::Result<String> {
+    env.kannel.inject(PHONE, OURS, text).await?;
+    let room = accept_invite(&env.alice).await?;
+    env.alice.wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == text).await?;
+    Ok(room)
+}
+
+/// MTs sent after the first `skip`.
+async fn new_mts(env: &Env, skip: usize, n: usize) -> anyhow::Result<Vec<Mt>> {
+    // Panics (rather than returning the error) so that the servers' logs are printed.
+    let all = env.kannel.wait_received(skip + n, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    Ok(all[skip..].to_vec())
+}
+
+async fn notice_containing(env: &Env, room: &str, needle: &str) -> anyhow::Result<Value> {
+    env.alice
+        .wait_for_message(room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).contains(needle)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: no notice containing {needle:?}"))
+}
+
+#[tokio::test]
+async fn sms_both_ways_with_delivery_receipt() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    // SMS in → a new room, alice (the number's owner) invited, the ghost says the text.
+    let room = first_contact(&env, "hello from the phone").await?;
+    let profile = env.alice.profile(GHOST).await?;
+    assert_eq!(profile["displayname"], PHONE);
+    let name = env.alice.state(&room, "m.room.name", "").await?.unwrap_or_default();
+    assert_eq!(name["name"], PHONE);
+
+    // Non-ASCII (UCS-2 on the air) arrives intact.
+    env.kannel.inject(PHONE, OURS, "привет 🙂 ok").await?;
+    env.alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "привет 🙂 ok")
+        .await?;
+    // Both SMS went to the same portal: no second invite.
+    let s = sync(&env.alice).await?;
+    let other_invites: Vec<&String> = s["rooms"]["invite"]
+        .as_object()
+        .map(|m| m.keys().filter(|r| **r != room).collect())
+        .unwrap_or_default();
+    assert!(other_invites.is_empty(), "{other_invites:?}");
+
+    // Matrix → SMS, from our number to theirs.
+    let before = env.kannel.received().len();
+    let event_id = env.alice.send_text(&room, "hi back {ok}").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!((mts[0].from.as_str(), mts[0].to.as_str()), (OURS, PHONE));
+    assert_eq!(mts[0].kind, "text");
+    assert_eq!(mts[0].plain_text(), "hi back {ok}");
+
+    // Kannel's DLR (delivered) → a read receipt from the ghost on alice's event.
+    wait_for("the ghost's read receipt", T, || async {
+        let s = sync(&env.alice).await.ok()?;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.receipt" && e["content"][&event_id]["m.read"][GHOST].is_object()
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // UCS-2 out.
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, "ça va? 🙂").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(mts[0].kind, "ucs-2");
+    assert_eq!(mts[0].ucs2_text(), "ça va? 🙂");
+    Ok(())
+}
+
+#[tokio::test]
+async fn long_messages_split_and_counted() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let room = first_contact(&env, "long ones please").await?;
+
+    let cases: [(String, &str, &[usize]); 4] = [
+        ("x".repeat(200), "gsm", &[153, 47]),
+        // Extension characters are two septets: 76 per part (a pair never straddles parts).
+        ("{".repeat(100), "gsm", &[76, 24]),
+        ("я".repeat(100), "ucs2", &[67, 33]),
+        // An emoji (a surrogate pair) that would straddle the 67-unit boundary moves whole.
+        (format!("{}🙂{}", "я".repeat(66), "я".repeat(10)), "ucs2", &[66, 11]),
+    ];
+    let mut last_event = String::new();
+    for (text, enc, sizes) in cases {
+        // The bridge's own count agrees with the gateway's split.
+        let seg = trestle_sms::encoding::segment(&text);
+        assert_eq!(seg.count(), sizes.len());
+        let before = env.kannel.received().len();
+        last_event = env.alice.send_text(&room, &text).await?;
+        let mts = new_mts(&env, before, sizes.len()).await?;
+        let mut got = Vec::new();
+        for (i, m) in mts.iter().enumerate() {
+            assert_eq!(m.concat(), Some((sizes.len() as u8, i as u8 + 1)), "{m:?}");
+            let part = if enc == "ucs2" { m.ucs2_text() } else { m.plain_text() };
+            assert_eq!(part.chars().count(), sizes[i], "{enc} part {i}: {part}");
+            assert_eq!(part, seg.parts[i]);
+            got.push(part);
+        }
+        assert_eq!(got.concat(), text);
+    }
+    // Every part of the last one was reported delivered: the ghost has read it.
+    wait_for("the ghost's read receipt", T, || async {
+        let s = sync(&env.alice).await.ok()?;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.receipt" && e["content"][&last_event]["m.read"][GHOST].is_object()
+            })
+            .then_some(())
+    })
+    .await?;
+    // One report acted on per message (not per part, not per retry).
+    wait_for("4 delivery reports counted", T, || async {
+        (env.bridge.metric("trestle_sms_delivery_reports_total").await.ok()? == 4.0).then_some(())
+    })
+    .await?;
+
+    // Over max_segments (3): refused with the count, nothing sent.
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, &"y".repeat(500)).await?;
+    let n = notice_containing(&env, &room, "would be 4 SMS").await?;
+    assert!(
+        body(&n).contains("GSM-7, 500 characters") && body(&n).contains("limit is 3"),
+        "{}",
+        body(&n)
+    );
+    let long_ucs2 = "ж".repeat(202);
+    env.alice.send_text(&room, &long_ucs2).await?;
+    notice_containing(&env, &room, "would be 4 SMS (UCS-2, 202").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.kannel.received().len(), before, "nothing sent for refused messages");
+    // The bridge's counters agree: 4 messages in 2 parts each, 2 refused as too long.
+    assert_eq!(env.bridge.metric("trestle_sms_sent_total").await?, 4.0);
+    assert_eq!(env.bridge.metric("trestle_sms_sent_parts_total").await?, 8.0);
+    assert_eq!(env.bridge.metric("trestle_sms_refused_total").await?, 2.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_start_and_help() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let room = first_contact(&env, "hi").await?;
+
+    env.kannel.inject(PHONE, OURS, "Stop").await?;
+    notice_containing(&env, &room, "sent STOP").await?;
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, "are you there?").await?;
+    notice_containing(&env, &room, "opted out").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.kannel.received().len(), before, "nothing is sent after STOP");
+
+    // HELP is answered even while opted out.
+    env.kannel.inject(PHONE, OURS, "HELP").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(mts[0].plain_text(), "Help: reply STOP to opt out.");
+    assert_eq!(mts[0].to, PHONE);
+    notice_containing(&env, &room, "asked for HELP").await?;
+    // Asked again: not answered twice within the hour.
+    env.kannel.inject(PHONE, OURS, "help").await?;
+    notice_containing(&env, &room, "asked for HELP again").await?;
+
+    env.kannel.inject(PHONE, OURS, "START").await?;
+    notice_containing(&env, &room, "sent START").await?;
+    env.alice.send_text(&room, "welcome back").await?;
+    let mts = new_mts(&env, before + 1, 1).await?;
+    assert_eq!(mts[0].plain_text(), "welcome back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhooks_are_authenticated_and_idempotent() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let room = first_contact(&env, "first").await?;
+    let http = reqwest::Client::new();
+    let mo = |secret: &str, id: &str, text: &str| {
+        format!(
+            "{}/kannel/mo?secret={secret}&from=%2B447700900123&to=%2B441234567890&text={text}&charset=UTF-8&coding=0&id={id}",
+            env.hooks
+        )
+    };
+    // A wrong or missing secret is refused and creates nothing.
+    assert_eq!(
+        http.get(mo("wrong-secret-wrong-secret", "x1", "forged")).send().await?.status(),
+        403
+    );
+    assert_eq!(
+        http.get(format!(
+            "{}/kannel/mo?from=%2B447700900123&to=%2B441234567890&text=forged",
+            env.hooks
+        ))
+        .send()
+        .await?
+        .status(),
+        403
+    );
+    // A DLR with a wrong token is refused.
+    assert_eq!(
+        http.get(format!("{}/kannel/dlr?id=abc&token=00&status=1", env.hooks))
+            .send()
+            .await?
+            .status(),
+        403
+    );
+    // The same callback three times (as Kannel retries it): one message.
+    for _ in 0..3 {
+        assert_eq!(http.get(mo(SECRET, "retry-1", "only+once")).send().await?.status(), 200);
+    }
+    // A later message proves the earlier ones were all handled.
+    assert_eq!(http.get(mo(SECRET, "retry-2", "after")).send().await?.status(), 200);
+    env.alice.wait_for_message(&room, T, |e| body(e) == "after").await?;
+    let msgs = env.alice.messages(&room, 100).await?;
+    assert_eq!(msgs.iter().filter(|e| body(e) == "only once").count(), 1);
+    assert_eq!(msgs.iter().filter(|e| body(e) == "forged").count(), 0);
+    // first, retry-1 and retry-2 bridged; retry-1 twice more as duplicates.
+    assert_eq!(env.bridge.metric("trestle_sms_received_total").await?, 5.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn conversation_started_from_matrix() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    // Admin room: a DM with the bot.
+    let admin = env
+        .alice
+        .create_room(
+            json!({"is_direct": true, "invite": ["@smsbot:localhost"], "preset": "private_chat"}),
+        )
+        .await?;
+    env.alice
+        .wait_for_message(&admin, T, |e| {
+            e["sender"] == "@smsbot:localhost" && body(e).contains("admin room")
+        })
+        .await?;
+    let before = env.kannel.received().len();
+    env.alice.send_text(&admin, "!sms 07700 900456 \"hello, new friend\"").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(
+        (mts[0].to.as_str(), mts[0].plain_text().as_str()),
+        ("+447700900456", "hello, new friend")
+    );
+    let room = accept_invite(&env.alice).await?;
+    let ghost = "@sms_+447700900456:localhost";
+    env.alice
+        .wait_for_message(&room, T, |e| e["type"] == "m.room.member" && e["state_key"] == ghost)
+        .await?;
+    // The reply lands in the same room.
+    env.kannel.inject("+447700900456", OURS, "who is this").await?;
+    env.alice
+        .wait_for_message(&room, T, |e| e["sender"] == ghost && body(e) == "who is this")
+        .await?;
+    let _ = &env.synapse;
+    Ok(())
+}
+
+#[tokio::test]
+async fn inviting_a_ghost_makes_a_portal() -> anyhow::Result<()> {
+    let Some(env) = start().await? else { return Ok(()) };
+    let ghost = "@sms_+447700900777:localhost";
+    let room = env
+        .alice
+        .create_room(json!({"is_direct": true, "invite": [ghost], "preset": "private_chat"}))
+        .await?;
+    // The ghost joins, and the room is told what it now is.
+    env.alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == ghost
+                && e["content"]["membership"] == "join"
+        })
+        .await?;
+    notice_containing(&env, &room, "SMS conversation with +447700900777").await?;
+    let before = env.kannel.received().len();
+    env.alice.send_text(&room, "hello via invite").await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!((mts[0].from.as_str(), mts[0].to.as_str()), (OURS, "+447700900777"));
+    assert_eq!(mts[0].plain_text(), "hello via invite");
+    // The answer comes back to this room, not a new one.
+    env.kannel.inject("+447700900777", OURS, "got it").await?;
+    env.alice.wait_for_message(&room, T, |e| e["sender"] == ghost && body(e) == "got it").await?;
+    let s = sync(&env.alice).await?;
+    assert!(
+        s["rooms"]["invite"].as_object().is_none_or(|m| m.is_empty()),
+        "no new portal: {}",
+        s["rooms"]["invite"]
+    );
+
+    // An SMS to a number that is not ours is dropped (answered 200 so the gateway stops).
+    let r = reqwest::get(format!(
+        "{}/kannel/mo?secret={SECRET}&from=%2B447700900777&to=%2B449999999999&text=lost&charset=UTF-8&id=n1",
+        env.hooks
+    ))
+    .await?;
+    assert_eq!(r.status(), 200);
+    env.kannel.inject("+447700900777", OURS, "still here").await?;
+    env.alice.wait_for_message(&room, T, |e| body(e) == "still here").await?;
+    assert!(env.alice.messages(&room, 100).await?.iter().all(|e| body(e) != "lost"));
+    Ok(())
+}
+
+/// What the fake REST API received: (account sid in the path, Authorization header, form).
+type Sent = Vec<(String, String, Vec<(String, String)>)>;
+
+/// A fake Twilio Messages API: records each send and answers with sid `SM<n>`.
+async fn fake_rest_api() -> anyhow::Result<(String, std::sync::Arc<std::sync::Mutex<Sent>>)> {
+    use axum::{extract::Path, http::HeaderMap, routing::post};
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Sent::new()));
+    let s2 = std::sync::Arc::clone(&sent);
+    let app = axum::Router::new().route(
+        "/2010-04-01/Accounts/{sid}/Messages.json",
+        post(move |Path(sid): Path<String>, headers: HeaderMap, body: axum::body::Bytes| {
+            let sent = std::sync::Arc::clone(&s2);
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let form: Vec<(String, String)> =
+                    url::form_urlencoded::parse(&body).into_owned().collect();
+                let mut sent = sent.lock().unwrap();
+                sent.push((sid, auth, form));
+                let n = sent.len();
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(json!({"sid": format!("SM{n}"), "status": "queued"})),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, sent))
+}
+
+fn form_get<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn rest_gateway_end_to_end() -> anyhow::Result<()> {
+    use trestle_sms::gateway::twilio::signature;
+    let (api, sent) = fake_rest_api().await?;
+    let hook_port = free_port();
+    let hooks = format!("http://127.0.0.1:{hook_port}");
+    let gateway = format!(
+        "    type: twilio\n    api_url: \"{api}\"\n    account_sid: AC123\n    auth_token: tw-token\n"
+    );
+    let l = launch(&gateway, hook_port).await?;
+    let alice = &l.alice;
+    let http = reqwest::Client::new();
+    let params = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    };
+    let post = |path: &str, form: Vec<(String, String)>, sign: Option<&str>| {
+        let url = format!("{hooks}{path}");
+        let mut req = http.post(&url).form(&form);
+        if let Some(token) = sign {
+            req = req.header("X-Twilio-Signature", signature(token, &url, &form));
+        }
+        req.send()
+    };
+
+    // Inbound: unsigned and wrongly signed are refused; signed creates the portal.
+    let inbound = params(&[
+        ("MessageSid", "SMin1"),
+        ("From", PHONE),
+        ("To", OURS),
+        ("Body", "hello over REST"),
+        ("NumMedia", "0"),
+    ]);
+    assert_eq!(post("/twilio/sms", inbound.clone(), None).await?.status(), 403);
+    assert_eq!(post("/twilio/sms", inbound.clone(), Some("not-the-token")).await?.status(), 403);
+    let r = post("/twilio/sms", inbound.clone(), Some("tw-token")).await?;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await?.contains("<Response/>"));
+    let room = accept_invite(alice).await?;
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "hello over REST")
+        .await?;
+    // Twilio retries: the same MessageSid again creates nothing.
+    assert_eq!(post("/twilio/sms", inbound, Some("tw-token")).await?.status(), 200);
+
+    // Outbound: a form POST with Basic auth and our status callback.
+    let event_id = alice.send_text(&room, "answer over REST").await?;
+    let got = wait_for("the REST send", T, || async {
+        let s = sent.lock().unwrap();
+        (!s.is_empty()).then(|| s[0].clone())
+    })
+    .await?;
+    assert_eq!(got.0, "AC123");
+    assert_eq!(got.1, "Basic QUMxMjM6dHctdG9rZW4="); // base64("AC123:tw-token")
+    assert_eq!(form_get(&got.2, "To"), PHONE);
+    assert_eq!(form_get(&got.2, "From"), OURS);
+    assert_eq!(form_get(&got.2, "Body"), "answer over REST");
+    assert_eq!(form_get(&got.2, "StatusCallback"), format!("{hooks}/twilio/status"));
+
+    // Status callbacks: forged refused; delivered → read receipt; undelivered → notice.
+    let delivered = params(&[("MessageSid", "SM1"), ("MessageStatus", "delivered")]);
+    assert_eq!(post("/twilio/status", delivered.clone(), None).await?.status(), 403);
+    assert_eq!(post("/twilio/status", delivered, Some("tw-token")).await?.status(), 200);
+    wait_for("the ghost's read receipt", T, || async {
+        let s = sync(alice).await.ok()?;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.receipt" && e["content"][&event_id]["m.read"][GHOST].is_object()
+            })
+            .then_some(())
+    })
+    .await?;
+    alice.send_text(&room, "this one fails").await?;
+    wait_for("the second REST send", T, || async {
+        (sent.lock().unwrap().len() >= 2).then_some(())
+    })
+    .await?;
+    let failed =
+        params(&[("MessageSid", "SM2"), ("MessageStatus", "undelivered"), ("ErrorCode", "30003")]);
+    assert_eq!(post("/twilio/status", failed, Some("tw-token")).await?.status(), 200);
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice"
+                && body(e).contains("failed: undelivered (error 30003)")
+        })
+        .await?;
+    assert_eq!(
+        alice.messages(&room, 100).await?.iter().filter(|e| body(e) == "hello over REST").count(),
+        1
+    );
+    let _ = (&l.synapse, &l.dir, &l.bridge);
+    Ok(())
+}
