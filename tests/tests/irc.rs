@@ -35,6 +35,7 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
                  bot_localpart: ircbot, registration: \"{}\" }}\n\
                  database: {{ path: \"{}\", secret_key: \"test-only-secret-key-0123456789\" }}\n\
                  logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
+                 media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
                  permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
                  bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n",
                 reg.display(),
@@ -687,5 +688,28 @@ async fn replies_reactions_and_redactions_reach_irc() -> anyhow::Result<()> {
         .wait_for(t, |l| l.params.get(1).is_some_and(|m| m.contains("deleted a message")))
         .await?;
     assert_eq!(l.params[1], "* alice deleted a message from alice");
+
+    // More lines than max_lines (5): four lines, then a link to the whole text.
+    let long: Vec<String> = (1..=8).map(|i| format!("line number {i}")).collect();
+    alice.send_text(&room, &long.join("\n")).await?;
+    let l =
+        irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m.contains("full message"))).await?;
+    let url = l.params[1]
+        .split_whitespace()
+        .find(|w| w.starts_with("http"))
+        .map(|w| w.trim_end_matches(')'))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(l.params[1].contains("8 lines"), "{}", l.raw);
+    let shown: Vec<&str> = irc
+        .seen
+        .iter()
+        .filter_map(|l| l.params.get(1).map(String::as_str))
+        .filter(|m| m.starts_with("<alice> line number"))
+        .collect();
+    assert_eq!(shown.len(), 4, "{shown:?}");
+    let full = reqwest::get(&url).await?;
+    assert!(full.status().is_success(), "{url}: {}", full.status());
+    assert_eq!(full.text().await?, long.join("\n"));
     Ok(())
 }

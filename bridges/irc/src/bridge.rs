@@ -394,19 +394,43 @@ impl Inner {
     }
 
     /// The IRC lines of a Matrix message: NUL and CR dropped, one line per LF (the connection
-    /// refuses any line that still holds one, so nothing can inject either way), at most
-    /// `max_lines` of them.
-    fn irc_lines(&self, net: &Network, msg: &Message) -> Vec<String> {
+    /// refuses any line that still holds one, so nothing can inject either way). Beyond
+    /// `max_lines` lines the whole text is uploaded to the homeserver and the last line is a
+    /// signed link to it (the media proxy), so nothing is lost; without a `media_proxy`
+    /// public URL the rest is cut with a note saying how much.
+    async fn irc_lines(&self, net: &Network, msg: &Message) -> Vec<String> {
         let text = self.irc_text(msg).replace(['\0', '\r'], "");
         let mut lines: Vec<String> =
             text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
         let max = net.config.max_lines.max(1);
         if lines.len() > max {
-            let extra = lines.len() - max;
-            lines.truncate(max);
-            lines.push(format!("(… {extra} more lines not shown)"));
+            let total = lines.len();
+            lines.truncate(max.saturating_sub(1).max(1));
+            let link = match self.upload_text(&msg.body).await {
+                Ok(link) => format!("(full message, {total} lines: {link})"),
+                Err(e) => {
+                    tracing::warn!(network = net.id, error = %e, "long message not uploaded; cut");
+                    format!("(… {} more lines not shown)", total - lines.len())
+                }
+            };
+            lines.push(link);
         }
         lines
+    }
+
+    /// Uploads text as a file and returns the media proxy's link to it.
+    async fn upload_text(&self, text: &str) -> Result<String, String> {
+        let mxc = self
+            .ctx
+            .bot()
+            .upload_media(
+                text.as_bytes().to_vec(),
+                "text/plain; charset=utf-8",
+                Some("message.txt"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.ctx.media_link(&mxc, "message.txt").map_err(|e| e.to_string())
     }
 
     /// Remembers a bridged message of a room (for reply quotes, reactions, redactions).
@@ -498,7 +522,7 @@ impl Inner {
         edit: bool,
     ) -> Result<(), BridgeError> {
         let name = self.displayname(sender).await;
-        let lines = self.irc_lines(net, msg);
+        let lines = self.irc_lines(net, msg).await;
         let command = if msg.msgtype == MessageType::Notice { "NOTICE" } else { "PRIVMSG" };
         let wrap = |chunk: &str| match msg.msgtype {
             MessageType::Emote => format!("* {name} {chunk}"),

@@ -395,7 +395,7 @@ impl Inner {
             p.set_notify_room(room_id);
             p
         };
-        for line in self.irc_lines(net, msg) {
+        for line in self.irc_lines(net, msg).await {
             let line = if edit { format!("* {line}") } else { line };
             let sent = match msg.msgtype {
                 MessageType::Emote => p.conn.send_action(target, &line).await,
