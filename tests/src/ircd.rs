@@ -22,6 +22,12 @@ pub struct Ircd {
 impl Ircd {
     /// Starts ngIRCd on a free port with no connection limits and no DNS/ident lookups.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_ident(false).await
+    }
+
+    /// Starts ngIRCd; with `ident`, it asks the client host's identd (port 113) for each
+    /// connection's user name (ngIRCd does so only with DNS lookups on as well).
+    pub async fn start_with_ident(ident: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-ircd-").tempdir()?;
         let port = free_port();
         let conf = dir.path().join("ngircd.conf");
@@ -30,9 +36,10 @@ impl Ircd {
             format!(
                 "[Global]\nName = irc.localhost\nInfo = Trestle test server\nListen = 127.0.0.1\nPorts = {port}\n\
                  PidFile = {pid}\nMotdPhrase = hello\n[Limits]\nMaxConnections = 0\nMaxConnectionsIP = 0\n\
-                 MaxJoins = 0\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\n[Options]\nIdent = no\n\
-                 DNS = no\nPAM = no\n",
-                pid = dir.path().join("ngircd.pid").display()
+                 MaxJoins = 0\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\n[Options]\nIdent = {ident}\n\
+                 DNS = {ident}\nPAM = no\n",
+                pid = dir.path().join("ngircd.pid").display(),
+                ident = if ident { "yes" } else { "no" }
             ),
         )?;
         let mut this = Self { child: None, port, dir };

@@ -21,8 +21,13 @@ async fn start() -> anyhow::Result<Env> {
 }
 
 async fn start_mode(mode: &str) -> anyhow::Result<Env> {
+    start_with(mode, "").await
+}
+
+/// `extra` is appended to the `bridge:` section; an `identd` in it makes ngIRCd ask it.
+async fn start_with(mode: &str, extra: &str) -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
-    let ircd = Ircd::start().await?;
+    let ircd = Ircd::start_with_ident(extra.contains("identd")).await?;
     let port = free_port();
     let config = dir.path().join("irc.yaml");
     let reg = dir.path().join("irc-registration.yaml");
@@ -37,7 +42,7 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
                  logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
                  media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
                  permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
-                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n",
+                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n{extra}",
                 reg.display(),
                 dir.path().join("irc.db").display(),
                 ircd.port()
@@ -711,5 +716,30 @@ async fn replies_reactions_and_redactions_reach_irc() -> anyhow::Result<()> {
     let full = reqwest::get(&url).await?;
     assert!(full.status().is_success(), "{url}: {}", full.status());
     assert_eq!(full.text().await?, long.join("\n"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn identd_answers_for_the_bridge_connections() -> anyhow::Result<()> {
+    // ngIRCd asks 127.0.0.1:113 for every connection; only the bridge's are answered.
+    let env =
+        start_with("puppets", "  identd: { enabled: true, listen: \"127.0.0.1:113\" }\n").await?;
+    let t = Duration::from_secs(30);
+    let mut irc = IrcClient::connect(env.ircd.port(), "watcher").await?;
+    irc.join("#ident").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    alice.join("#irc_local_#ident:localhost").await?;
+    // No `~`: the user name was confirmed by our identd (the bot's and alice's puppet's).
+    let bot = irc
+        .wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge"))
+        .await?;
+    assert!(bot.raw.starts_with(":MatrixBridge!trestle@"), "{}", bot.raw);
+    let puppet =
+        irc.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+    assert!(puppet.raw.starts_with(":alice[m]!alice@"), "{}", puppet.raw);
+    // Our own client has no ident answer: the server marks it with `~`.
+    irc.raw("WHOIS watcher\r\n").await?;
+    let me = irc.wait_for(t, |l| l.command == "311").await?;
+    assert_eq!(me.params.get(2).map(String::as_str), Some("~watcher"), "{}", me.raw);
     Ok(())
 }

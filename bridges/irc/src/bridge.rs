@@ -982,6 +982,17 @@ impl Bridge for IrcBridge {
     async fn start(ctx: Context<IrcConfig>) -> Result<Self, BridgeError> {
         let cfg = ctx.config().bridge.clone();
         let pace = Duration::from_millis(cfg.connect_pace.interval_ms);
+        // Before any connection: servers ask identd as soon as they accept one.
+        if cfg.identd.enabled {
+            let listen = cfg.identd.listen.unwrap_or_else(|| ([0, 0, 0, 0], 113).into());
+            let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+                BridgeError::Permanent(format!(
+                    "bridge.identd.listen: cannot listen on {listen}: {e} (port 113 needs privileges or a redirect)"
+                ))
+            })?;
+            tracing::info!(%listen, "identd listening");
+            tokio::spawn(crate::conn::ident::serve(listener, ctx.shutdown().clone()));
+        }
         let mut networks = BTreeMap::new();
         let mut receivers = Vec::new();
         for (id, n) in &cfg.networks {

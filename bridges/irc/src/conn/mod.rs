@@ -313,7 +313,7 @@ impl IrcConnection {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn connect(config: &ConnConfig) -> std::io::Result<Box<dyn Stream>> {
+async fn connect(config: &ConnConfig) -> std::io::Result<(Box<dyn Stream>, ident::Entry)> {
     let addrs: Vec<SocketAddr> =
         tokio::net::lookup_host((config.host.as_str(), config.port)).await?.collect();
     let mut last = std::io::Error::other("no address");
@@ -325,10 +325,13 @@ async fn connect(config: &ConnConfig) -> std::io::Result<Box<dyn Stream>> {
         match tokio::time::timeout(Duration::from_secs(20), socket.connect(addr)).await {
             Ok(Ok(tcp)) => {
                 tcp.set_nodelay(true)?;
+                // Registered before the first byte: servers ask identd right at accept.
+                let entry =
+                    ident::Entry::new(tcp.local_addr()?.port(), addr.port(), &config.username);
                 if !config.tls {
-                    return Ok(Box::new(tcp));
+                    return Ok((Box::new(tcp), entry));
                 }
-                return tls::wrap(tcp, &config.host, config.tls_insecure).await;
+                return Ok((tls::wrap(tcp, &config.host, config.tls_insecure).await?, entry));
             }
             Ok(Err(e)) => last = e,
             Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
@@ -337,6 +340,7 @@ async fn connect(config: &ConnConfig) -> std::io::Result<Box<dyn Stream>> {
     Err(last)
 }
 
+pub mod ident;
 mod tls;
 
 /// Backoff before reconnect attempt `n` (1-based): 2 s doubling to 5 min, "equal jitter".
@@ -361,7 +365,10 @@ async fn run(
         }
         let started = Instant::now();
         let reason = match connect(&config).await {
-            Ok(stream) => session(&config, stream, &mut out_rx, &events, &state, &quit).await,
+            // The ident entry lives as long as the socket: the server may ask at any time.
+            Ok((stream, _ident)) => {
+                session(&config, stream, &mut out_rx, &events, &state, &quit).await
+            }
             Err(e) => format!("cannot connect to {}:{}: {e}", config.host, config.port),
         };
         state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).registered = false;
