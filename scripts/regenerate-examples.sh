@@ -7,8 +7,8 @@ cargo build -q --workspace --bins --examples
 target=${CARGO_TARGET_DIR:-target}/debug
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# Add trestle-xmpp and trestle-sms here once they are built on the framework.
-for bin in trestle-irc examples/echo; do
+# Add trestle-sms here once it is built on the framework.
+for bin in trestle-irc trestle-xmpp examples/echo; do
   name=$(basename "$bin"); name=${name#trestle-}
   exe="$target/$bin"
   [ -x "$exe" ] || { echo "missing $exe" >&2; exit 1; }

@@ -2,6 +2,7 @@
 //!
 //! - [`Synapse`]: a homeserver from the virtualenv that `scripts/install-deps.sh` makes.
 //! - [`MatrixUser`]: a test client on the client-server API (reqwest), with `/sync` waiting.
+//! - [`prosody::Prosody`]: a real Prosody with a component and a MUC; [`prosody::XmppClient`].
 //! - [`BridgeProcess`]: a bridge binary from the workspace's target directory.
 //! - [`ChildGuard`]: kills its process (group) when dropped.
 
@@ -16,6 +17,7 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 pub mod ircd;
+pub mod prosody;
 pub mod synapse;
 
 pub use synapse::Synapse;
@@ -269,6 +271,15 @@ impl MatrixUser {
     ) -> anyhow::Result<String> {
         let txn = format!("t{}", rand::random::<u64>());
         let v = self.put(&format!("/rooms/{}/send/{event_type}/{txn}", enc(room)), content).await?;
+        Ok(v["event_id"].as_str().context("no event_id")?.to_owned())
+    }
+
+    /// Redacts an event; returns the redaction's event id.
+    pub async fn redact(&self, room: &str, event_id: &str) -> anyhow::Result<String> {
+        let txn = format!("r{}", rand::random::<u64>());
+        let v = self
+            .put(&format!("/rooms/{}/redact/{}/{txn}", enc(room), enc(event_id)), json!({}))
+            .await?;
         Ok(v["event_id"].as_str().context("no event_id")?.to_owned())
     }
 

@@ -126,6 +126,8 @@ struct Inner {
     component: String,
     bot: FullJid,
     state: Mutex<State>,
+    /// A handle on itself, for tasks spawned from `&self`.
+    me: std::sync::OnceLock<std::sync::Weak<Inner>>,
 }
 
 fn retry(e: impl std::fmt::Display) -> BridgeError {
@@ -271,6 +273,41 @@ impl Inner {
         )))
     }
 
+    /// Joins every Matrix member of every portal as an occupant again (after a reconnect).
+    async fn rejoin_puppets(&self, portals: Vec<Portal>, generation: u64) {
+        for portal in portals {
+            let Some(room) = Self::room_of(&portal) else { continue };
+            let members = match self.ctx.store().members(&portal.room_id, "join").await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(room = room.bare(), error = %e, "cannot list the room's members");
+                    continue;
+                }
+            };
+            for mxid in members {
+                if self.xmpp.generation() != Some(generation) {
+                    return;
+                }
+                if self.ctx.is_bridge_user(&mxid)
+                    || self.ctx.permission(&mxid) < PermissionLevel::Relay
+                {
+                    continue;
+                }
+                let known = self
+                    .state()
+                    .rooms
+                    .get(&room.bare())
+                    .and_then(|r| r.puppets.get(&mxid))
+                    .map(|p| p.nick.clone());
+                if let Err(e) =
+                    self.ensure_puppet(&room, &portal.room_id, &mxid, known.as_deref()).await
+                {
+                    tracing::warn!(room = room.bare(), mxid, error = %e, "could not rejoin a Matrix user");
+                }
+            }
+        }
+    }
+
     fn forget_puppet(&self, room: &str, mxid: &str) {
         if let Some(r) = self.state().rooms.get_mut(room) {
             r.puppets.remove(mxid);
@@ -379,6 +416,11 @@ impl Inner {
                     }
                 }
                 tracing::info!(generation, rooms = portals.len(), "rejoining the bridged rooms");
+                // Matrix members come back as occupants; that waits for the room's answers,
+                // which this loop delivers, so it runs apart.
+                if let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) {
+                    tokio::spawn(async move { me.rejoin_puppets(portals, generation).await });
+                }
                 Ok(())
             }
             ConnEvent::Offline => {
@@ -633,8 +675,29 @@ impl Inner {
         }
         // Presences the bot sees: occupants coming and going.
         if pr.error.is_some() {
-            tracing::warn!(room = key, error = ?pr.error, "the bot could not join");
+            tracing::warn!(room = key, error = ?pr.error, "the bot could not join; trying again in 5 s");
+            if let (Some(me), Some(generation)) =
+                (self.me.get().and_then(std::sync::Weak::upgrade), self.xmpp.generation())
+            {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    if me.xmpp.generation() == Some(generation) {
+                        me.join_bot(&room);
+                    }
+                });
+            }
             return Ok(());
+        }
+        if pr.is_self() && pr.codes.contains(&201) {
+            // The bot created the room: unlock it with the default configuration.
+            if let Some(iq) = stanzas::instant_room(
+                &self.bot,
+                &room,
+                &format!("unlock-{}", rand::random::<u32>()),
+            ) {
+                let _ = self.xmpp.send(iq);
+            }
+            tracing::info!(room = key, "created the room on the XMPP side");
         }
         if pr.is_self() || pr.nick == self.cfg().bot_nick {
             return Ok(());
@@ -806,7 +869,16 @@ impl Bridge for XmppBridge {
             },
             ctx.shutdown().clone(),
         );
-        let inner = Arc::new(Inner { ctx, ids, xmpp, component, bot, state: Mutex::default() });
+        let inner = Arc::new(Inner {
+            ctx,
+            ids,
+            xmpp,
+            component,
+            bot,
+            state: Mutex::default(),
+            me: std::sync::OnceLock::new(),
+        });
+        let _ = inner.me.set(Arc::downgrade(&inner));
         tokio::spawn(xmpp_loop(Arc::clone(&inner), events));
         Ok(Self { inner })
     }

@@ -19,6 +19,8 @@ use crate::ids::RoomJid;
 
 /// XEP-0424 message retraction.
 pub const NS_RETRACT: &str = "urn:xmpp:message-retract:1";
+/// XEP-0045 room owner.
+pub const NS_MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 /// XEP-0428 fallback indication.
 pub const NS_FALLBACK: &str = "urn:xmpp:fallback:0";
 
@@ -99,6 +101,20 @@ pub fn retraction(from: &FullJid, room: &RoomJid, id: &str, stanza_id: &str) -> 
     );
     m.payloads.push(OriginId { id: id.to_owned() }.into());
     Some(m)
+}
+
+/// Accepts the default configuration of a room the bot just created (XEP-0045 §10.1.2, an
+/// "instant room"), which unlocks it for everyone else.
+pub fn instant_room(from: &FullJid, room: &RoomJid, id: &str) -> Option<xmpp_parsers::iq::Iq> {
+    let form =
+        Element::builder("x", ns::DATA_FORMS).attr(xml_ncname!("type").into(), "submit").build();
+    let query = Element::builder("query", NS_MUC_OWNER).append(form).build();
+    Some(xmpp_parsers::iq::Iq::Set {
+        from: Some(from.clone().into()),
+        to: Some(Jid::new(&room.bare()).ok()?),
+        id: id.to_owned(),
+        payload: query,
+    })
 }
 
 /// A groupchat message as the bridge reads it.
