@@ -46,8 +46,16 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target"))
 }
 
-/// A binary built by cargo: `name` like `trestle-irc` or `examples/echo`.
+/// A binary built by cargo: `name` like `trestle-irc` or `examples/echo`. `TRESTLE_E2E_BIN_DIR`,
+/// when set, is searched first (for a target directory shared by several checkouts, where another
+/// build may replace a binary of the same name at any time).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("TRESTLE_E2E_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
     for profile in ["debug", "release"] {
         let p = target_dir().join(profile).join(name);
         if p.exists() {

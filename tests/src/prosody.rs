@@ -163,7 +163,7 @@ pub struct Seen {
     pub body: String,
     /// Whether it carried `<delay/>` (history).
     pub delayed: bool,
-    /// The raw stanza.
+    /// The stanza's XML, attribute quotes normalised to `"`.
     pub xml: String,
 }
 
@@ -252,7 +252,9 @@ async fn login(port: u16, user: &str, password: &str) -> anyhow::Result<Stream> 
 }
 
 fn record(log: &Mutex<Log>, e: &Element) {
-    let xml = String::from(e);
+    // Attribute quotes normalised to `"` so that assertions can match `name="value"` (apostrophes
+    // in text change too: read text from the parsed fields, not from this string).
+    let xml = String::from(e).replace('\'', "\"");
     let mut log = log.lock().unwrap();
     log.all.push(xml.clone());
     match e.name() {

@@ -15,7 +15,7 @@ const T: Duration = Duration::from_secs(30);
 struct Env {
     synapse: Synapse,
     prosody: Prosody,
-    _bridge: BridgeProcess,
+    bridge: BridgeProcess,
     _dir: tempfile::TempDir,
 }
 
@@ -55,7 +55,7 @@ async fn start() -> anyhow::Result<Env> {
         &dir.path().join("bridge.log"),
     )
     .await?;
-    Ok(Env { synapse, prosody, _bridge: bridge, _dir: dir })
+    Ok(Env { synapse, prosody, bridge, _dir: dir })
 }
 
 fn body(e: &Value) -> &str {
@@ -63,6 +63,17 @@ fn body(e: &Value) -> &str {
 }
 
 const GHOST: &str = "@xmpp_test=40conference.localhost/_x_alice:localhost";
+
+impl Env {
+    /// The recent logs of the bridge and Prosody, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "--- bridge:\n{}\n--- prosody:\n{}",
+            self.bridge.child.log_tail(60),
+            self.prosody.log_tail(60)
+        )
+    }
+}
 
 /// Creates the portal from Matrix and has the XMPP user join the room.
 async fn portal(env: &Env, room: &str) -> anyhow::Result<(MatrixUser, String, XmppClient)> {
@@ -81,8 +92,13 @@ async fn portal(env: &Env, room: &str) -> anyhow::Result<(MatrixUser, String, Xm
 
 #[tokio::test]
 async fn portal_via_alias_and_messages_both_ways() -> anyhow::Result<()> {
-    let env = start().await?;
-    let (alice, room, xmpp) = portal(&env, "test").await?;
+    let mut env = start().await?;
+    let r = portal_via_alias_and_messages_both_ways_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "test").await?;
     let ghost = GHOST.to_owned();
     // The bot created the room, not the XMPP user.
     let own = xmpp
@@ -193,7 +209,14 @@ async fn portal_via_alias_and_messages_both_ways() -> anyhow::Result<()> {
 #[tokio::test]
 async fn prosody_restart_reconnects_rejoins_and_duplicates_nothing() -> anyhow::Result<()> {
     let mut env = start().await?;
-    let (alice, room, xmpp) = portal(&env, "restart").await?;
+    let r = prosody_restart_reconnects_rejoins_and_duplicates_nothing_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn prosody_restart_reconnects_rejoins_and_duplicates_nothing_body(
+    env: &mut Env,
+) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "restart").await?;
     xmpp.say("restart", "b1", "before restart x")?;
     alice.wait_for_message(&room, T, |e| body(e) == "before restart x").await?;
     alice.send_text(&room, "before restart m").await?;
@@ -238,7 +261,15 @@ async fn prosody_restart_reconnects_rejoins_and_duplicates_nothing() -> anyhow::
 #[tokio::test]
 async fn component_answers_disco_version_and_ping_and_rejects_private_messages()
 -> anyhow::Result<()> {
-    let env = start().await?;
+    let mut env = start().await?;
+    let r =
+        component_answers_disco_version_and_ping_and_rejects_private_messages_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn component_answers_disco_version_and_ping_and_rejects_private_messages_body(
+    env: &mut Env,
+) -> anyhow::Result<()> {
     let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
     // disco#info on the component lists what it implements.
     let info = xmpp.iq_get(COMPONENT, "query", "http://jabber.org/protocol/disco#info").await?;
