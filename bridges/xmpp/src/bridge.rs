@@ -80,6 +80,8 @@ struct Puppet {
 
 #[derive(Debug, Default)]
 struct RoomState {
+    /// The connection generation the bot's join was confirmed on (and the room unlocked).
+    bot_joined: Option<u64>,
     puppets: HashMap<String, Puppet>,
     subject: Option<String>,
 }
@@ -126,6 +128,8 @@ struct Inner {
     component: String,
     bot: FullJid,
     state: Mutex<State>,
+    /// Woken when the bot's join of a room is confirmed.
+    bot_ready: tokio::sync::Notify,
     /// A handle on itself, for tasks spawned from `&self`.
     me: std::sync::OnceLock<std::sync::Weak<Inner>>,
 }
@@ -210,6 +214,7 @@ impl Inner {
         {
             return Ok((jid, generation));
         }
+        self.wait_for_bot(&key, generation).await?;
         let name = match displayname {
             Some(n) => n.to_owned(),
             None => self.displayname(room_id, mxid).await,
@@ -304,6 +309,23 @@ impl Inner {
                 {
                     tracing::warn!(room = room.bare(), mxid, error = %e, "could not rejoin a Matrix user");
                 }
+            }
+        }
+    }
+
+    /// Waits until the bot is in `room` on connection `generation` (so the room exists and is
+    /// unlocked before a Matrix user's occupant joins).
+    async fn wait_for_bot(&self, room: &str, generation: u64) -> Result<(), BridgeError> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.bot_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state().rooms.get(room).is_some_and(|r| r.bot_joined == Some(generation)) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(retry(format!("the bridge bot is not in {room} yet")));
             }
         }
     }
@@ -699,7 +721,17 @@ impl Inner {
             }
             tracing::info!(room = key, "created the room on the XMPP side");
         }
-        if pr.is_self() || pr.nick == self.cfg().bot_nick {
+        if pr.is_self() {
+            if !pr.unavailable {
+                let generation = self.xmpp.generation();
+                self.state().rooms.entry(key.clone()).or_default().bot_joined = generation;
+                self.bot_ready.notify_waiters();
+            } else {
+                self.state().rooms.entry(key.clone()).or_default().bot_joined = None;
+            }
+            return Ok(());
+        }
+        if pr.nick == self.cfg().bot_nick {
             return Ok(());
         }
         let real_is_ours = pr
@@ -876,6 +908,7 @@ impl Bridge for XmppBridge {
             component,
             bot,
             state: Mutex::default(),
+            bot_ready: tokio::sync::Notify::new(),
             me: std::sync::OnceLock::new(),
         });
         let _ = inner.me.set(Arc::downgrade(&inner));
