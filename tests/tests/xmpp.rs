@@ -305,6 +305,56 @@ async fn component_answers_disco_version_and_ping_and_rejects_private_messages_b
     let err =
         xmpp.wait_stanza(T, |s| s.contains("id=\"pm1\"") && s.contains("type=\"error\"")).await?;
     assert!(err.contains("feature-not-implemented"), "{err}");
+    // A "groupchat" message that does not come from a bridged room is refused as spoofed.
+    xmpp.send(
+        stanza(
+            "message",
+            &[
+                ("type", "groupchat"),
+                ("to", &format!("bridge@{COMPONENT}/trestle")),
+                ("id", "spoof1"),
+            ],
+        )
+        .append(
+            tokio_xmpp::minidom::Element::builder("body", "jabber:client").append("fake").build(),
+        )
+        .build(),
+    )?;
+    let err = xmpp
+        .wait_stanza(T, |s| s.contains("id=\"spoof1\"") && s.contains("type=\"error\""))
+        .await?;
+    assert!(err.contains("not-acceptable"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn nick_conflict_gets_a_suffix_and_the_user_is_told() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = nick_conflict_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn nick_conflict_body(env: &mut Env) -> anyhow::Result<()> {
+    // The XMPP user holds the nick "alice" before the Matrix user alice arrives.
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    xmpp.join("clash", "alice").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join(&format!("#xmpp_clash_{MUC}:localhost")).await?;
+    let suffixed = format!("from=\"clash@{MUC}/alice[m]\"");
+    xmpp.wait_presence(T, |p| p.contains(&suffixed)).await?;
+    let notice = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).contains("alice[m]")
+        })
+        .await?;
+    assert!(body(&notice).contains("taken"), "{}", body(&notice));
+    // Messages go out under the suffixed nick, and the XMPP "alice" is a ghost, not the user.
+    alice.send_text(&room, "which alice?").await?;
+    let seen = xmpp.wait_message(T, |s| s.body == "which alice?").await?;
+    assert_eq!(seen.nick, "alice[m]");
+    xmpp.say("clash", "c1", "the XMPP one")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "the XMPP one").await?;
+    assert_eq!(m["sender"], "@xmpp_clash=40conference.localhost/alice:localhost");
     Ok(())
 }
 
