@@ -215,3 +215,54 @@ impl BridgeConfig for XmppConfig {
         errors
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use trestle::config::{Config, example_config};
+
+    use super::XmppConfig;
+
+    fn load(text: &str) -> Result<Config<XmppConfig>, String> {
+        Config::<XmppConfig>::from_yaml(text, Vec::<(String, String)>::new())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_example_is_valid_and_has_the_defaults() {
+        let c = load(&example_config::<XmppConfig>("xmpp", 9899)).unwrap();
+        assert_eq!(c.bridge.component.port, 5347);
+        assert_eq!(c.bridge.alias_template, "xmpp_{room}_{service}");
+        assert!(
+            !format!("{:?}", c.bridge.component).contains("CHANGE_ME"),
+            "the secret is redacted"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let good = example_config::<XmppConfig>("xmpp", 9899);
+        for (from, to, key) in [
+            ("jid: matrix.example.org", "jid: user@matrix.example.org", "bridge.component.jid"),
+            ("secret: CHANGE_ME", "secret: \"\"", "bridge.component.secret"),
+            ("    - conference.example.org", "    - \"conf/x\"", "bridge.muc_services[0]"),
+            (
+                "alias_template: \"xmpp_{room}_{service}\"",
+                "alias_template: \"xmpp_{room}\"",
+                "bridge.alias_template",
+            ),
+            (
+                "user_template: \"xmpp_{occupant}\"",
+                "user_template: \"xmpp_{nick}\"",
+                "bridge.user_template",
+            ),
+            ("reconnect_min_ms: 1000", "reconnect_min_ms: 0", "bridge.connection.reconnect_min_ms"),
+            ("write_queue: 1024", "write_queue: 0", "bridge.connection.write_queue"),
+            ("bot_localpart: bridge", "bot_localpart: Bridge!", "bridge.bot_localpart"),
+            ("  bot_nick: MatrixBridge", "  bot_nick: MatrixBridge\n  colour: red", "colour"),
+        ] {
+            assert!(good.contains(from), "{from}");
+            let err = load(&good.replacen(from, to, 1)).expect_err(key);
+            assert!(err.contains(key), "expected {key} in: {err}");
+        }
+    }
+}
