@@ -165,6 +165,8 @@ pub struct Seen {
     pub delayed: bool,
     /// The stanza's XML, attribute quotes normalised to `"`.
     pub xml: String,
+    /// The room's stanza-id (XEP-0359) for the message.
+    pub stanza_id: Option<String>,
 }
 
 type Stream = XmlStream<BufStream<TcpStream>, Element>;
@@ -265,8 +267,13 @@ fn record(log: &Mutex<Log>, e: &Element) {
                 .map(|(_, n)| n.to_owned())
                 .unwrap_or_default();
             let delayed = e.children().any(|c| c.is("delay", "urn:xmpp:delay"));
+            let room = e.attr("from").map(|f| f.split('/').next().unwrap_or(f).to_owned());
+            let stanza_id = e
+                .children()
+                .find(|c| c.is("stanza-id", "urn:xmpp:sid:0") && c.attr("by") == room.as_deref())
+                .and_then(|c| c.attr("id").map(str::to_owned));
             if let Some(body) = e.get_child("body", NS_CLIENT) {
-                log.messages.push(Seen { nick, body: body.text(), delayed, xml });
+                log.messages.push(Seen { nick, body: body.text(), delayed, xml, stanza_id });
             }
         }
         "presence" => log.presences.push(xml),

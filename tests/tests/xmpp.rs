@@ -137,6 +137,7 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
     xmpp.say("test", "x2", &format!("back: {hostile}"))?;
     let m = alice.wait_for_message(&room, T, |e| body(e).starts_with("back: ")).await?;
     assert_eq!(body(&m), format!("back: {hostile}"));
+    let back_event = m["event_id"].as_str().unwrap_or_default().to_owned();
 
     // Emotes both ways; HTML becomes plain text.
     alice.send(&room, "m.room.message", json!({"msgtype": "m.emote", "body": "waves"})).await?;
@@ -189,6 +190,24 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
     alice.redact(&room, &hello).await?;
     let seen = xmpp.wait_message(T, |s| s.xml.contains("urn:xmpp:message-retract:1")).await?;
     assert_eq!(seen.nick, "alice");
+
+    // XEP-0424 retraction (by the room's stanza-id) → redaction of the right event.
+    let own = xmpp.wait_message(T, |s| s.body.starts_with("back: ") && s.nick == "XAlice").await?;
+    let sid = own.stanza_id.clone().expect("the room stamps a stanza-id");
+    xmpp.say_with(
+        "test",
+        "x5",
+        "/me retracted a message",
+        vec![payload("retract", "urn:xmpp:message-retract:1", &[("id", &sid)])],
+    )?;
+    trestle_e2e::wait_for("the redaction", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        events
+            .iter()
+            .any(|e| e["type"] == "m.room.redaction" && e["redacts"] == back_event.as_str())
+            .then_some(())
+    })
+    .await?;
 
     // Nothing echoed back: one copy of each message on each side, no ghost for the Matrix user.
     tokio::time::sleep(Duration::from_secs(2)).await;
