@@ -209,6 +209,23 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
     })
     .await?;
 
+    // An occupant's malformed presence (an invalid <show/>) reaches the bot: it is rejected and
+    // logged, and the connection survives (no reconnect, messages keep flowing).
+    xmpp.send(
+        stanza("presence", &[("to", &format!("test@{MUC}/XAlice"))])
+            .append(
+                tokio_xmpp::minidom::Element::builder("show", "jabber:client")
+                    .append("bogus")
+                    .build(),
+            )
+            .build(),
+    )?;
+    xmpp.say("test", "x6", "still connected?")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "still connected?").await?;
+    let log = env.bridge.child.log_tail(400);
+    assert!(log.contains("rejecting a malformed stanza"), "{log}");
+    assert!(!log.contains("component disconnected"), "{log}");
+
     // Nothing echoed back: one copy of each message on each side, no ghost for the Matrix user.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let events = alice.messages(&room, 100).await?;
@@ -310,6 +327,13 @@ async fn component_answers_disco_version_and_ping_and_rejects_private_messages_b
     assert!(unknown.contains("type=\"error\"") && unknown.contains("item-not-found"), "{unknown}");
     let unsupported = xmpp.iq_get(COMPONENT, "query", "jabber:iq:last").await?;
     assert!(unsupported.contains("type=\"error\""), "{unsupported}");
+    // A stanza the parsers reject (an iq get without a payload) gets bad-request, not a
+    // dropped connection.
+    xmpp.send(stanza("iq", &[("type", "get"), ("id", "bad1"), ("to", COMPONENT)]).build())?;
+    let bad = xmpp.wait_stanza(T, |s| s.contains("id=\"bad1\"")).await?;
+    assert!(bad.contains("type=\"error\"") && bad.contains("bad-request"), "{bad}");
+    let ping = xmpp.iq_get(COMPONENT, "ping", "urn:xmpp:ping").await?;
+    assert!(ping.contains("type=\"result\""), "{ping}");
     // A private message to a puppet is refused with an error, not silently dropped.
     let to = format!("alice=3alocalhost@{COMPONENT}");
     xmpp.send(

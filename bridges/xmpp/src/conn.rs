@@ -1,6 +1,11 @@
 //! The component connection (XEP-0114): login, reconnection with backoff and jitter, a bounded
 //! write queue, keepalive pings.
 //!
+//! The stream is tokio-xmpp's XML stream carrying plain elements; the XEP-0114 handshake is done
+//! here, and each element is parsed into a typed stanza separately, so that a stanza the parsers
+//! reject is answered with a `bad-request` stanza error and logged instead of ending the
+//! connection.
+//!
 //! A connection *generation* counts successful logins. Stanzas may be tagged with the generation
 //! they were made for (a message sent by an occupant that joined on that connection); the writer
 //! drops them after a reconnect instead of sending them before the occupant rejoined.
@@ -13,13 +18,106 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
-use tokio::sync::mpsc;
+use futures::{SinkExt, StreamExt};
+use sha1::{Digest, Sha1};
+use tokio::{io::BufStream, net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_xmpp::{
-    Component, connect::DnsConfig, parsers::iq::Iq, parsers::ping::Ping, xmlstream::Timeouts,
+use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
+use xmpp_parsers::{
+    iq::Iq,
+    jid::Jid,
+    message::Message,
+    minidom::{Element, rxml::NcName},
+    ping::Ping,
+    presence::Presence,
+    stanza::Stanza,
+    stanza_error::{DefinedCondition, ErrorType, StanzaError},
 };
-use xmpp_parsers::{jid::Jid, stanza::Stanza};
+
+/// The component stream namespace.
+const NS_COMPONENT: &str = "jabber:component:accept";
+
+type XStream = XmlStream<BufStream<TcpStream>, Element>;
+
+/// Why a login failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The TCP connection or the stream failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The server sent no stream id.
+    #[error("the server sent no stream id")]
+    NoStreamId,
+    /// The server refused the handshake (wrong secret or unknown component).
+    #[error("the server refused the handshake: {0}")]
+    Refused(String),
+    /// The stream closed during the handshake.
+    #[error("the stream closed during the handshake")]
+    Closed,
+}
+
+/// The XEP-0114 handshake value: hex(SHA-1(stream id ‖ secret)).
+pub fn handshake_digest(stream_id: &str, secret: &str) -> String {
+    hex::encode(Sha1::digest(format!("{stream_id}{secret}").as_bytes()))
+}
+
+async fn login(config: &ConnConfig, timeouts: Timeouts) -> Result<XStream, LoginError> {
+    let tcp = TcpStream::connect(&config.addr).await?;
+    let header = StreamHeader { to: Some(config.jid.clone().into()), ..StreamHeader::default() };
+    let pending = initiate_stream(BufStream::new(tcp), NS_COMPONENT, header, timeouts).await?;
+    let id = pending.header().id.map(|i| i.into_owned()).ok_or(LoginError::NoStreamId)?;
+    let mut stream = pending.skip_features::<Element>();
+    let hs = Element::builder("handshake", NS_COMPONENT)
+        .append(handshake_digest(&id, &config.secret))
+        .build();
+    stream.send(&hs).await?;
+    loop {
+        match stream.next().await {
+            Some(Ok(e)) if e.name() == "handshake" => return Ok(stream),
+            Some(Ok(e)) => return Err(LoginError::Refused(String::from(&e))),
+            Some(Err(ReadError::SoftTimeout)) => {}
+            Some(Err(ReadError::ParseError(e))) => return Err(LoginError::Refused(e.to_string())),
+            Some(Err(ReadError::HardError(e))) => return Err(LoginError::Io(e)),
+            Some(Err(ReadError::StreamFooterReceived)) | None => return Err(LoginError::Closed),
+        }
+    }
+}
+
+/// A typed stanza from an element, or the error to answer it with.
+pub fn parse_stanza(e: Element) -> Result<Option<Stanza>, (Element, String)> {
+    let result = match e.name() {
+        "message" => Message::try_from(e.clone()).map(Stanza::Message).map_err(|x| x.to_string()),
+        "presence" => {
+            Presence::try_from(e.clone()).map(Stanza::Presence).map_err(|x| x.to_string())
+        }
+        "iq" => Iq::try_from(e.clone()).map(Stanza::Iq).map_err(|x| x.to_string()),
+        _ => return Ok(None),
+    };
+    result.map(Some).map_err(|why| (e, why))
+}
+
+/// The `bad-request` error reply to a stanza that could not be parsed, if one may be sent
+/// (never to an error, never without both addresses).
+pub fn bad_request(e: &Element, why: &str) -> Option<Element> {
+    if e.attr("type") == Some("error") {
+        return None;
+    }
+    let (from, to) = (e.attr("from")?, e.attr("to")?);
+    let mut b = Element::builder(e.name(), NS_COMPONENT)
+        .attr(NcName::try_from("type").ok()?, "error")
+        .attr(NcName::try_from("from").ok()?, to)
+        .attr(NcName::try_from("to").ok()?, from);
+    if let Some(id) = e.attr("id") {
+        b = b.attr(NcName::try_from("id").ok()?, id);
+    }
+    let err = StanzaError::new(
+        ErrorType::Modify,
+        DefinedCondition::BadRequest,
+        "en",
+        format!("malformed stanza: {why}"),
+    );
+    Some(b.append(Element::from(err)).build())
+}
 
 /// A connection error a sender sees.
 #[derive(Debug, thiserror::Error)]
@@ -147,10 +245,7 @@ async fn run(
     loop {
         let login = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = tokio::time::timeout(
-                Duration::from_secs(20),
-                Component::new_plaintext(&config.jid, &config.secret, DnsConfig::addr(&config.addr), timeouts),
-            ) => r,
+            r = tokio::time::timeout(Duration::from_secs(20), login(&config, timeouts)) => r,
         };
         match login {
             Ok(Ok(mut comp)) => {
@@ -172,15 +267,31 @@ async fn run(
                     tokio::select! {
                         () = shutdown.cancelled() => {
                             online.store(0, Ordering::Release);
-                            let _ = tokio::time::timeout(Duration::from_secs(2), comp.send_end()).await;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::<&Element>::close(&mut comp)).await;
                             return;
                         }
-                        st = comp.next() => match st {
-                            Some(s) => {
-                                if events.send(ConnEvent::Stanza(Box::new(s))).await.is_err() {
-                                    return;
+                        read = comp.next() => match read {
+                            Some(Ok(e)) => match parse_stanza(e) {
+                                Ok(Some(s)) => {
+                                    if events.send(ConnEvent::Stanza(Box::new(s))).await.is_err() {
+                                        return;
+                                    }
                                 }
+                                Ok(None) => {}
+                                Err((e, why)) => {
+                                    tracing::warn!(from = e.attr("from"), name = e.name(), %why, "rejecting a malformed stanza");
+                                    if let Some(reply) = bad_request(&e, &why)
+                                        && let Err(err) = comp.send(&reply).await
+                                    {
+                                        break err.to_string();
+                                    }
+                                }
+                            },
+                            Some(Err(ReadError::SoftTimeout)) => {}
+                            Some(Err(ReadError::ParseError(e))) => {
+                                tracing::warn!(error = %e, "skipping an unreadable element");
                             }
+                            Some(Err(e)) => break e.to_string(),
                             None => break "the stream ended".to_owned(),
                         },
                         out = rx.recv() => match out {
@@ -188,7 +299,7 @@ async fn run(
                                 tracing::debug!("dropping a stanza made for an earlier connection");
                             }
                             Some(o) => {
-                                if let Err(e) = comp.send_stanza(o.stanza).await {
+                                if let Err(e) = comp.send(&Element::from(o.stanza)).await {
                                     break e.to_string();
                                 }
                             }
@@ -198,7 +309,7 @@ async fn run(
                             let mut iq = Iq::from_get(format!("ping-{}", rand::random::<u32>()), Ping);
                             *iq.from_mut() = Jid::new(&config.jid).ok();
                             *iq.to_mut() = ping_to.clone();
-                            if let Err(e) = comp.send_stanza(iq.into()).await {
+                            if let Err(e) = comp.send(&Element::from(iq)).await {
                                 break e.to_string();
                             }
                         }
@@ -249,6 +360,35 @@ mod tests {
         assert!(samples.len() > 1, "jitter");
     }
 
+    #[test]
+    fn handshake_is_hex_sha1_of_id_and_secret() {
+        // Computed independently: python3 -c 'hashlib.sha1(b"3BF96D32sesame").hexdigest()'.
+        assert_eq!(
+            handshake_digest("3BF96D32", "sesame"),
+            "7a98dc4c9e92493d7fd66a25364c862637789c45"
+        );
+    }
+
+    #[test]
+    fn malformed_stanzas_get_bad_request_never_errors() {
+        let bad: Element = "<iq xmlns='jabber:component:accept' type='get' id='b1' from='u@localhost/r' to='matrix.localhost'/>"
+            .parse()
+            .unwrap();
+        let (e, why) = parse_stanza(bad).unwrap_err();
+        let reply = String::from(&bad_request(&e, &why).unwrap());
+        assert!(reply.contains("bad-request") && reply.contains("b1"), "{reply}");
+        assert!(
+            reply.contains("to=\"u@localhost/r\"") || reply.contains("to='u@localhost/r'"),
+            "{reply}"
+        );
+        let err: Element = "<iq xmlns='jabber:component:accept' type='error' id='b2' from='u@localhost/r' to='matrix.localhost'/>"
+            .parse()
+            .unwrap();
+        assert!(bad_request(&err, "x").is_none());
+        let other: Element = "<foo xmlns='jabber:component:accept'/>".parse().unwrap();
+        assert!(matches!(parse_stanza(other), Ok(None)));
+    }
+
     #[tokio::test]
     async fn senders_are_told_when_offline() {
         let token = CancellationToken::new();
@@ -265,7 +405,7 @@ mod tests {
             },
             token.clone(),
         );
-        let p = xmpp_parsers::presence::Presence::available();
+        let p = Presence::available();
         assert!(matches!(sender.send(p), Err(ConnError::Offline)));
         token.cancel();
     }
