@@ -83,17 +83,15 @@ async fn login(config: &ConnConfig, timeouts: Timeouts) -> Result<XStream, Login
     }
 }
 
-/// A typed stanza from an element, or the error to answer it with.
-pub fn parse_stanza(e: Element) -> Result<Option<Stanza>, (Element, String)> {
+/// A typed stanza from an element (`None` for anything else), or why it cannot be parsed.
+pub fn parse_stanza(e: &Element) -> Result<Option<Stanza>, String> {
     let result = match e.name() {
-        "message" => Message::try_from(e.clone()).map(Stanza::Message).map_err(|x| x.to_string()),
-        "presence" => {
-            Presence::try_from(e.clone()).map(Stanza::Presence).map_err(|x| x.to_string())
-        }
-        "iq" => Iq::try_from(e.clone()).map(Stanza::Iq).map_err(|x| x.to_string()),
+        "message" => Message::try_from(e.clone()).map(Stanza::Message),
+        "presence" => Presence::try_from(e.clone()).map(Stanza::Presence),
+        "iq" => Iq::try_from(e.clone()).map(Stanza::Iq),
         _ => return Ok(None),
     };
-    result.map(Some).map_err(|why| (e, why))
+    result.map(Some).map_err(|x| x.to_string())
 }
 
 /// The `bad-request` error reply to a stanza that could not be parsed, if one may be sent
@@ -271,14 +269,14 @@ async fn run(
                             return;
                         }
                         read = comp.next() => match read {
-                            Some(Ok(e)) => match parse_stanza(e) {
+                            Some(Ok(e)) => match parse_stanza(&e) {
                                 Ok(Some(s)) => {
                                     if events.send(ConnEvent::Stanza(Box::new(s))).await.is_err() {
                                         return;
                                     }
                                 }
                                 Ok(None) => {}
-                                Err((e, why)) => {
+                                Err(why) => {
                                     tracing::warn!(from = e.attr("from"), name = e.name(), %why, "rejecting a malformed stanza");
                                     if let Some(reply) = bad_request(&e, &why)
                                         && let Err(err) = comp.send(&reply).await
@@ -374,8 +372,8 @@ mod tests {
         let bad: Element = "<iq xmlns='jabber:component:accept' type='get' id='b1' from='u@localhost/r' to='matrix.localhost'/>"
             .parse()
             .unwrap();
-        let (e, why) = parse_stanza(bad).unwrap_err();
-        let reply = String::from(&bad_request(&e, &why).unwrap());
+        let why = parse_stanza(&bad).unwrap_err();
+        let reply = String::from(&bad_request(&bad, &why).unwrap());
         assert!(reply.contains("bad-request") && reply.contains("b1"), "{reply}");
         assert!(
             reply.contains("to=\"u@localhost/r\"") || reply.contains("to='u@localhost/r'"),
@@ -386,7 +384,7 @@ mod tests {
             .unwrap();
         assert!(bad_request(&err, "x").is_none());
         let other: Element = "<foo xmlns='jabber:component:accept'/>".parse().unwrap();
-        assert!(matches!(parse_stanza(other), Ok(None)));
+        assert!(matches!(parse_stanza(&other), Ok(None)));
     }
 
     #[tokio::test]
