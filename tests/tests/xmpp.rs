@@ -239,6 +239,18 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
     let seen = xmpp.messages();
     assert_eq!(seen.iter().filter(|s| s.body == "hi from Matrix").count(), 1);
     assert_eq!(seen.iter().filter(|s| s.body == "hello from XMPP").count(), 1);
+
+    // A displayname change becomes a nick change; leaving the room leaves the MUC.
+    alice
+        .put(
+            &format!("/profile/{}/displayname", alice.user_id),
+            json!({"displayname": "Alice Liddell"}),
+        )
+        .await?;
+    let renamed = format!("from=\"test@{MUC}/Alice Liddell\"");
+    xmpp.wait_presence(T, |p| p.contains(&renamed) && !p.contains("unavailable")).await?;
+    alice.post(&format!("/rooms/{room}/leave"), json!({})).await?;
+    xmpp.wait_presence(T, |p| p.contains(&renamed) && p.contains("type=\"unavailable\"")).await?;
     Ok(())
 }
 

@@ -481,6 +481,10 @@ impl Inner {
             return;
         }
         let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else { return };
+        if self.cfg().muc_services.iter().any(|s| s == from.domain().as_str()) {
+            // An error to a room occupant makes the room remove our occupant (XEP-0045).
+            return;
+        }
         let mut e = XMessage::error(from);
         e.from = Some(to);
         e.id = m.id.clone();
@@ -673,6 +677,16 @@ impl Inner {
                     });
                 }
                 tracing::info!(room = key, mxid, cond, "a join was refused");
+            } else if pr.is_self() && pr.unavailable {
+                // Left (or removed); a nick change (303) is followed by the new self-presence.
+                // A puppet the bridge already forgot (the Matrix user left) stays forgotten, so
+                // its old nick is free for XMPP users again.
+                if !pr.codes.contains(&303)
+                    && let Some(p) = st.rooms.get_mut(&key).and_then(|r| r.puppets.get_mut(&mxid))
+                {
+                    p.joined = None;
+                    tracing::info!(room = key, mxid, codes = ?pr.codes, "a puppet left or was removed");
+                }
             } else if pr.is_self() {
                 let generation = self.xmpp.generation();
                 let puppet = st
@@ -680,17 +694,12 @@ impl Inner {
                     .entry(key.clone())
                     .or_default()
                     .puppets
-                    .entry(mxid.clone())
+                    .entry(mxid)
                     .or_insert_with(|| Puppet { nick: pr.nick.clone(), joined: None });
-                if pr.unavailable && !pr.codes.contains(&303) {
-                    puppet.joined = None;
-                    tracing::info!(room = key, mxid, codes = ?pr.codes, "a puppet left or was removed");
-                } else if !pr.unavailable {
-                    puppet.nick = pr.nick.clone();
-                    puppet.joined = generation;
-                    if let Some(tx) = st.joins.remove(&(key.clone(), bare)) {
-                        let _ = tx.send(Joined::Ok(pr.nick.clone()));
-                    }
+                puppet.nick = pr.nick.clone();
+                puppet.joined = generation;
+                if let Some(tx) = st.joins.remove(&(key.clone(), bare)) {
+                    let _ = tx.send(Joined::Ok(pr.nick.clone()));
                 }
             }
             return Ok(());

@@ -94,10 +94,13 @@ pub fn parse_stanza(e: &Element) -> Result<Option<Stanza>, String> {
     result.map(Some).map_err(|x| x.to_string())
 }
 
-/// The `bad-request` error reply to a stanza that could not be parsed, if one may be sent
-/// (never to an error, never without both addresses).
+/// The `bad-request` error reply to a malformed `iq` get or set (never without both addresses).
+///
+/// Malformed messages and presences are only logged: an error sent back to a MUC occupant makes
+/// the room remove the sender (XEP-0045), so answering a room's broadcast would get the bridge's
+/// own occupants kicked.
 pub fn bad_request(e: &Element, why: &str) -> Option<Element> {
-    if e.attr("type") == Some("error") {
+    if e.name() != "iq" || !matches!(e.attr("type"), Some("get" | "set")) {
         return None;
     }
     let (from, to) = (e.attr("from")?, e.attr("to")?);
@@ -368,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_stanzas_get_bad_request_never_errors() {
+    fn malformed_queries_get_bad_request_other_stanzas_nothing() {
         let bad: Element = "<iq xmlns='jabber:component:accept' type='get' id='b1' from='u@localhost/r' to='matrix.localhost'/>"
             .parse()
             .unwrap();
@@ -383,6 +386,11 @@ mod tests {
             .parse()
             .unwrap();
         assert!(bad_request(&err, "x").is_none());
+        let presence: Element = "<presence xmlns='jabber:component:accept' from='r@conference.localhost/x' to='b@matrix.localhost/trestle'><show>bogus</show></presence>"
+            .parse()
+            .unwrap();
+        let why = parse_stanza(&presence).unwrap_err();
+        assert!(bad_request(&presence, &why).is_none(), "never answer a room's broadcast");
         let other: Element = "<foo xmlns='jabber:component:accept'/>".parse().unwrap();
         assert!(matches!(parse_stanza(&other), Ok(None)));
     }
