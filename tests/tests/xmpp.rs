@@ -255,13 +255,13 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
 }
 
 #[tokio::test]
-async fn prosody_restart_reconnects_rejoins_and_duplicates_nothing() -> anyhow::Result<()> {
+async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing() -> anyhow::Result<()> {
     let mut env = start().await?;
-    let r = prosody_restart_reconnects_rejoins_and_duplicates_nothing_body(&mut env).await;
+    let r = restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing_body(&mut env).await;
     r.map_err(|e| e.context(env.logs()))
 }
 
-async fn prosody_restart_reconnects_rejoins_and_duplicates_nothing_body(
+async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing_body(
     env: &mut Env,
 ) -> anyhow::Result<()> {
     let (alice, room, xmpp) = portal(env, "restart").await?;
@@ -302,6 +302,34 @@ async fn prosody_restart_reconnects_rejoins_and_duplicates_nothing_body(
     let seen = xmpp.messages();
     for b in ["before restart m", "after restart m"] {
         assert_eq!(seen.iter().filter(|s| s.body == b && !s.delayed).count(), 1, "{b} on XMPP");
+    }
+
+    // The bridge itself killed (SIGKILL) and started again: it logs in, rejoins, and the
+    // Matrix member comes back from the stored membership; still nothing doubled.
+    env.bridge.restart().await?;
+    xmpp.say("restart", "k1", "after bridge restart x")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "after bridge restart x").await?;
+    alice.send_text(&room, "after bridge restart m").await?;
+    let seen = xmpp.wait_message(T, |s| s.body == "after bridge restart m").await?;
+    assert_eq!(seen.nick, "alice");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 100).await?;
+    for b in
+        ["before restart x", "after restart x", "after bridge restart x", "after bridge restart m"]
+    {
+        assert_eq!(
+            events.iter().filter(|e| body(e) == b).count(),
+            1,
+            "{b} on Matrix after the bridge restart"
+        );
+    }
+    let seen = xmpp.messages();
+    for b in ["before restart m", "after restart m", "after bridge restart m"] {
+        assert_eq!(
+            seen.iter().filter(|s| s.body == b).count(),
+            1,
+            "{b} on XMPP after the bridge restart"
+        );
     }
     Ok(())
 }
