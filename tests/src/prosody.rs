@@ -70,6 +70,7 @@ VirtualHost "localhost"
 Component "{MUC}" "muc"
     modules_enabled = {{ "muc_mam" }}
     muc_log_by_default = true
+    muc_room_default_change_subject = true
 Component "{COMPONENT}"
     component_secret = "{SECRET}"
 "#,
@@ -410,6 +411,15 @@ impl XmppClient {
             m = m.append(e);
         }
         self.send(m.build())
+    }
+
+    /// Sets the room's subject.
+    pub fn set_subject(&self, room: &str, subject: &str) -> anyhow::Result<()> {
+        self.send(
+            stanza("message", &[("type", "groupchat"), ("to", &format!("{room}@{MUC}"))])
+                .append(Element::builder("subject", NS_CLIENT).append(subject).build())
+                .build(),
+        )
     }
 
     /// Sends a groupchat message with `id` (also its origin-id).

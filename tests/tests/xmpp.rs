@@ -240,6 +240,12 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
     assert_eq!(seen.iter().filter(|s| s.body == "hi from Matrix").count(), 1);
     assert_eq!(seen.iter().filter(|s| s.body == "hello from XMPP").count(), 1);
 
+    // The subject becomes the Matrix topic, set by the bot.
+    xmpp.set_subject("test", "All about <tests> & more")?;
+    let topic = alice.wait_for_message(&room, T, |e| e["type"] == "m.room.topic").await?;
+    assert_eq!(topic["content"]["topic"], "All about <tests> & more");
+    assert_eq!(topic["sender"], "@xmppbot:localhost");
+
     // A displayname change becomes a nick change; leaving the room leaves the MUC.
     alice
         .put(

@@ -556,17 +556,30 @@ impl Inner {
                 r.subject = Some(subject.clone());
                 changed
             };
-            if changed {
-                self.ctx
+            // An empty subject means "none": it never clears a topic set on Matrix (topics are
+            // not bridged the other way), and the subject the room repeats on every join is
+            // only sent when the Matrix topic differs.
+            if changed && !subject.trim().is_empty() {
+                let current = self
+                    .ctx
                     .bot()
-                    .send_state(
-                        &portal.room_id,
-                        "m.room.topic",
-                        "",
-                        json!({"topic": subject}),
-                        None,
-                    )
-                    .await?;
+                    .get_state_event(&portal.room_id, "m.room.topic", "")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|v| v.get("topic").and_then(Value::as_str).map(str::to_owned));
+                if current.as_deref() != Some(subject.as_str()) {
+                    self.ctx
+                        .bot()
+                        .send_state(
+                            &portal.room_id,
+                            "m.room.topic",
+                            "",
+                            json!({"topic": subject}),
+                            None,
+                        )
+                        .await?;
+                }
             }
             return Ok(());
         }
