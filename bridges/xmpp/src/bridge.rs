@@ -45,6 +45,8 @@ use crate::{
 const WAIT: Duration = Duration::from_secs(15);
 /// The resource of every JID the bridge uses.
 const RESOURCE: &str = "trestle";
+/// Failed joins of the bot to a room before it gives up until the next reconnect.
+const BOT_JOIN_TRIES: u32 = 5;
 /// Stanza ids remembered for dedupe.
 const SEEN: usize = 10_000;
 
@@ -82,6 +84,8 @@ struct Puppet {
 struct RoomState {
     /// The connection generation the bot's join was confirmed on (and the room unlocked).
     bot_joined: Option<u64>,
+    /// The bot's failed joins since the last success or reconnect.
+    bot_failures: u32,
     puppets: HashMap<String, Puppet>,
     subject: Option<String>,
 }
@@ -427,6 +431,7 @@ impl Inner {
                 {
                     let mut st = self.state();
                     for r in st.rooms.values_mut() {
+                        r.bot_failures = 0;
                         for p in r.puppets.values_mut() {
                             p.joined = None;
                         }
@@ -718,13 +723,45 @@ impl Inner {
             return Ok(());
         }
         // Presences the bot sees: occupants coming and going.
-        if pr.error.is_some() {
-            tracing::warn!(room = key, error = ?pr.error, "the bot could not join; trying again in 5 s");
+        if let Some(cond) = &pr.error {
+            let failures = {
+                let mut st = self.state();
+                let r = st.rooms.entry(key.clone()).or_default();
+                r.bot_failures += 1;
+                r.bot_failures
+            };
+            if failures > BOT_JOIN_TRIES {
+                tracing::error!(
+                    room = key,
+                    cond,
+                    "the bot cannot join the room; giving up until the next reconnect"
+                );
+                if failures == BOT_JOIN_TRIES + 1
+                    && let Some(portal) =
+                        self.ctx.store().portal_by_remote(&room.remote_id()).await?
+                {
+                    self.ctx
+                        .notice(
+                            &portal.room_id,
+                            &format!("⚠️ The bridge cannot join {key} on XMPP ({cond}); messages are not bridged until it can (it tries again after reconnecting)."),
+                        )
+                        .await;
+                }
+                return Ok(());
+            }
+            let delay = Duration::from_secs(5 * u64::from(failures));
+            tracing::warn!(
+                room = key,
+                cond,
+                failures,
+                delay_s = delay.as_secs(),
+                "the bot could not join; trying again"
+            );
             if let (Some(me), Some(generation)) =
                 (self.me.get().and_then(std::sync::Weak::upgrade), self.xmpp.generation())
             {
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tokio::time::sleep(delay).await;
                     if me.xmpp.generation() == Some(generation) {
                         me.join_bot(&room);
                     }
@@ -746,7 +783,12 @@ impl Inner {
         if pr.is_self() {
             if !pr.unavailable {
                 let generation = self.xmpp.generation();
-                self.state().rooms.entry(key.clone()).or_default().bot_joined = generation;
+                {
+                    let mut st = self.state();
+                    let r = st.rooms.entry(key.clone()).or_default();
+                    r.bot_joined = generation;
+                    r.bot_failures = 0;
+                }
                 self.bot_ready.notify_waiters();
             } else {
                 self.state().rooms.entry(key.clone()).or_default().bot_joined = None;
