@@ -7,8 +7,7 @@ cargo build -q --workspace --bins --examples
 target=${CARGO_TARGET_DIR:-target}/debug
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# Add trestle-xmpp here once it is built on the framework.
-for bin in trestle-irc trestle-sms examples/echo; do
+for bin in trestle-irc trestle-xmpp trestle-sms examples/echo; do
   name=$(basename "$bin"); name=${name#trestle-}
   exe="$target/$bin"
   [ -x "$exe" ] || { echo "missing $exe" >&2; exit 1; }

@@ -2,6 +2,7 @@
 //!
 //! - [`Synapse`]: a homeserver from the virtualenv that `scripts/install-deps.sh` makes.
 //! - [`MatrixUser`]: a test client on the client-server API (reqwest), with `/sync` waiting.
+//! - [`prosody::Prosody`]: a real Prosody with a component and a MUC; [`prosody::XmppClient`].
 //! - [`BridgeProcess`]: a bridge binary from the workspace's target directory.
 //! - [`ChildGuard`]: kills its process (group) when dropped.
 
@@ -17,6 +18,7 @@ use serde_json::{Value, json};
 
 pub mod ircd;
 pub mod kannel;
+pub mod prosody;
 pub mod synapse;
 
 pub use synapse::Synapse;
@@ -45,9 +47,17 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target"))
 }
 
-/// A binary built by cargo: `name` like `trestle-irc` or `examples/echo`.
-/// `TRESTLE_PROFILE=release` looks in the release profile first (benchmarks).
+/// A binary built by cargo: `name` like `trestle-irc` or `examples/echo`. `TRESTLE_E2E_BIN_DIR`,
+/// when set, is searched first (for a target directory shared by several checkouts, where another
+/// build may replace a binary of the same name at any time); `TRESTLE_PROFILE=release` looks in
+/// the release profile before the debug one (benchmarks).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("TRESTLE_E2E_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
     let profiles = match std::env::var("TRESTLE_PROFILE").as_deref() {
         Ok("release") => ["release", "debug"],
         _ => ["debug", "release"],
@@ -275,6 +285,15 @@ impl MatrixUser {
     ) -> anyhow::Result<String> {
         let txn = format!("t{}", rand::random::<u64>());
         let v = self.put(&format!("/rooms/{}/send/{event_type}/{txn}", enc(room)), content).await?;
+        Ok(v["event_id"].as_str().context("no event_id")?.to_owned())
+    }
+
+    /// Redacts an event; returns the redaction's event id.
+    pub async fn redact(&self, room: &str, event_id: &str) -> anyhow::Result<String> {
+        let txn = format!("r{}", rand::random::<u64>());
+        let v = self
+            .put(&format!("/rooms/{}/redact/{}/{txn}", enc(room), enc(event_id)), json!({}))
+            .await?;
         Ok(v["event_id"].as_str().context("no event_id")?.to_owned())
     }
 

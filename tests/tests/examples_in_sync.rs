@@ -6,8 +6,12 @@ use std::process::Command;
 use trestle_e2e::{binary, repo_root};
 
 /// Every binary that has example files, by the name used in the file names.
-const BINARIES: &[(&str, &str)] =
-    &[("examples/echo", "echo"), ("trestle-irc", "irc"), ("trestle-sms", "sms")];
+const BINARIES: &[(&str, &str)] = &[
+    ("examples/echo", "echo"),
+    ("trestle-irc", "irc"),
+    ("trestle-xmpp", "xmpp"),
+    ("trestle-sms", "sms"),
+];
 
 #[test]
 fn example_configs_match_generated_output() -> anyhow::Result<()> {

@@ -1,1 +1,5 @@
-fn main() {}
+//! `trestle-xmpp`: the XMPP bridge binary.
+
+fn main() -> std::process::ExitCode {
+    trestle::run::<trestle_xmpp::bridge::XmppBridge>()
+}

@@ -1,0 +1,1175 @@
+//! The XMPP bridge on top of Trestle: MUC rooms as portals, occupants as ghosts, Matrix users as
+//! puppet occupants of the component, messages both ways.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use trestle::{
+    bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
+    config::{Config, PermissionLevel},
+    context::Context,
+    event::{MatrixEvent, Message, MessageType},
+    registration::{Namespace, Namespaces},
+    store::{MessageMapping, Portal},
+    util::{
+        format::html_to_plain,
+        reply::{strip_reply_fallback, strip_reply_fallback_html},
+    },
+};
+use xmpp_parsers::{
+    disco::DiscoItemsResult,
+    iq::Iq,
+    jid::{FullJid, Jid},
+    message::{Message as XMessage, MessageType as XMessageType},
+    ns,
+    presence::Presence,
+    stanza::Stanza,
+    stanza_error::DefinedCondition,
+    version::VersionResult,
+};
+
+use crate::{
+    config::XmppConfig,
+    conn::{self, ConnConfig, ConnError, ConnEvent, XmppSender},
+    ids::{Ids, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
+    stanzas,
+};
+
+/// How long a join or a message reflection is waited for.
+const WAIT: Duration = Duration::from_secs(15);
+/// The resource of every JID the bridge uses.
+const RESOURCE: &str = "trestle";
+/// Failed joins of the bot to a room before it gives up until the next reconnect.
+const BOT_JOIN_TRIES: u32 = 5;
+/// Stanza ids remembered for dedupe.
+const SEEN: usize = 10_000;
+
+/// The XMPP bridge.
+pub struct XmppBridge {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for XmppBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XmppBridge").field("component", &self.inner.component).finish()
+    }
+}
+
+/// How a join ended.
+#[derive(Debug)]
+enum Joined {
+    /// In the room with this nick.
+    Ok(String),
+    /// The nick is taken.
+    Conflict,
+    /// Refused for another reason (the error condition).
+    Refused(String),
+}
+
+/// A Matrix user's occupant in one room.
+#[derive(Debug, Clone)]
+struct Puppet {
+    nick: String,
+    /// The connection generation the join was confirmed on.
+    joined: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    /// The connection generation the bot's join was confirmed on (and the room unlocked).
+    bot_joined: Option<u64>,
+    /// The bot's failed joins since the last success or reconnect.
+    bot_failures: u32,
+    puppets: HashMap<String, Puppet>,
+    subject: Option<String>,
+}
+
+/// Resolves with the room's stanza-id for a reflected message, or the error condition.
+type Reflection = oneshot::Sender<Result<Option<String>, String>>;
+
+#[derive(Debug, Default)]
+struct State {
+    rooms: HashMap<String, RoomState>,
+    /// (room, puppet bare JID) → join waiter.
+    joins: HashMap<(String, String), oneshot::Sender<Joined>>,
+    /// (room, origin-id) → waiter for the reflected message (its stanza-id) or an error.
+    reflections: HashMap<(String, String), Reflection>,
+    seen: HashSet<String>,
+    seen_order: VecDeque<String>,
+}
+
+impl State {
+    /// Records a stanza key; `false` if it was seen before.
+    fn first_time(&mut self, key: String) -> bool {
+        if !self.seen.insert(key.clone()) {
+            return false;
+        }
+        self.seen_order.push_back(key);
+        if self.seen_order.len() > SEEN
+            && let Some(old) = self.seen_order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        true
+    }
+
+    fn is_ours(&self, room: &str, nick: &str) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.puppets.values().any(|p| p.nick == nick))
+    }
+}
+
+/// The bridge's state, shared with the connection task.
+struct Inner {
+    ctx: Context<XmppConfig>,
+    ids: Ids,
+    xmpp: XmppSender,
+    component: String,
+    bot: FullJid,
+    state: Mutex<State>,
+    /// Woken when the bot's join of a room is confirmed.
+    bot_ready: tokio::sync::Notify,
+    /// A handle on itself, for tasks spawned from `&self`.
+    me: std::sync::OnceLock<std::sync::Weak<Inner>>,
+}
+
+fn retry(e: impl std::fmt::Display) -> BridgeError {
+    BridgeError::Retryable(e.to_string())
+}
+
+fn send_err(e: &ConnError) -> BridgeError {
+    BridgeError::Retryable(e.to_string())
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn cfg(&self) -> &XmppConfig {
+        &self.ctx.config().bridge
+    }
+
+    fn room_of(portal: &Portal) -> Option<RoomJid> {
+        RoomJid::parse(portal.metadata.get("room")?.as_str()?)
+    }
+
+    fn puppet_jid(&self, mxid: &str) -> Option<FullJid> {
+        FullJid::new(&format!("{}@{}/{RESOURCE}", puppet_localpart(mxid), self.component)).ok()
+    }
+
+    fn portal_spec(&self, room: &RoomJid) -> PortalSpec {
+        let mut spec = PortalSpec::new(room.remote_id(), room.bare());
+        spec.name = Some(room.room.clone());
+        spec.public = true;
+        spec.channel_name = Some(room.bare());
+        spec.network = Some((room.service.clone(), room.service.clone()));
+        spec.metadata = json!({"room": room.bare()});
+        spec
+    }
+
+    fn join_bot(&self, room: &RoomJid) {
+        if let Some(to) = stanzas::occupant(room, &self.cfg().bot_nick)
+            && let Err(e) = self.xmpp.send(stanzas::join(&self.bot, &to))
+        {
+            tracing::warn!(room = room.bare(), error = %e, "could not join the room");
+        }
+    }
+
+    async fn displayname(&self, room_id: &str, mxid: &str) -> String {
+        let name = match self.ctx.bot().get_state_event(room_id, "m.room.member", mxid).await {
+            Ok(Some(v)) => v.get("displayname").and_then(Value::as_str).map(str::to_owned),
+            _ => None,
+        };
+        let name = match name {
+            Some(n) => Some(n),
+            None => self.ctx.bot().get_profile(mxid).await.ok().and_then(|p| p.displayname),
+        };
+        name.unwrap_or_else(|| {
+            mxid.trim_start_matches('@').split(':').next().unwrap_or(mxid).to_owned()
+        })
+    }
+
+    /// Makes sure `mxid`'s puppet is in the room on the current connection; returns its JID and
+    /// the generation. Nick conflicts are resolved with the configured suffix and told.
+    async fn ensure_puppet(
+        &self,
+        room: &RoomJid,
+        room_id: &str,
+        mxid: &str,
+        displayname: Option<&str>,
+    ) -> Result<(FullJid, u64), BridgeError> {
+        let generation = self.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
+        let jid = self
+            .puppet_jid(mxid)
+            .ok_or_else(|| BridgeError::Permanent(format!("{mxid} has no valid JID")))?;
+        let key = room.bare();
+        if self
+            .state()
+            .rooms
+            .get(&key)
+            .and_then(|r| r.puppets.get(mxid))
+            .is_some_and(|p| p.joined == Some(generation))
+        {
+            return Ok((jid, generation));
+        }
+        self.wait_for_bot(&key, generation).await?;
+        let name = match displayname {
+            Some(n) => n.to_owned(),
+            None => self.displayname(room_id, mxid).await,
+        };
+        let fallback = mxid.trim_start_matches('@').split(':').next().unwrap_or("matrix");
+        let cfg = self.cfg();
+        let base = sanitise_nick(&name, fallback, cfg.max_nick_chars);
+        for attempt in 0..5u32 {
+            let nick = match attempt {
+                0 => base.clone(),
+                1 => format!("{base}{}", cfg.nick_conflict_suffix),
+                n => format!("{base}{}{n}", cfg.nick_conflict_suffix),
+            };
+            let Some(to) = stanzas::occupant(room, &nick) else {
+                return Err(BridgeError::Permanent(format!("{nick:?} is not a valid nick")));
+            };
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut st = self.state();
+                st.joins.insert((key.clone(), jid.to_bare().to_string()), tx);
+                st.rooms
+                    .entry(key.clone())
+                    .or_default()
+                    .puppets
+                    .insert(mxid.to_owned(), Puppet { nick: nick.clone(), joined: None });
+            }
+            self.xmpp.send_for(stanzas::join(&jid, &to), generation).map_err(|e| send_err(&e))?;
+            match tokio::time::timeout(WAIT, rx).await {
+                Ok(Ok(Joined::Ok(actual))) => {
+                    if actual != base {
+                        self.ctx
+                            .notice(
+                                room_id,
+                                &format!(
+                                    "{name}: the nick {base:?} is taken in {}, so you appear there as {actual:?}.",
+                                    room.bare()
+                                ),
+                            )
+                            .await;
+                    }
+                    return Ok((jid, generation));
+                }
+                Ok(Ok(Joined::Conflict)) => continue,
+                Ok(Ok(Joined::Refused(cond))) => {
+                    self.forget_puppet(&key, mxid);
+                    return Err(BridgeError::Permanent(format!(
+                        "{} refused {name} ({cond})",
+                        room.bare()
+                    )));
+                }
+                Ok(Err(_)) | Err(_) => {
+                    self.forget_puppet(&key, mxid);
+                    return Err(retry(format!("no answer from {} to {name}'s join", room.bare())));
+                }
+            }
+        }
+        self.forget_puppet(&key, mxid);
+        Err(BridgeError::Permanent(format!(
+            "every nick tried for {name} is taken in {}",
+            room.bare()
+        )))
+    }
+
+    /// Joins every Matrix member of every portal as an occupant again (after a reconnect).
+    async fn rejoin_puppets(&self, portals: Vec<Portal>, generation: u64) {
+        for portal in portals {
+            let Some(room) = Self::room_of(&portal) else { continue };
+            let members = match self.ctx.store().members(&portal.room_id, "join").await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(room = room.bare(), error = %e, "cannot list the room's members");
+                    continue;
+                }
+            };
+            for mxid in members {
+                if self.xmpp.generation() != Some(generation) {
+                    return;
+                }
+                if self.ctx.is_bridge_user(&mxid)
+                    || self.ctx.permission(&mxid) < PermissionLevel::Relay
+                {
+                    continue;
+                }
+                let known = self
+                    .state()
+                    .rooms
+                    .get(&room.bare())
+                    .and_then(|r| r.puppets.get(&mxid))
+                    .map(|p| p.nick.clone());
+                if let Err(e) =
+                    self.ensure_puppet(&room, &portal.room_id, &mxid, known.as_deref()).await
+                {
+                    tracing::warn!(room = room.bare(), mxid, error = %e, "could not rejoin a Matrix user");
+                }
+            }
+        }
+    }
+
+    /// Waits until the bot is in `room` on connection `generation` (so the room exists and is
+    /// unlocked before a Matrix user's occupant joins).
+    async fn wait_for_bot(&self, room: &str, generation: u64) -> Result<(), BridgeError> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.bot_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state().rooms.get(room).is_some_and(|r| r.bot_joined == Some(generation)) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(retry(format!("the bridge bot is not in {room} yet")));
+            }
+        }
+    }
+
+    fn forget_puppet(&self, room: &str, mxid: &str) {
+        if let Some(r) = self.state().rooms.get_mut(room) {
+            r.puppets.remove(mxid);
+        }
+    }
+
+    /// Text for XMPP from a Matrix message.
+    fn xmpp_text(&self, msg: &Message) -> String {
+        if let Some(media) = &msg.media {
+            let link = self
+                .ctx
+                .media_link(&media.url, &media.filename)
+                .unwrap_or_else(|_| media.url.clone());
+            return format!("{}: {link}", media.filename);
+        }
+        let text = match &msg.html {
+            Some(h) => html_to_plain(&strip_reply_fallback_html(h)),
+            None => strip_reply_fallback(&msg.body).to_owned(),
+        };
+        if msg.msgtype == MessageType::Emote { format!("/me {text}") } else { text }
+    }
+
+    /// Sends a groupchat message as `sender` and waits for the room to reflect it; returns the
+    /// room's stanza-id for it.
+    async fn send_groupchat(
+        &self,
+        room: &RoomJid,
+        room_id: &str,
+        sender: &str,
+        build: impl Fn(&FullJid) -> Option<XMessage>,
+        id: &str,
+    ) -> Result<Option<String>, BridgeError> {
+        let (jid, generation) = self.ensure_puppet(room, room_id, sender, None).await?;
+        let msg =
+            build(&jid).ok_or_else(|| BridgeError::Permanent("cannot address the room".into()))?;
+        let (tx, rx) = oneshot::channel();
+        let key = (room.bare(), id.to_owned());
+        self.state().reflections.insert(key.clone(), tx);
+        if let Err(e) = self.xmpp.send_for(msg, generation) {
+            self.state().reflections.remove(&key);
+            return Err(send_err(&e));
+        }
+        match tokio::time::timeout(WAIT, rx).await {
+            Ok(Ok(Ok(sid))) => Ok(sid),
+            Ok(Ok(Err(cond))) => {
+                Err(BridgeError::Permanent(format!("{} refused the message: {cond}", room.bare())))
+            }
+            Ok(Err(_)) | Err(_) => {
+                self.state().reflections.remove(&key);
+                if self.xmpp.generation() == Some(generation) {
+                    // Sent on a live connection but not reflected: retrying could duplicate it.
+                    tracing::warn!(room = room.bare(), id, "the room did not reflect a message");
+                    Ok(None)
+                } else {
+                    Err(retry("the XMPP connection dropped while sending"))
+                }
+            }
+        }
+    }
+
+    async fn record(
+        &self,
+        room_id: &str,
+        remote_id: &str,
+        event_id: &str,
+        sender: &str,
+        sid: Option<&str>,
+        room: &RoomJid,
+    ) -> Result<(), BridgeError> {
+        self.ctx
+            .store()
+            .insert_message(&MessageMapping {
+                room_id: room_id.to_owned(),
+                remote_id: remote_id.to_owned(),
+                part: 0,
+                event_id: event_id.to_owned(),
+                sender: sender.to_owned(),
+                timestamp: now_ms(),
+            })
+            .await?;
+        if let Some(sid) = sid {
+            self.ctx.store().kv_set(&format!("xmpp.sid:{}:{sid}", room.bare()), event_id).await?;
+            self.ctx.store().kv_set(&format!("xmpp.ev:{event_id}"), sid).await?;
+        }
+        Ok(())
+    }
+
+    // --- XMPP → Matrix ---------------------------------------------------------------------
+
+    async fn handle(&self, ev: &ConnEvent) -> Result<(), BridgeError> {
+        match ev {
+            ConnEvent::Online(generation) => {
+                let generation = *generation;
+                let portals = self.ctx.store().portals().await?;
+                {
+                    let mut st = self.state();
+                    for r in st.rooms.values_mut() {
+                        r.bot_failures = 0;
+                        for p in r.puppets.values_mut() {
+                            p.joined = None;
+                        }
+                    }
+                }
+                for portal in &portals {
+                    if let Some(room) = Self::room_of(portal) {
+                        self.join_bot(&room);
+                    }
+                }
+                tracing::info!(generation, rooms = portals.len(), "rejoining the bridged rooms");
+                // Matrix members come back as occupants; that waits for the room's answers,
+                // which this loop delivers, so it runs apart.
+                if let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) {
+                    tokio::spawn(async move { me.rejoin_puppets(portals, generation).await });
+                }
+                Ok(())
+            }
+            ConnEvent::Offline => {
+                let mut st = self.state();
+                st.joins.clear();
+                st.reflections.clear();
+                Ok(())
+            }
+            ConnEvent::Stanza(s) => match &**s {
+                Stanza::Message(m) => self.on_xmpp_message(m).await,
+                Stanza::Presence(p) => self.on_xmpp_presence(p).await,
+                Stanza::Iq(iq) => {
+                    self.on_iq(iq);
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Who a stanza is for: the bot (`None`) or a puppet (its Matrix id); `Err` if nobody.
+    fn recipient(&self, to: Option<&Jid>) -> Result<Option<String>, ()> {
+        let Some(to) = to else { return Err(()) };
+        if to.domain().as_str() != self.component {
+            return Err(());
+        }
+        match to.node().map(|n| n.as_str()) {
+            None => Ok(None),
+            Some(n) if n == self.cfg().bot_localpart => Ok(None),
+            Some(n) => mxid_of_puppet(n).map(Some).ok_or(()),
+        }
+    }
+
+    fn reject_message(&self, m: &XMessage, condition: DefinedCondition, why: &str) {
+        tracing::info!(from = ?m.from.as_ref().map(ToString::to_string), why, "rejecting a message");
+        if m.type_ == XMessageType::Error {
+            return;
+        }
+        let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else { return };
+        if self.cfg().muc_services.iter().any(|s| s == from.domain().as_str()) {
+            // An error to a room occupant makes the room remove our occupant (XEP-0045).
+            return;
+        }
+        let mut e = XMessage::error(from);
+        e.from = Some(to);
+        e.id = m.id.clone();
+        e.payloads.push(stanzas::error(condition, why).into());
+        let _ = self.xmpp.send(e);
+    }
+
+    async fn on_xmpp_message(&self, m: &XMessage) -> Result<(), BridgeError> {
+        let Ok(recipient) = self.recipient(m.to.as_ref()) else {
+            self.reject_message(m, DefinedCondition::ServiceUnavailable, "no such user");
+            return Ok(());
+        };
+        let Some(from) = m.from.as_ref() else { return Ok(()) };
+        let room = from.node().and_then(|n| RoomJid::new(n.as_str(), from.domain().as_str()));
+        let allowed = room.as_ref().is_some_and(|r| self.cfg().muc_services.contains(&r.service));
+        if m.type_ == XMessageType::Error {
+            if let (Some(room), Some(id)) = (room, m.id.as_ref()) {
+                let cond = m
+                    .payloads
+                    .iter()
+                    .find(|e| e.name() == "error")
+                    .and_then(|e| e.children().next().map(|c| c.name().to_owned()))
+                    .unwrap_or_else(|| "error".to_owned());
+                if let Some(tx) = self.state().reflections.remove(&(room.bare(), id.0.clone())) {
+                    let _ = tx.send(Err(cond));
+                }
+            }
+            return Ok(());
+        }
+        if !stanzas::is_groupchat(m) {
+            self.reject_message(
+                m,
+                DefinedCondition::FeatureNotImplemented,
+                "private messages are not bridged yet",
+            );
+            return Ok(());
+        }
+        let (Some(room), true) = (room, allowed) else {
+            self.reject_message(m, DefinedCondition::NotAcceptable, "not from a bridged room");
+            return Ok(());
+        };
+        let Some(msg) = stanzas::read_muc_message(m, &room) else {
+            // A groupchat message without a nick is the room itself (e.g. a status message).
+            return Ok(());
+        };
+        let key = room.bare();
+        // Reflections of our own messages: resolve the sender's waiter, bridge nothing.
+        if let Some(oid) = &msg.origin_id
+            && let Some(tx) = self.state().reflections.remove(&(key.clone(), oid.clone()))
+        {
+            let _ = tx.send(Ok(msg.stanza_id.clone()));
+            return Ok(());
+        }
+        // Every occupant of ours gets a copy: only the bot's is read.
+        if recipient.is_some() {
+            return Ok(());
+        }
+        if msg.delayed || msg.nick == self.cfg().bot_nick || self.state().is_ours(&key, &msg.nick) {
+            return Ok(());
+        }
+        let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? else {
+            return Ok(());
+        };
+        if let (Some(subject), None) = (&msg.subject, &msg.body) {
+            let changed = {
+                let mut st = self.state();
+                let r = st.rooms.entry(key.clone()).or_default();
+                let changed = r.subject.as_ref() != Some(subject);
+                r.subject = Some(subject.clone());
+                changed
+            };
+            // An empty subject means "none": it never clears a topic set on Matrix (topics are
+            // not bridged the other way), and the subject the room repeats on every join is
+            // only sent when the Matrix topic differs.
+            if changed && !subject.trim().is_empty() {
+                let current = self
+                    .ctx
+                    .bot()
+                    .get_state_event(&portal.room_id, "m.room.topic", "")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|v| v.get("topic").and_then(Value::as_str).map(str::to_owned));
+                if current.as_deref() != Some(subject.as_str()) {
+                    self.ctx
+                        .bot()
+                        .send_state(
+                            &portal.room_id,
+                            "m.room.topic",
+                            "",
+                            json!({"topic": subject}),
+                            None,
+                        )
+                        .await?;
+                }
+            }
+            return Ok(());
+        }
+        let dedupe = msg
+            .stanza_id
+            .clone()
+            .or_else(|| msg.origin_id.clone())
+            .or_else(|| msg.id.clone().map(|i| format!("{}/{}", msg.nick, i)));
+        if let Some(k) = &dedupe
+            && !self.state().first_time(format!("{key}|{k}"))
+        {
+            tracing::debug!(room = key, id = k, "dropping a duplicate message");
+            return Ok(());
+        }
+        let ghost = self.ids.ghost_of(&room, &msg.nick);
+        self.ctx
+            .ensure_ghost(
+                &ghost,
+                &GhostProfile {
+                    remote_id: format!("{}/{}", key, msg.nick),
+                    displayname: Some(msg.nick.clone()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        let cause = format!(
+            "xmpp:{key}:{}",
+            dedupe.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
+        );
+        let txn = self.ctx.txn_id_for(&cause, 0);
+        if let Some(target) = &msg.retracts {
+            let event = self.ctx.store().kv_get(&format!("xmpp.sid:{key}:{target}")).await?;
+            if let Some(event) = event
+                && let Some(map) =
+                    self.ctx.store().message_by_event(&portal.room_id, &event).await?
+                && map.sender == ghost
+            {
+                self.ctx.intent(&ghost).redact(&portal.room_id, &event, None).await?;
+            } else {
+                tracing::info!(
+                    room = key,
+                    nick = msg.nick,
+                    "ignoring a retraction of an unknown or someone else's message"
+                );
+            }
+            return Ok(());
+        }
+        let Some(body) = msg.body.clone() else { return Ok(()) };
+        let (msgtype, text) = match body.strip_prefix("/me ") {
+            Some(rest) => ("m.emote", rest.to_owned()),
+            None => ("m.text", body.clone()),
+        };
+        let mut content = json!({"msgtype": msgtype, "body": text});
+        if let Some(orig) = &msg.replaces {
+            let remote = format!("{ghost}|{orig}");
+            let parts = self.ctx.store().messages_by_remote(&portal.room_id, &remote).await?;
+            if let Some(first) = parts.first() {
+                content = json!({
+                    "msgtype": msgtype,
+                    "body": format!("* {text}"),
+                    "m.new_content": {"msgtype": msgtype, "body": text},
+                    "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
+                });
+            }
+        }
+        let event_id = self
+            .ctx
+            .send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, None)
+            .await?;
+        if msg.replaces.is_none()
+            && let Some(id) = msg.id.as_ref().or(msg.origin_id.as_ref())
+        {
+            self.record(
+                &portal.room_id,
+                &format!("{ghost}|{id}"),
+                &event_id,
+                &ghost,
+                msg.stanza_id.as_deref(),
+                &room,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn on_xmpp_presence(&self, p: &Presence) -> Result<(), BridgeError> {
+        let Ok(recipient) = self.recipient(p.to.as_ref()) else { return Ok(()) };
+        let Some(from) = p.from.as_ref() else { return Ok(()) };
+        let Some(room) = from.node().and_then(|n| RoomJid::new(n.as_str(), from.domain().as_str()))
+        else {
+            return Ok(());
+        };
+        if !self.cfg().muc_services.contains(&room.service) {
+            return Ok(());
+        }
+        let Some(pr) = stanzas::read_muc_presence(p) else { return Ok(()) };
+        let key = room.bare();
+        if let Some(mxid) = recipient {
+            // About one of our puppets.
+            let bare = self.puppet_jid(&mxid).map(|j| j.to_bare().to_string()).unwrap_or_default();
+            let mut st = self.state();
+            if let Some(cond) = &pr.error {
+                if let Some(tx) = st.joins.remove(&(key.clone(), bare)) {
+                    let _ = tx.send(if cond == "conflict" {
+                        Joined::Conflict
+                    } else {
+                        Joined::Refused(cond.clone())
+                    });
+                }
+                tracing::info!(room = key, mxid, cond, "a join was refused");
+            } else if pr.is_self() && pr.unavailable {
+                // Left (or removed); a nick change (303) is followed by the new self-presence.
+                // A puppet the bridge already forgot (the Matrix user left) stays forgotten, so
+                // its old nick is free for XMPP users again.
+                if !pr.codes.contains(&303)
+                    && let Some(p) = st.rooms.get_mut(&key).and_then(|r| r.puppets.get_mut(&mxid))
+                {
+                    p.joined = None;
+                    tracing::info!(room = key, mxid, codes = ?pr.codes, "a puppet left or was removed");
+                }
+            } else if pr.is_self() {
+                let generation = self.xmpp.generation();
+                let puppet = st
+                    .rooms
+                    .entry(key.clone())
+                    .or_default()
+                    .puppets
+                    .entry(mxid)
+                    .or_insert_with(|| Puppet { nick: pr.nick.clone(), joined: None });
+                puppet.nick = pr.nick.clone();
+                puppet.joined = generation;
+                if let Some(tx) = st.joins.remove(&(key.clone(), bare)) {
+                    let _ = tx.send(Joined::Ok(pr.nick.clone()));
+                }
+            }
+            return Ok(());
+        }
+        // Presences the bot sees: occupants coming and going.
+        if let Some(cond) = &pr.error {
+            let failures = {
+                let mut st = self.state();
+                let r = st.rooms.entry(key.clone()).or_default();
+                r.bot_failures += 1;
+                r.bot_failures
+            };
+            if failures > BOT_JOIN_TRIES {
+                tracing::error!(
+                    room = key,
+                    cond,
+                    "the bot cannot join the room; giving up until the next reconnect"
+                );
+                if failures == BOT_JOIN_TRIES + 1
+                    && let Some(portal) =
+                        self.ctx.store().portal_by_remote(&room.remote_id()).await?
+                {
+                    self.ctx
+                        .notice(
+                            &portal.room_id,
+                            &format!("⚠️ The bridge cannot join {key} on XMPP ({cond}); messages are not bridged until it can (it tries again after reconnecting)."),
+                        )
+                        .await;
+                }
+                return Ok(());
+            }
+            let delay = Duration::from_secs(5 * u64::from(failures));
+            tracing::warn!(
+                room = key,
+                cond,
+                failures,
+                delay_s = delay.as_secs(),
+                "the bot could not join; trying again"
+            );
+            if let (Some(me), Some(generation)) =
+                (self.me.get().and_then(std::sync::Weak::upgrade), self.xmpp.generation())
+            {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if me.xmpp.generation() == Some(generation) {
+                        me.join_bot(&room);
+                    }
+                });
+            }
+            return Ok(());
+        }
+        if pr.is_self() && pr.codes.contains(&201) {
+            // The bot created the room: unlock it with the default configuration.
+            if let Some(iq) = stanzas::instant_room(
+                &self.bot,
+                &room,
+                &format!("unlock-{}", rand::random::<u32>()),
+            ) {
+                let _ = self.xmpp.send(iq);
+            }
+            tracing::info!(room = key, "created the room on the XMPP side");
+        }
+        if pr.is_self() {
+            if !pr.unavailable {
+                let generation = self.xmpp.generation();
+                {
+                    let mut st = self.state();
+                    let r = st.rooms.entry(key.clone()).or_default();
+                    r.bot_joined = generation;
+                    r.bot_failures = 0;
+                }
+                self.bot_ready.notify_waiters();
+            } else {
+                self.state().rooms.entry(key.clone()).or_default().bot_joined = None;
+            }
+            return Ok(());
+        }
+        if pr.nick == self.cfg().bot_nick {
+            return Ok(());
+        }
+        let real_is_ours = pr
+            .real_jid
+            .as_deref()
+            .and_then(|j| Jid::new(j).ok())
+            .is_some_and(|j| j.domain().as_str() == self.component);
+        if real_is_ours || self.state().is_ours(&key, &pr.nick) {
+            return Ok(());
+        }
+        let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? else {
+            return Ok(());
+        };
+        let ghost = self.ids.ghost_of(&room, &pr.nick);
+        if pr.unavailable {
+            if self.ctx.store().membership(&portal.room_id, &ghost).await?.as_deref()
+                == Some("join")
+            {
+                self.ctx.intent(&ghost).leave(&portal.room_id).await?;
+            }
+        } else {
+            self.ctx
+                .ensure_ghost(
+                    &ghost,
+                    &GhostProfile {
+                        remote_id: format!("{key}/{}", pr.nick),
+                        displayname: Some(pr.nick.clone()),
+                        avatar_url: None,
+                    },
+                )
+                .await?;
+            self.ctx.intent(&ghost).ensure_joined(&portal.room_id).await?;
+        }
+        Ok(())
+    }
+
+    fn on_iq(&self, iq: &Iq) {
+        let (from, to, id) = match &iq {
+            Iq::Get { from, to, id, .. } | Iq::Set { from, to, id, .. } => {
+                (from.clone(), to.clone(), id.clone())
+            }
+            _ => return,
+        };
+        let Some(from) = from else { return };
+        let for_component = to.as_ref().is_some_and(|t| t.node().is_none());
+        let known = self.recipient(to.as_ref()).is_ok();
+        let reply = match (iq, known) {
+            (_, false) => {
+                Iq::from_error(id, stanzas::error(DefinedCondition::ItemNotFound, "no such user"))
+            }
+            (Iq::Get { payload, .. }, true) if payload.is("query", ns::DISCO_INFO) => {
+                let info = if for_component {
+                    stanzas::disco_info(
+                        &self
+                            .ctx
+                            .config()
+                            .appservice
+                            .bot_displayname
+                            .clone()
+                            .unwrap_or_else(|| "Matrix bridge".to_owned()),
+                    )
+                } else {
+                    stanzas::disco_info_user()
+                };
+                Iq::from_result(id, Some(info))
+            }
+            (Iq::Get { payload, .. }, true) if payload.is("query", ns::DISCO_ITEMS) => {
+                Iq::from_result(
+                    id,
+                    Some(DiscoItemsResult { node: None, items: Vec::new(), rsm: None }),
+                )
+            }
+            (Iq::Get { payload, .. }, true) if payload.is("query", ns::VERSION) => Iq::from_result(
+                id,
+                Some(VersionResult {
+                    name: "Trestle XMPP bridge".to_owned(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    os: None,
+                }),
+            ),
+            (Iq::Get { payload, .. }, true) if payload.is("ping", ns::PING) => {
+                Iq::from_result(id, None::<VersionResult>)
+            }
+            _ => Iq::from_error(
+                id,
+                stanzas::error(DefinedCondition::ServiceUnavailable, "not supported"),
+            ),
+        };
+        let reply = reply.with_to(from);
+        let reply = match to {
+            Some(t) => reply.with_from(t),
+            None => reply,
+        };
+        let _ = self.xmpp.send(reply);
+    }
+}
+
+/// Handles the connection's events in order; failures are retried a few times.
+async fn xmpp_loop(b: Arc<Inner>, mut events: mpsc::Receiver<ConnEvent>) {
+    while let Some(ev) = events.recv().await {
+        for attempt in 1..=3u64 {
+            match b.handle(&ev).await {
+                Ok(()) => break,
+                Err(err) if attempt < 3 && err.is_retryable() => {
+                    tracing::warn!(error = %err, attempt, "handling an XMPP stanza failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "could not bridge an XMPP stanza");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bridge for XmppBridge {
+    type Config = XmppConfig;
+
+    fn info() -> BridgeInfo {
+        BridgeInfo {
+            name: "xmpp",
+            network_name: "XMPP",
+            default_port: 9899,
+            protocols: &["xmpp"],
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    fn namespaces(config: &Config<XmppConfig>) -> Namespaces {
+        let b = &config.bridge;
+        let mut ns = Namespaces::default();
+        if let Ok(ids) = Ids::new(
+            &b.alias_template,
+            &b.user_template,
+            &b.muc_services,
+            &config.homeserver.domain,
+        ) {
+            ns.users.push(Namespace { regex: ids.user_regex(), exclusive: true });
+            for s in &b.muc_services {
+                ns.aliases.push(Namespace { regex: ids.alias_regex(s), exclusive: true });
+            }
+        }
+        ns
+    }
+
+    async fn start(ctx: Context<XmppConfig>) -> Result<Self, BridgeError> {
+        let cfg = ctx.config().bridge.clone();
+        let ids =
+            Ids::new(&cfg.alias_template, &cfg.user_template, &cfg.muc_services, ctx.domain())
+                .map_err(|e| BridgeError::Permanent(e.to_string()))?;
+        let component = cfg.component.jid.clone();
+        let bot = FullJid::new(&format!("{}@{component}/{RESOURCE}", cfg.bot_localpart))
+            .map_err(|e| BridgeError::Permanent(format!("bot JID: {e}")))?;
+        let ping_to = component.split_once('.').map_or(component.as_str(), |(_, d)| d).to_owned();
+        let (xmpp, events) = conn::spawn(
+            ConnConfig {
+                jid: component.clone(),
+                secret: cfg.component.secret.clone(),
+                addr: format!("{}:{}", cfg.component.host, cfg.component.port),
+                ping_to,
+                min_delay: Duration::from_millis(cfg.connection.reconnect_min_ms),
+                max_delay: Duration::from_millis(cfg.connection.reconnect_max_ms),
+                ping_interval: Duration::from_secs(cfg.connection.ping_interval_secs),
+                queue: cfg.connection.write_queue,
+            },
+            ctx.shutdown().clone(),
+        );
+        let inner = Arc::new(Inner {
+            ctx,
+            ids,
+            xmpp,
+            component,
+            bot,
+            state: Mutex::default(),
+            bot_ready: tokio::sync::Notify::new(),
+            me: std::sync::OnceLock::new(),
+        });
+        let _ = inner.me.set(Arc::downgrade(&inner));
+        tokio::spawn(xmpp_loop(Arc::clone(&inner), events));
+        Ok(Self { inner })
+    }
+
+    async fn query_alias(&self, alias: &str) -> Result<Option<PortalSpec>, BridgeError> {
+        Ok(self.inner.ids.room_of_alias(alias).map(|r| self.inner.portal_spec(&r)))
+    }
+
+    async fn portal_created(&self, portal: &Portal) -> Result<(), BridgeError> {
+        if let Some(room) = Inner::room_of(portal) {
+            self.inner.join_bot(&room);
+        }
+        Ok(())
+    }
+
+    async fn query_user(&self, user_id: &str) -> Result<Option<GhostProfile>, BridgeError> {
+        Ok(self.inner.ids.occupant_of_ghost(user_id).map(|(room, nick)| GhostProfile {
+            remote_id: format!("{}/{nick}", room.bare()),
+            displayname: Some(nick),
+            avatar_url: None,
+        }))
+    }
+
+    async fn on_message(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        msg: &Message,
+    ) -> Result<(), BridgeError> {
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        if self.inner.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let text = self.inner.xmpp_text(msg);
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let id = event.event_id.clone();
+        let sid = self
+            .inner
+            .send_groupchat(
+                &xroom,
+                &portal.room_id,
+                &event.sender,
+                |from| stanzas::groupchat(from, &xroom, &id, &text, None),
+                &id,
+            )
+            .await?;
+        self.inner
+            .record(
+                &portal.room_id,
+                &format!("{}|{id}", event.sender),
+                &event.event_id,
+                &event.sender,
+                sid.as_deref(),
+                &xroom,
+            )
+            .await
+    }
+
+    async fn on_edit(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        target: &str,
+        new: &Message,
+    ) -> Result<(), BridgeError> {
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        let Some(map) = self.inner.ctx.store().message_by_event(&portal.room_id, target).await?
+        else {
+            return Ok(());
+        };
+        if map.sender != event.sender {
+            return Ok(());
+        }
+        let Some((_, orig)) = map.remote_id.split_once('|') else { return Ok(()) };
+        let text = self.inner.xmpp_text(new);
+        let id = event.event_id.clone();
+        self.inner
+            .send_groupchat(
+                &xroom,
+                &portal.room_id,
+                &event.sender,
+                |from| stanzas::groupchat(from, &xroom, &id, &text, Some(orig)),
+                &id,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn on_redaction(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        target: &str,
+        _reason: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        let Some(map) = self.inner.ctx.store().message_by_event(&portal.room_id, target).await?
+        else {
+            return Ok(());
+        };
+        if map.sender != event.sender {
+            return Ok(());
+        }
+        let Some(sid) = self.inner.ctx.store().kv_get(&format!("xmpp.ev:{target}")).await? else {
+            return Ok(());
+        };
+        let id = event.event_id.clone();
+        self.inner
+            .send_groupchat(
+                &xroom,
+                &portal.room_id,
+                &event.sender,
+                |from| stanzas::retraction(from, &xroom, &id, &sid),
+                &id,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn on_membership(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        user_id: &str,
+        membership: &str,
+        _prev: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        let b = &self.inner;
+        if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        match membership {
+            "join" => {
+                let name = event.content.get("displayname").and_then(Value::as_str);
+                let current = b
+                    .state()
+                    .rooms
+                    .get(&xroom.bare())
+                    .and_then(|r| r.puppets.get(user_id))
+                    .map(|p| p.nick.clone());
+                if let (Some(cur), Some(name)) = (&current, name)
+                    && !cur.starts_with(&sanitise_nick(name, cur, b.cfg().max_nick_chars))
+                {
+                    // A displayname change: leave and rejoin under the new nick.
+                    if let (Some(jid), Some(to)) =
+                        (b.puppet_jid(user_id), stanzas::occupant(&xroom, cur))
+                    {
+                        let _ = b.xmpp.send(stanzas::leave(&jid, &to));
+                    }
+                    b.forget_puppet(&xroom.bare(), user_id);
+                }
+                b.ensure_puppet(&xroom, &portal.room_id, user_id, name).await?;
+            }
+            "leave" | "ban" => {
+                let current = b
+                    .state()
+                    .rooms
+                    .get(&xroom.bare())
+                    .and_then(|r| r.puppets.get(user_id))
+                    .map(|p| p.nick.clone());
+                if let (Some(cur), Some(jid)) = (current, b.puppet_jid(user_id))
+                    && let Some(to) = stanzas::occupant(&xroom, &cur)
+                {
+                    b.xmpp.send(stanzas::leave(&jid, &to)).map_err(|e| send_err(&e))?;
+                }
+                b.forget_puppet(&xroom.bare(), user_id);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,460 @@
+//! End-to-end tests of the XMPP bridge: a real Synapse, a real Prosody (the bridge is an
+//! external component), a Matrix user on the client-server API and an XMPP user on a real c2s
+//! connection (tokio-xmpp).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trestle_e2e::{
+    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    prosody::{COMPONENT, MUC, Prosody, SECRET, XmppClient, payload, stanza},
+};
+
+const T: Duration = Duration::from_secs(30);
+
+struct Env {
+    synapse: Synapse,
+    prosody: Prosody,
+    bridge: BridgeProcess,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> anyhow::Result<Env> {
+    let dir = tempfile::Builder::new().prefix("trestle-xmpp-").tempdir()?;
+    let prosody = Prosody::start(&[("xalice", "secret-pass")]).await?;
+    let port = free_port();
+    let config = dir.path().join("xmpp.yaml");
+    let reg = dir.path().join("xmpp-registration.yaml");
+    let write = |hs: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
+                 appservice: {{ id: xmpp, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
+                 bot_localpart: xmppbot, registration: \"{}\" }}\n\
+                 database: {{ path: \"{}\" }}\n\
+                 logging: {{ level: \"info,trestle=debug,trestle_xmpp=debug\" }}\n\
+                 permissions: {{ \"*\": user }}\n\
+                 bridge:\n  component:\n    jid: {COMPONENT}\n    secret: {SECRET}\n    host: 127.0.0.1\n    port: {}\n\
+                 \x20 muc_services: [{MUC}]\n  connection:\n    reconnect_min_ms: 200\n    reconnect_max_ms: 2000\n",
+                reg.display(),
+                dir.path().join("xmpp.db").display(),
+                prosody.component_port()
+            ),
+        )
+    };
+    write("http://127.0.0.1:1")?;
+    let bin = binary("trestle-xmpp")?;
+    BridgeProcess::generate_registration(&bin, &config, &reg)?;
+    let synapse = Synapse::start(&[&reg]).await?;
+    write(&synapse.url())?;
+    let bridge = BridgeProcess::start(
+        &bin,
+        &config,
+        &format!("http://127.0.0.1:{port}"),
+        &dir.path().join("bridge.log"),
+    )
+    .await?;
+    Ok(Env { synapse, prosody, bridge, _dir: dir })
+}
+
+fn body(e: &Value) -> &str {
+    e["content"]["body"].as_str().unwrap_or_default()
+}
+
+const GHOST: &str = "@xmpp_test=40conference.localhost/_x_alice:localhost";
+
+impl Env {
+    /// The recent logs of the bridge and Prosody, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "--- bridge:\n{}\n--- prosody:\n{}",
+            self.bridge.child.log_tail(60),
+            self.prosody.log_tail(60)
+        )
+    }
+}
+
+/// Creates the portal from Matrix and has the XMPP user join the room.
+async fn portal(env: &Env, room: &str) -> anyhow::Result<(MatrixUser, String, XmppClient)> {
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room_id = alice.join(&format!("#xmpp_{room}_{MUC}:localhost")).await?;
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    // The bot is in the room (it created it); the Matrix user's occupant joins too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    xmpp.join(room, "XAlice").await?;
+    let bot = format!("from=\"{room}@{MUC}/MatrixBridge\"");
+    let puppet = format!("from=\"{room}@{MUC}/alice\"");
+    xmpp.wait_presence(T, |p| p.contains(&bot)).await?;
+    xmpp.wait_presence(T, |p| p.contains(&puppet)).await?;
+    Ok((alice, room_id, xmpp))
+}
+
+#[tokio::test]
+async fn portal_via_alias_and_messages_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = portal_via_alias_and_messages_both_ways_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "test").await?;
+    let ghost = GHOST.to_owned();
+    // The bot created the room, not the XMPP user.
+    let own = xmpp
+        .presences()
+        .into_iter()
+        .find(|p| p.contains("/XAlice\"") && p.contains("code=\"110\""))
+        .unwrap();
+    assert!(!own.contains("code=\"201\""), "{own}");
+    // The XMPP occupant is a ghost in the room, named after the nick.
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member" && e["state_key"] == ghost.as_str()
+        })
+        .await?;
+    assert_eq!(alice.profile(&ghost).await?["displayname"], "XAlice");
+
+    // XMPP → Matrix.
+    xmpp.say("test", "x1", "hello from XMPP")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "hello from XMPP").await?;
+    assert_eq!(m["sender"], ghost.as_str());
+    assert_eq!(m["content"]["msgtype"], "m.text");
+    let first_event = m["event_id"].as_str().unwrap_or_default().to_owned();
+
+    // Matrix → XMPP, from the Matrix user's own occupant.
+    let hello = alice.send_text(&room, "hi from Matrix").await?;
+    let seen = xmpp.wait_message(T, |s| s.body == "hi from Matrix").await?;
+    assert_eq!(seen.nick, "alice");
+    assert!(seen.xml.contains("urn:xmpp:sid:0"), "origin-id expected: {}", seen.xml);
+
+    // Hostile text crosses intact, as text, both ways.
+    let hostile = "<script>alert(1)</script> ]]> & \"q\" 'a' </body><body>";
+    alice.send_text(&room, hostile).await?;
+    let seen = xmpp.wait_message(T, |s| s.body.contains("alert(1)")).await?;
+    assert_eq!(seen.body, hostile);
+    assert!(!seen.xml.contains("<script>"), "{}", seen.xml);
+    xmpp.say("test", "x2", &format!("back: {hostile}"))?;
+    let m = alice.wait_for_message(&room, T, |e| body(e).starts_with("back: ")).await?;
+    assert_eq!(body(&m), format!("back: {hostile}"));
+    let back_event = m["event_id"].as_str().unwrap_or_default().to_owned();
+
+    // Emotes both ways; HTML becomes plain text.
+    alice.send(&room, "m.room.message", json!({"msgtype": "m.emote", "body": "waves"})).await?;
+    xmpp.wait_message(T, |s| s.body == "/me waves" && s.nick == "alice").await?;
+    xmpp.say("test", "x3", "/me dances")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "dances").await?;
+    assert_eq!(m["content"]["msgtype"], "m.emote");
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "x **bold**", "format": "org.matrix.custom.html",
+                "formatted_body": "x <strong>bold</strong>"}),
+        )
+        .await?;
+    let seen =
+        xmpp.wait_message(T, |s| s.body.starts_with("x ") && s.body.contains("bold")).await?;
+    assert!(!seen.body.contains("<strong>"), "{}", seen.body);
+
+    // XEP-0308 correction → m.replace of the right event.
+    xmpp.say_with(
+        "test",
+        "x4",
+        "hello from XMPP (fixed)",
+        vec![payload("replace", "urn:xmpp:message-correct:0", &[("id", "x1")])],
+    )?;
+    let m = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["m.new_content"]["body"] == "hello from XMPP (fixed)"
+        })
+        .await?;
+    assert_eq!(m["content"]["m.relates_to"]["event_id"], first_event.as_str());
+    assert_eq!(m["content"]["m.relates_to"]["rel_type"], "m.replace");
+
+    // m.replace → XEP-0308 correction; redaction → XEP-0424 retraction.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "* hi from Matrix!", "m.new_content": {"msgtype": "m.text", "body": "hi from Matrix!"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": hello}}),
+        )
+        .await?;
+    let seen = xmpp.wait_message(T, |s| s.body == "hi from Matrix!").await?;
+    assert!(
+        seen.xml.contains("urn:xmpp:message-correct:0") && seen.xml.contains(&hello),
+        "{}",
+        seen.xml
+    );
+    alice.redact(&room, &hello).await?;
+    let seen = xmpp.wait_message(T, |s| s.xml.contains("urn:xmpp:message-retract:1")).await?;
+    assert_eq!(seen.nick, "alice");
+
+    // XEP-0424 retraction (by the room's stanza-id) → redaction of the right event.
+    let own = xmpp.wait_message(T, |s| s.body.starts_with("back: ") && s.nick == "XAlice").await?;
+    let sid = own.stanza_id.clone().expect("the room stamps a stanza-id");
+    xmpp.say_with(
+        "test",
+        "x5",
+        "/me retracted a message",
+        vec![payload("retract", "urn:xmpp:message-retract:1", &[("id", &sid)])],
+    )?;
+    trestle_e2e::wait_for("the redaction", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        events
+            .iter()
+            .any(|e| e["type"] == "m.room.redaction" && e["redacts"] == back_event.as_str())
+            .then_some(())
+    })
+    .await?;
+
+    // An occupant's malformed presence (an invalid <show/>) reaches the bot: it is rejected and
+    // logged, and the connection survives (no reconnect, messages keep flowing).
+    xmpp.send(
+        stanza("presence", &[("to", &format!("test@{MUC}/XAlice"))])
+            .append(
+                tokio_xmpp::minidom::Element::builder("show", "jabber:client")
+                    .append("bogus")
+                    .build(),
+            )
+            .build(),
+    )?;
+    xmpp.say("test", "x6", "still connected?")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "still connected?").await?;
+    let log = env.bridge.child.log_tail(400);
+    assert!(log.contains("rejecting a malformed stanza"), "{log}");
+    assert!(!log.contains("component disconnected"), "{log}");
+
+    // Nothing echoed back: one copy of each message on each side, no ghost for the Matrix user.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 100).await?;
+    let count = |b: &str| events.iter().filter(|e| body(e) == b).count();
+    assert_eq!(count("hello from XMPP"), 1);
+    assert_eq!(count("waves"), 1);
+    assert!(
+        events.iter().all(|e| !e["sender"].as_str().unwrap_or_default().contains("/alice:")),
+        "the Matrix user's occupant must never become a ghost"
+    );
+    let seen = xmpp.messages();
+    assert_eq!(seen.iter().filter(|s| s.body == "hi from Matrix").count(), 1);
+    assert_eq!(seen.iter().filter(|s| s.body == "hello from XMPP").count(), 1);
+
+    // The subject becomes the Matrix topic, set by the bot.
+    xmpp.set_subject("test", "All about <tests> & more")?;
+    let topic = alice.wait_for_message(&room, T, |e| e["type"] == "m.room.topic").await?;
+    assert_eq!(topic["content"]["topic"], "All about <tests> & more");
+    assert_eq!(topic["sender"], "@xmppbot:localhost");
+
+    // A displayname change becomes a nick change; leaving the room leaves the MUC.
+    alice
+        .put(
+            &format!("/profile/{}/displayname", alice.user_id),
+            json!({"displayname": "Alice Liddell"}),
+        )
+        .await?;
+    let renamed = format!("from=\"test@{MUC}/Alice Liddell\"");
+    xmpp.wait_presence(T, |p| p.contains(&renamed) && !p.contains("unavailable")).await?;
+    alice.post(&format!("/rooms/{room}/leave"), json!({})).await?;
+    xmpp.wait_presence(T, |p| p.contains(&renamed) && p.contains("type=\"unavailable\"")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing_body(
+    env: &mut Env,
+) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "restart").await?;
+    xmpp.say("restart", "b1", "before restart x")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "before restart x").await?;
+    alice.send_text(&room, "before restart m").await?;
+    xmpp.wait_message(T, |s| s.body == "before restart m").await?;
+
+    env.prosody.restart().await?;
+    xmpp.wait_online(2).await?;
+    // The bridge reconnects and rejoins: the bot and the Matrix user's occupant come back.
+    let presences_before = xmpp.presences().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    xmpp.join("restart", "XAlice").await?;
+    let back = |who: &'static str| {
+        let xmpp = &xmpp;
+        async move {
+            let from = format!("from=\"restart@{MUC}/{who}\"");
+            trestle_e2e::wait_for("an occupant to come back", T, || async {
+                xmpp.presences()[presences_before..].iter().any(|p| p.contains(&from)).then_some(())
+            })
+            .await
+        }
+    };
+    back("MatrixBridge").await?;
+    back("alice").await?;
+
+    xmpp.say("restart", "a1", "after restart x")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "after restart x").await?;
+    alice.send_text(&room, "after restart m").await?;
+    xmpp.wait_message(T, |s| s.body == "after restart m").await?;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = alice.messages(&room, 100).await?;
+    for b in ["before restart x", "after restart x", "before restart m", "after restart m"] {
+        assert_eq!(events.iter().filter(|e| body(e) == b).count(), 1, "{b} on Matrix");
+    }
+    let seen = xmpp.messages();
+    for b in ["before restart m", "after restart m"] {
+        assert_eq!(seen.iter().filter(|s| s.body == b && !s.delayed).count(), 1, "{b} on XMPP");
+    }
+
+    // The bridge itself killed (SIGKILL) and started again: it logs in, rejoins, and the
+    // Matrix member comes back from the stored membership; still nothing doubled.
+    env.bridge.restart().await?;
+    xmpp.say("restart", "k1", "after bridge restart x")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "after bridge restart x").await?;
+    alice.send_text(&room, "after bridge restart m").await?;
+    let seen = xmpp.wait_message(T, |s| s.body == "after bridge restart m").await?;
+    assert_eq!(seen.nick, "alice");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 100).await?;
+    for b in
+        ["before restart x", "after restart x", "after bridge restart x", "after bridge restart m"]
+    {
+        assert_eq!(
+            events.iter().filter(|e| body(e) == b).count(),
+            1,
+            "{b} on Matrix after the bridge restart"
+        );
+    }
+    let seen = xmpp.messages();
+    for b in ["before restart m", "after restart m", "after bridge restart m"] {
+        assert_eq!(
+            seen.iter().filter(|s| s.body == b).count(),
+            1,
+            "{b} on XMPP after the bridge restart"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn component_answers_disco_version_and_ping_and_rejects_private_messages()
+-> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r =
+        component_answers_disco_version_and_ping_and_rejects_private_messages_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn component_answers_disco_version_and_ping_and_rejects_private_messages_body(
+    env: &mut Env,
+) -> anyhow::Result<()> {
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    // disco#info on the component lists what it implements.
+    let info = xmpp.iq_get(COMPONENT, "query", "http://jabber.org/protocol/disco#info").await?;
+    assert!(info.contains("type=\"result\""), "{info}");
+    for f in [
+        "urn:xmpp:ping",
+        "jabber:iq:version",
+        "urn:xmpp:message-correct:0",
+        "urn:xmpp:message-retract:1",
+    ] {
+        assert!(info.contains(f), "{f} missing: {info}");
+    }
+    let version = xmpp.iq_get(COMPONENT, "query", "jabber:iq:version").await?;
+    assert!(version.contains("Trestle XMPP bridge"), "{version}");
+    let ping = xmpp.iq_get(&format!("bridge@{COMPONENT}/trestle"), "ping", "urn:xmpp:ping").await?;
+    assert!(ping.contains("type=\"result\""), "{ping}");
+    // An unknown user and an unsupported query get stanza errors.
+    let unknown = xmpp.iq_get(&format!("nobody@{COMPONENT}"), "query", "jabber:iq:version").await?;
+    assert!(unknown.contains("type=\"error\"") && unknown.contains("item-not-found"), "{unknown}");
+    let unsupported = xmpp.iq_get(COMPONENT, "query", "jabber:iq:last").await?;
+    assert!(unsupported.contains("type=\"error\""), "{unsupported}");
+    // A stanza the parsers reject (an iq get without a payload) gets bad-request, not a
+    // dropped connection.
+    xmpp.send(stanza("iq", &[("type", "get"), ("id", "bad1"), ("to", COMPONENT)]).build())?;
+    let bad = xmpp.wait_stanza(T, |s| s.contains("id=\"bad1\"")).await?;
+    assert!(bad.contains("type=\"error\"") && bad.contains("bad-request"), "{bad}");
+    let ping = xmpp.iq_get(COMPONENT, "ping", "urn:xmpp:ping").await?;
+    assert!(ping.contains("type=\"result\""), "{ping}");
+    // A private message to a puppet is refused with an error, not silently dropped.
+    let to = format!("alice=3alocalhost@{COMPONENT}");
+    xmpp.send(
+        stanza("message", &[("type", "chat"), ("to", &to), ("id", "pm1")])
+            .append(
+                tokio_xmpp::minidom::Element::builder("body", "jabber:client")
+                    .append("psst")
+                    .build(),
+            )
+            .build(),
+    )?;
+    let err =
+        xmpp.wait_stanza(T, |s| s.contains("id=\"pm1\"") && s.contains("type=\"error\"")).await?;
+    assert!(err.contains("feature-not-implemented"), "{err}");
+    // A "groupchat" message that does not come from a bridged room is refused as spoofed.
+    xmpp.send(
+        stanza(
+            "message",
+            &[
+                ("type", "groupchat"),
+                ("to", &format!("bridge@{COMPONENT}/trestle")),
+                ("id", "spoof1"),
+            ],
+        )
+        .append(
+            tokio_xmpp::minidom::Element::builder("body", "jabber:client").append("fake").build(),
+        )
+        .build(),
+    )?;
+    let err = xmpp
+        .wait_stanza(T, |s| s.contains("id=\"spoof1\"") && s.contains("type=\"error\""))
+        .await?;
+    assert!(err.contains("not-acceptable"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn nick_conflict_gets_a_suffix_and_the_user_is_told() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = nick_conflict_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn nick_conflict_body(env: &mut Env) -> anyhow::Result<()> {
+    // The XMPP user holds the nick "alice" before the Matrix user alice arrives.
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    xmpp.join("clash", "alice").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join(&format!("#xmpp_clash_{MUC}:localhost")).await?;
+    let suffixed = format!("from=\"clash@{MUC}/alice[m]\"");
+    xmpp.wait_presence(T, |p| p.contains(&suffixed)).await?;
+    let notice = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).contains("alice[m]")
+        })
+        .await?;
+    assert!(body(&notice).contains("taken"), "{}", body(&notice));
+    // Messages go out under the suffixed nick, and the XMPP "alice" is a ghost, not the user.
+    alice.send_text(&room, "which alice?").await?;
+    let seen = xmpp.wait_message(T, |s| s.body == "which alice?").await?;
+    assert_eq!(seen.nick, "alice[m]");
+    xmpp.say("clash", "c1", "the XMPP one")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "the XMPP one").await?;
+    assert_eq!(m["sender"], "@xmpp_clash=40conference.localhost/alice:localhost");
+    Ok(())
+}
+
+#[tokio::test]
+async fn harness_client_logs_in_to_prosody() -> anyhow::Result<()> {
+    let prosody = Prosody::start(&[("xbob", "pw-bob")]).await?;
+    let r = XmppClient::connect(prosody.c2s_port(), "xbob", "pw-bob").await;
+    if r.is_err() {
+        eprintln!("{}", prosody.log_tail(60));
+    }
+    let client = r?;
+    assert_eq!(client.jid, "xbob@localhost");
+    Ok(())
+}
