@@ -1056,13 +1056,6 @@ impl Bridge for IrcBridge {
             };
             net.bot.join(chan, None).await.map_err(bridge_err)?;
         }
-        for (id, n) in &cfg.networks {
-            for chan in n.static_channels.keys() {
-                if let Some(net) = networks.get(id) {
-                    net.bot.join(chan, None).await.map_err(bridge_err)?;
-                }
-            }
-        }
         let puppet_gauge = trestle::metrics::prometheus::IntGaugeVec::new(
             trestle::metrics::prometheus::Opts::new(
                 "trestle_irc_puppets",
@@ -1089,6 +1082,29 @@ impl Bridge for IrcBridge {
                 tokio::spawn(puppet::reaper(Arc::clone(&inner), Arc::clone(&net)));
             }
             tokio::spawn(network_loop(Arc::clone(&inner), net, events));
+        }
+        // Static mappings from the config: linked at every start (a no-op when unchanged), in
+        // the background so an unreachable room does not hold the bridge up.
+        for (id, n) in &cfg.networks {
+            let Some(net) = inner.networks.get(id).cloned() else { continue };
+            for (chan, room) in n.static_channels.clone() {
+                let b = Arc::clone(&inner);
+                let net = Arc::clone(&net);
+                tokio::spawn(async move {
+                    let linked = b.ctx.store().portal_by_remote(&net.portal_id(&chan)).await;
+                    if matches!(&linked, Ok(Some(p)) if p.room_id == room) {
+                        return;
+                    }
+                    match b.link_room(&net, &chan, &room).await {
+                        Ok(()) => {
+                            tracing::info!(network = net.id, chan, room, "static channel linked")
+                        }
+                        Err(e) => {
+                            tracing::error!(network = net.id, chan, room, error = %e, "bridge.networks.{}.static_channels: {chan} not linked", net.id)
+                        }
+                    }
+                });
+            }
         }
         Ok(Self { inner })
     }

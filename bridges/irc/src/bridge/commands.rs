@@ -267,28 +267,7 @@ pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
                 {
                     return Err(failed(format!("{chan} is bridged already; !unlink it first")));
                 }
-                b.ctx.bot().join(&room).await.map_err(|e| {
-                    failed(format!("the bot cannot join {room} (invite it first): {e}"))
-                })?;
-                let spec = b.portal_spec(&net, &chan);
-                let portal = Portal {
-                    remote_id: spec.remote_id.clone(),
-                    room_id: room.clone(),
-                    alias: None,
-                    metadata: json!({"network": net.id, "channel": chan, "plumbed": true}),
-                    created_at: now_ms(),
-                };
-                b.ctx.store().upsert_portal(&portal).await.map_err(failed)?;
-                let info = b.ctx.bridge_info_content(&spec);
-                let content = serde_json::to_value(&info).map_err(failed)?;
-                for t in ["m.bridge", "uk.half-shot.bridge"] {
-                    let _ = b
-                        .ctx
-                        .bot()
-                        .send_state(&room, t, &info.state_key(), content.clone(), None)
-                        .await;
-                }
-                net.bot.join(&chan, None).await.map_err(failed)?;
+                b.link_room(&net, &chan, &room).await.map_err(failed)?;
                 Ok(format!("{room} is now bridged to {chan} on {}.", net.config.name))
             })
         },
@@ -334,6 +313,42 @@ pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
 }
 
 impl Inner {
+    /// Bridges an existing room to a channel (`!plumb`, and `static_channels` at start-up): the
+    /// bot joins the room (it must be public or the bot invited), the portal is recorded with
+    /// `m.bridge` state, and the bot joins the channel.
+    pub(super) async fn link_room(
+        &self,
+        net: &Network,
+        chan: &str,
+        room: &str,
+    ) -> Result<(), String> {
+        self.ctx
+            .bot()
+            .join(room)
+            .await
+            .map_err(|e| format!("the bot cannot join {room} (invite it first): {e}"))?;
+        let spec = self.portal_spec(net, chan);
+        let portal = Portal {
+            remote_id: spec.remote_id.clone(),
+            room_id: room.to_owned(),
+            alias: None,
+            metadata: json!({"network": net.id, "channel": chan, "plumbed": true}),
+            created_at: now_ms(),
+        };
+        self.ctx.store().upsert_portal(&portal).await.map_err(|e| e.to_string())?;
+        let info = self.ctx.bridge_info_content(&spec);
+        let content = serde_json::to_value(&info).map_err(|e| e.to_string())?;
+        for t in ["m.bridge", "uk.half-shot.bridge"] {
+            if let Err(e) =
+                self.ctx.bot().send_state(room, t, &info.state_key(), content.clone(), None).await
+            {
+                tracing::warn!(room, error = %e, "could not set the bridge state (the bot needs power to send state)");
+            }
+        }
+        net.bot.join(chan, None).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     /// `WHOIS` through the bot; the replies, or nothing for an unknown nick.
     async fn whois(
         &self,
