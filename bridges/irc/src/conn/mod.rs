@@ -319,15 +319,18 @@ async fn connect(config: &ConnConfig) -> std::io::Result<(Box<dyn Stream>, ident
     let mut last = std::io::Error::other("no address");
     for addr in addrs {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        if let Some(ip) = config.bind {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
+        // Bound before connecting, so that the ident entry exists before the server can ask:
+        // servers query identd the moment they accept.
+        let ip = config.bind.unwrap_or(if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        });
+        socket.bind(SocketAddr::new(ip, 0))?;
+        let entry = ident::Entry::new(socket.local_addr()?.port(), addr.port(), &config.username);
         match tokio::time::timeout(Duration::from_secs(20), socket.connect(addr)).await {
             Ok(Ok(tcp)) => {
                 tcp.set_nodelay(true)?;
-                // Registered before the first byte: servers ask identd right at accept.
-                let entry =
-                    ident::Entry::new(tcp.local_addr()?.port(), addr.port(), &config.username);
                 if !config.tls {
                     return Ok((Box::new(tcp), entry));
                 }
