@@ -264,6 +264,61 @@ fn default_num_rate() -> f64 {
     1.0
 }
 
+impl SmppConfig {
+    /// What is wrong with these settings, naming the keys.
+    pub fn errors(&self) -> Vec<ConfigError> {
+        let s = self;
+        let mut errors = Vec::new();
+        if s.address.parse::<SocketAddr>().is_err()
+            && s.address
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            errors.push(ConfigError::invalid("bridge.gateway.address", "must be host:port"));
+        }
+        if s.system_id.is_empty() || s.system_id.len() > 15 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.system_id",
+                "must be 1 to 15 characters",
+            ));
+        }
+        if s.password.len() > 8 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.password",
+                "must be at most 8 characters",
+            ));
+        }
+        if s.system_type.len() > 12 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.system_type",
+                "must be at most 12 characters",
+            ));
+        }
+        if s.window == 0 {
+            errors.push(ConfigError::invalid("bridge.gateway.window", "must be at least 1"));
+        }
+        if s.enquire_link_interval_secs == 0 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.enquire_link_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if s.response_timeout_secs == 0 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.response_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if s.reconnect_min_secs == 0 || s.reconnect_max_secs < s.reconnect_min_secs {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.reconnect_max_secs",
+                "reconnect_min_secs must be at least 1 and at most reconnect_max_secs",
+            ));
+        }
+        errors
+    }
+}
+
 impl SmsConfig {
     /// The parsed default region.
     pub fn region(&self) -> Option<phonenumber::country::Id> {
@@ -335,52 +390,7 @@ impl BridgeConfig for SmsConfig {
             errors.push(ConfigError::invalid("bridge.webhooks.allow_ips", e.to_string()));
         }
         if let GatewayConfig::Smpp(s) = &self.gateway {
-            if s.address.parse::<SocketAddr>().is_err()
-                && s.address
-                    .rsplit_once(':')
-                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-            {
-                errors.push(ConfigError::invalid("bridge.gateway.address", "must be host:port"));
-            }
-            if s.system_id.is_empty() || s.system_id.len() > 15 {
-                errors.push(ConfigError::invalid(
-                    "bridge.gateway.system_id",
-                    "must be 1 to 15 characters",
-                ));
-            }
-            if s.password.len() > 8 {
-                errors.push(ConfigError::invalid(
-                    "bridge.gateway.password",
-                    "must be at most 8 characters",
-                ));
-            }
-            if s.system_type.len() > 12 {
-                errors.push(ConfigError::invalid(
-                    "bridge.gateway.system_type",
-                    "must be at most 12 characters",
-                ));
-            }
-            if s.window == 0 {
-                errors.push(ConfigError::invalid("bridge.gateway.window", "must be at least 1"));
-            }
-            if s.enquire_link_interval_secs == 0 {
-                errors.push(ConfigError::invalid(
-                    "bridge.gateway.enquire_link_interval_secs",
-                    "must be at least 1",
-                ));
-            }
-            if s.response_timeout_secs == 0 {
-                errors.push(ConfigError::invalid(
-                    "bridge.gateway.response_timeout_secs",
-                    "must be at least 1",
-                ));
-            }
-            if s.reconnect_min_secs == 0 || s.reconnect_max_secs < s.reconnect_min_secs {
-                errors.push(ConfigError::invalid(
-                    "bridge.gateway.reconnect_max_secs",
-                    "reconnect_min_secs must be at least 1 and at most reconnect_max_secs",
-                ));
-            }
+            errors.extend(s.errors());
         }
         let r = &self.rate_limit;
         if r.gateway_burst == 0
@@ -394,5 +404,60 @@ impl BridgeConfig for SmsConfig {
             ));
         }
         errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smpp(extra: serde_json::Value) -> Result<GatewayConfig, serde_json::Error> {
+        let mut v = serde_json::json!({"type": "smpp", "address": "smsc.example.org:2775",
+            "system_id": "bridge", "password": "secret"});
+        if let (Some(m), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        serde_json::from_value(v)
+    }
+
+    fn keys(c: &GatewayConfig) -> Vec<String> {
+        let GatewayConfig::Smpp(s) = c else { panic!("not smpp") };
+        s.errors()
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { key, .. } => key.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn smpp_defaults_and_checks() {
+        let c = smpp(serde_json::json!({})).unwrap();
+        let GatewayConfig::Smpp(s) = &c else { panic!("not smpp") };
+        assert_eq!((s.window, s.enquire_link_interval_secs, s.response_timeout_secs), (10, 30, 10));
+        assert_eq!((s.reconnect_min_secs, s.reconnect_max_secs), (1, 60));
+        assert_eq!(
+            (s.throttle_retries, s.throttle_pause_ms, s.system_type.as_str()),
+            (5, 1000, "")
+        );
+        assert!(keys(&c).is_empty());
+        assert!(!format!("{s:?}").contains("secret"), "password redacted");
+        // Unknown keys are refused, naming the key.
+        let e = smpp(serde_json::json!({"windw": 3})).unwrap_err().to_string();
+        assert!(e.contains("windw"), "{e}");
+        let bad = smpp(serde_json::json!({"address": "nohost", "system_id": "a-very-long-system-id",
+            "password": "123456789", "window": 0, "reconnect_min_secs": 10, "reconnect_max_secs": 5}))
+        .unwrap();
+        assert_eq!(
+            keys(&bad),
+            [
+                "bridge.gateway.address",
+                "bridge.gateway.system_id",
+                "bridge.gateway.password",
+                "bridge.gateway.window",
+                "bridge.gateway.reconnect_max_secs"
+            ]
+        );
     }
 }
