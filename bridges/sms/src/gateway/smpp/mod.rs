@@ -498,6 +498,11 @@ impl Smpp {
                 }
                 req = queue.recv() => {
                     let Some(req) = req else { break End::Shutdown };
+                    // Its sender gave up (it waited while we were disconnected): sending it now
+                    // would duplicate the retry.
+                    if req.reply.is_closed() {
+                        continue;
+                    }
                     let n = next_seq();
                     waiting.insert(n, (req.reply, tokio::time::Instant::now()));
                     if out_tx.send(Pdu::new(req.command_id, n, req.body).encode()).await.is_err() {
