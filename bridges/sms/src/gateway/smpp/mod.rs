@@ -354,10 +354,8 @@ impl Smpp {
         let s = Arc::clone(&self.settings);
         let mut failures = 0u32;
         loop {
-            let ended = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = self.session(&mut queue, &sink, &shutdown) => r,
-            };
+            // The session watches `shutdown` itself (to unbind first).
+            let ended = self.session(&mut queue, &sink, &shutdown).await;
             match ended {
                 Ok(End::Shutdown) => return,
                 Ok(End::Lost(why)) => {
@@ -382,28 +380,21 @@ impl Smpp {
         }
     }
 
-    /// Connects, binds and serves one session. `Err` when it never got bound.
-    async fn session(
-        &self,
-        queue: &mut mpsc::Receiver<Request>,
-        sink: &Arc<dyn EventSink>,
-        shutdown: &CancellationToken,
-    ) -> Result<End, String> {
+    /// Connects and binds as a transceiver (`seq` is the bind's sequence number).
+    async fn connect_and_bind(&self, seq: u32, buf: &mut Vec<u8>) -> Result<TcpStream, String> {
         let s = &self.settings;
         let mut stream = tokio::time::timeout(s.response_timeout, TcpStream::connect(&s.address))
             .await
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| format!("cannot connect: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let mut seq: u32 = 1;
         let bind = Pdu::new(
             cmd::BIND_TRANSCEIVER,
             seq,
             pdu::bind_transceiver(&s.system_id, &s.password, &s.system_type),
         );
         stream.write_all(&bind.encode()).await.map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let resp = tokio::time::timeout(s.response_timeout, read_pdu(&mut stream, &mut buf))
+        let resp = tokio::time::timeout(s.response_timeout, read_pdu(&mut stream, buf))
             .await
             .map_err(|_| "no bind response".to_owned())??;
         if resp.command_id != cmd::BIND_TRANSCEIVER_RESP || resp.status != status::OK {
@@ -414,6 +405,23 @@ impl Smpp {
         }
         let smsc = pdu::bind_resp_system_id(&resp.body).unwrap_or_default();
         tracing::info!(address = s.address, smsc, "SMPP bound (transceiver)");
+        Ok(stream)
+    }
+
+    /// Connects, binds and serves one session. `Err` when it never got bound.
+    async fn session(
+        &self,
+        queue: &mut mpsc::Receiver<Request>,
+        sink: &Arc<dyn EventSink>,
+        shutdown: &CancellationToken,
+    ) -> Result<End, String> {
+        let s = &self.settings;
+        let mut seq: u32 = 1;
+        let mut buf = Vec::new();
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return Ok(End::Shutdown),
+            r = self.connect_and_bind(seq, &mut buf) => r?,
+        };
 
         let (mut rd, mut wr) = stream.into_split();
         // Everything written goes through one writer task.
@@ -472,7 +480,7 @@ impl Smpp {
         let mut enquire = tokio::time::interval(s.enquire_link_interval);
         enquire.tick().await;
         let mut enquire_sent: Option<(u32, tokio::time::Instant)> = None;
-        let mut read_buf = Vec::new();
+        let mut read_buf = buf;
         let mut chunk = vec![0u8; 8192];
         let mut check = tokio::time::interval(Duration::from_millis(500));
         let mut next_seq = || {
@@ -739,5 +747,159 @@ mod tests {
                 part: None,
             }))
         );
+    }
+
+    struct NullSink;
+
+    #[async_trait]
+    impl EventSink for NullSink {
+        async fn handle(&self, _event: GatewayEvent) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn settings(address: String, window: usize) -> SmppSettings {
+        SmppSettings {
+            address,
+            system_id: "x".into(),
+            password: "y".into(),
+            system_type: String::new(),
+            window,
+            enquire_link_interval: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(100),
+            throttle_retries: 0,
+            throttle_pause: Duration::from_millis(10),
+        }
+    }
+
+    /// Accepts one connection and answers its bind.
+    async fn accept_bound(l: &tokio::net::TcpListener) -> (TcpStream, Vec<u8>) {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let bind = read_pdu(&mut c, &mut buf).await.unwrap();
+        assert_eq!(bind.command_id, cmd::BIND_TRANSCEIVER);
+        let resp = Pdu::new(cmd::BIND_TRANSCEIVER_RESP, bind.sequence, b"t\0".to_vec());
+        c.write_all(&resp.encode()).await.unwrap();
+        (c, buf)
+    }
+
+    #[tokio::test]
+    async fn window_limits_outstanding_requests() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = Smpp::new(settings(l.local_addr().unwrap().to_string(), 2));
+        let stop = CancellationToken::new();
+        gw.start(Arc::new(NullSink), stop.clone());
+        let (mut c, mut buf) = accept_bound(&l).await;
+        let sends: Vec<_> = (0..5)
+            .map(|i| {
+                let gw = gw.clone();
+                tokio::spawn(async move { gw.send(&sms(&format!("m{i}"))).await })
+            })
+            .collect();
+        let mut chunk = vec![0u8; 4096];
+        let mut submits = Vec::new();
+        // Unanswered, only `window` submit_sm arrive.
+        while submits.len() < 3 {
+            match tokio::time::timeout(
+                Duration::from_millis(400),
+                read_more(&mut c, &mut buf, &mut chunk),
+            )
+            .await
+            {
+                Ok(Ok(Some(p))) if p.command_id == cmd::SUBMIT_SM => submits.push(p),
+                Ok(Ok(Some(_))) => {}
+                _ => break,
+            }
+        }
+        assert_eq!(submits.len(), 2, "outstanding requests beyond the window");
+        // Answering them lets the others through.
+        let mut answered = 0;
+        let mut pending = submits;
+        while answered < 5 {
+            for p in pending.drain(..) {
+                let id = format!("id{}\0", p.sequence);
+                let r = Pdu::new(cmd::SUBMIT_SM_RESP, p.sequence, id.into_bytes());
+                c.write_all(&r.encode()).await.unwrap();
+                answered += 1;
+            }
+            if answered == 5 {
+                break;
+            }
+            let p = tokio::time::timeout(
+                Duration::from_secs(2),
+                read_more(&mut c, &mut buf, &mut chunk),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+            if p.command_id == cmd::SUBMIT_SM {
+                pending.push(p);
+            }
+        }
+        for s in sends {
+            assert!(s.await.unwrap().unwrap().starts_with("id"));
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn unanswered_enquire_link_reconnects_and_throttling_fails_temporarily() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = Smpp::new(settings(l.local_addr().unwrap().to_string(), 1));
+        let stop = CancellationToken::new();
+        gw.start(Arc::new(NullSink), stop.clone());
+        let (mut c, mut buf) = accept_bound(&l).await;
+        // The enquire_link comes after about a second; it is not answered → a new connection.
+        let mut chunk = vec![0u8; 4096];
+        let p =
+            tokio::time::timeout(Duration::from_secs(3), read_more(&mut c, &mut buf, &mut chunk))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        assert_eq!(p.command_id, cmd::ENQUIRE_LINK);
+        let (mut c2, mut buf2) =
+            tokio::time::timeout(Duration::from_secs(5), accept_bound(&l)).await.unwrap();
+        // With no throttle retries configured, ESME_RTHROTTLED is a temporary failure.
+        let send = tokio::spawn({
+            let gw = gw.clone();
+            async move { gw.send(&sms("hi")).await }
+        });
+        let p = loop {
+            let p = read_more(&mut c2, &mut buf2, &mut chunk).await.unwrap().unwrap();
+            if p.command_id == cmd::SUBMIT_SM {
+                break p;
+            }
+        };
+        let r = Pdu {
+            command_id: cmd::SUBMIT_SM_RESP,
+            status: status::THROTTLED,
+            sequence: p.sequence,
+            body: vec![],
+        };
+        c2.write_all(&r.encode()).await.unwrap();
+        assert!(matches!(send.await.unwrap(), Err(GatewayError::Temporary(_))));
+        // A request the ESME does not support gets generic_nack.
+        c2.write_all(&Pdu::new(0x0000_0003, 77, vec![]).encode()).await.unwrap();
+        let nack = loop {
+            let p = read_more(&mut c2, &mut buf2, &mut chunk).await.unwrap().unwrap();
+            if p.command_id == cmd::GENERIC_NACK {
+                break p;
+            }
+        };
+        assert_eq!((nack.sequence, nack.status), (77, status::INVCMDID));
+        // Shutdown unbinds.
+        stop.cancel();
+        let p = loop {
+            let p = read_more(&mut c2, &mut buf2, &mut chunk).await.unwrap().unwrap();
+            if p.command_id != cmd::ENQUIRE_LINK {
+                break p;
+            }
+        };
+        assert_eq!(p.command_id, cmd::UNBIND);
+        drop(c);
     }
 }
