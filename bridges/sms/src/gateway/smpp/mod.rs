@@ -252,6 +252,9 @@ pub fn receipt_status(stat: &str, err: Option<&str>) -> DeliveryStatus {
     }
 }
 
+/// Most concatenated MO messages buffered while incomplete.
+const MAX_PENDING_MO: usize = 1000;
+
 /// Parts of concatenated MO messages waiting for the rest: (from, to, ref) → (total, parts).
 type Pending = HashMap<(String, String, u16), (u8, HashMap<u8, String>)>;
 
@@ -277,6 +280,10 @@ fn classify_deliver(
     let text = match udh.and_then(pdu::udh_concat) {
         Some((reference, total, seq)) if total > 1 && seq >= 1 && seq <= total => {
             let key = (from.clone(), to.clone(), reference);
+            if pending.len() >= MAX_PENDING_MO && !pending.contains_key(&key) {
+                tracing::warn!("too many incomplete concatenated SMS; dropping the buffered parts");
+                pending.clear();
+            }
             let entry = pending.entry(key.clone()).or_insert_with(|| (total, HashMap::new()));
             entry.1.insert(seq, text);
             if entry.1.len() < usize::from(entry.0) {
