@@ -569,3 +569,115 @@ async fn rest_gateway_end_to_end() -> anyhow::Result<()> {
     let _ = (&l.synapse, &l.dir, &l.bridge);
     Ok(())
 }
+
+/// Waits for the ghost's read receipt on `event_id`.
+async fn ghost_read_receipt(alice: &MatrixUser, room: &str, event_id: &str) {
+    wait_for("the ghost's read receipt", T, || async {
+        let s = sync(alice).await.ok()?;
+        let eph = s["rooms"]["join"][room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.receipt" && e["content"][event_id]["m.read"][GHOST].is_object()
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn smpp_gateway_end_to_end() -> anyhow::Result<()> {
+    use trestle_e2e::smsc::Smsc;
+    let smsc = Smsc::start("pw123").await?;
+    let hook_port = free_port();
+    let gateway = format!(
+        "    type: smpp\n    address: \"{}\"\n    system_id: bridge\n    password: pw123\n    system_type: e2e\n\
+         \x20   window: 4\n    enquire_link_interval_secs: 1\n    throttle_pause_ms: 200\n",
+        smsc.address()
+    );
+    let l = launch(&gateway, hook_port).await?;
+    let alice = &l.alice;
+    smsc.wait_bound(T).await?;
+    assert_eq!(smsc.binds()[0], ("bridge".into(), "pw123".into(), "e2e".into()));
+
+    // MO deliver_sm (GSM-7, unpacked) → a portal, alice invited, the ghost says the text.
+    let status = smsc.deliver(PHONE, OURS, 0, 0, b"hello over SMPP", &[], T).await?;
+    assert_eq!(status, 0, "deliver_sm_resp status");
+    let room = accept_invite(alice).await?;
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "hello over SMPP")
+        .await?;
+
+    // A UCS-2 MO in two UDH-concatenated parts, the second first → one Matrix message.
+    let ucs2 = |s: &str| s.encode_utf16().flat_map(u16::to_be_bytes).collect::<Vec<u8>>();
+    let p2 = [&[5u8, 0, 3, 77, 2, 2][..], &ucs2(" мир 🙂")].concat();
+    let p1 = [&[5u8, 0, 3, 77, 2, 1][..], &ucs2("привет")].concat();
+    assert_eq!(smsc.deliver(PHONE, OURS, 0x40, 8, &p2, &[], T).await?, 0);
+    assert_eq!(smsc.deliver(PHONE, OURS, 0x40, 8, &p1, &[], T).await?, 0);
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "привет мир 🙂")
+        .await?;
+
+    // Matrix → submit_sm: GSM-7 (data_coding 0, extension characters escaped), receipt asked.
+    let event_id = alice.send_text(&room, "hi back {ok}").await?;
+    let s = smsc.wait_submits(1, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(s[0].source, (1, OURS[1..].to_owned()));
+    assert_eq!(s[0].dest, (1, PHONE[1..].to_owned()));
+    assert_eq!((s[0].data_coding, s[0].esm_class, s[0].registered_delivery), (0, 0, 1));
+    assert_eq!(s[0].short_message, b"hi back \x1b\x28ok\x1b\x29");
+    // The delivery receipt → a read receipt from the ghost.
+    assert_eq!(smsc.receipt(PHONE, OURS, &s[0].message_id, "DELIVRD", T).await?, 0);
+    ghost_read_receipt(alice, &room, &event_id).await;
+
+    // A long UCS-2 text → two submit_sm with a concatenation UDH and data_coding 8; the read
+    // receipt comes once both parts are delivered.
+    let long = "я".repeat(100);
+    let event_id = alice.send_text(&room, &long).await?;
+    let s = smsc.wait_submits(3, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let parts = &s[1..3];
+    let (r1, r2) = (parts[0].concat().unwrap(), parts[1].concat().unwrap());
+    assert_eq!((r1.1, r1.2, r2.1, r2.2), (2, 1, 2, 2));
+    assert_eq!(r1.0, r2.0, "same reference");
+    assert!(parts.iter().all(|p| p.data_coding == 8 && p.registered_delivery == 1));
+    assert_eq!(parts[0].ucs2_text() + &parts[1].ucs2_text(), long);
+    assert_eq!(parts[0].ucs2_text().chars().count(), 67);
+    assert_eq!(smsc.receipt(PHONE, OURS, &parts[0].message_id, "DELIVRD", T).await?, 0);
+    assert_eq!(smsc.receipt(PHONE, OURS, &parts[1].message_id, "DELIVRD", T).await?, 0);
+    ghost_read_receipt(alice, &room, &event_id).await;
+
+    // A failed receipt → a notice.
+    alice.send_text(&room, "will fail").await?;
+    let s = smsc.wait_submits(4, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(smsc.receipt(PHONE, OURS, &s[3].message_id, "UNDELIV", T).await?, 0);
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice"
+                && body(e).contains("failed: SMSC receipt UNDELIV")
+        })
+        .await?;
+
+    // Throttled twice, then accepted: delivered once.
+    smsc.throttle_next(2);
+    alice.send_text(&room, "after throttling").await?;
+    let s = smsc.wait_submits(5, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(smsc.throttled(), 2);
+    assert_eq!(s[4].short_message, b"after throttling");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(smsc.submits().len(), 5, "the throttled message was sent once");
+
+    // The session is kept alive; an unsupported request gets generic_nack (ESME_RINVCMDID).
+    assert!(smsc.enquire_links() >= 1, "no enquire_link seen");
+    assert_eq!(smsc.request(0x0000_0003 /* query_sm */, T).await?, (0x8000_0000, 0x03));
+
+    // The SMSC drops the connection: the bridge binds again and sending goes on.
+    smsc.kick();
+    wait_for("a second bind", T, || async { (smsc.binds().len() >= 2).then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    smsc.wait_bound(T).await?;
+    alice.send_text(&room, "after reconnecting").await?;
+    let s = smsc.wait_submits(6, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(s[5].short_message, b"after reconnecting");
+    drop(l);
+    Ok(())
+}

@@ -23,6 +23,7 @@ use crate::{
         OutboundSms,
         kannel::{Kannel, KannelSettings},
         new_message_id,
+        smpp::{Smpp, SmppSettings},
         twilio::{Twilio, TwilioSettings},
         webhook::IpAllowList,
     },
@@ -591,6 +592,22 @@ fn build_gateway(cfg: &SmsConfig) -> Arc<dyn Gateway> {
             auth_token: t.auth_token.clone(),
             public_url: cfg.webhooks.public_url.clone(),
         })),
+        GatewayConfig::Smpp(s) => {
+            let secs = std::time::Duration::from_secs;
+            Arc::new(Smpp::new(SmppSettings {
+                address: s.address.clone(),
+                system_id: s.system_id.clone(),
+                password: s.password.clone(),
+                system_type: s.system_type.clone(),
+                window: s.window,
+                enquire_link_interval: secs(s.enquire_link_interval_secs),
+                response_timeout: secs(s.response_timeout_secs),
+                reconnect_min: secs(s.reconnect_min_secs),
+                reconnect_max: secs(s.reconnect_max_secs),
+                throttle_retries: s.throttle_retries,
+                throttle_pause: std::time::Duration::from_millis(s.throttle_pause_ms),
+            }))
+        }
     }
 }
 
@@ -658,6 +675,7 @@ impl Bridge for SmsBridge {
             IpAllowList::parse(&cfg.webhooks.allow_ips)
                 .map_err(|e| BridgeError::Permanent(e.to_string()))?,
         );
+        gateway.start(Arc::clone(&inner) as Arc<dyn EventSink>, ctx.shutdown().clone());
         let app = gateway
             .routes(Arc::clone(&inner) as Arc<dyn EventSink>)
             .route("/health", axum::routing::get(|| async { "ok" }))

@@ -80,6 +80,56 @@ pub enum GatewayConfig {
     Kannel(KannelConfig),
     /// A Twilio-style REST API.
     Twilio(TwilioConfig),
+    /// A direct SMPP 3.4 connection to an SMSC.
+    Smpp(SmppConfig),
+}
+
+/// SMPP settings.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmppConfig {
+    /// The SMSC, `host:port`.
+    pub address: String,
+    /// bind system_id (at most 15 characters).
+    pub system_id: String,
+    /// bind password (at most 8 characters).
+    pub password: String,
+    /// bind system_type.
+    #[serde(default)]
+    pub system_type: String,
+    /// Most requests awaiting a response at once.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Seconds between enquire_link keepalives.
+    #[serde(default = "default_enquire")]
+    pub enquire_link_interval_secs: u64,
+    /// Seconds a response may take before the request (or the session) is given up.
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout_secs: u64,
+    /// First pause before reconnecting (doubled per failure, jitter added).
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_secs: u64,
+    /// Longest pause before reconnecting.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_secs: u64,
+    /// How often a throttled (ESME_RTHROTTLED) submit_sm is retried.
+    #[serde(default = "default_throttle_retries")]
+    pub throttle_retries: u32,
+    /// First pause before such a retry, in milliseconds (doubled each time).
+    #[serde(default = "default_throttle_pause")]
+    pub throttle_pause_ms: u64,
+}
+
+impl std::fmt::Debug for SmppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmppConfig")
+            .field("address", &self.address)
+            .field("system_id", &self.system_id)
+            .field("password", &"<redacted>")
+            .field("system_type", &self.system_type)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Kannel settings.
@@ -177,6 +227,27 @@ fn default_help() -> String {
 fn default_dlr_mask() -> u8 {
     31
 }
+fn default_window() -> usize {
+    10
+}
+fn default_enquire() -> u64 {
+    30
+}
+fn default_response_timeout() -> u64 {
+    10
+}
+fn default_reconnect_min() -> u64 {
+    1
+}
+fn default_reconnect_max() -> u64 {
+    60
+}
+fn default_throttle_retries() -> u32 {
+    5
+}
+fn default_throttle_pause() -> u64 {
+    1000
+}
 fn default_twilio_api() -> url::Url {
     url::Url::parse("https://api.twilio.com").expect("valid URL")
 }
@@ -191,6 +262,61 @@ fn default_num_burst() -> u32 {
 }
 fn default_num_rate() -> f64 {
     1.0
+}
+
+impl SmppConfig {
+    /// What is wrong with these settings, naming the keys.
+    pub fn errors(&self) -> Vec<ConfigError> {
+        let s = self;
+        let mut errors = Vec::new();
+        if s.address.parse::<SocketAddr>().is_err()
+            && s.address
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            errors.push(ConfigError::invalid("bridge.gateway.address", "must be host:port"));
+        }
+        if s.system_id.is_empty() || s.system_id.len() > 15 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.system_id",
+                "must be 1 to 15 characters",
+            ));
+        }
+        if s.password.len() > 8 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.password",
+                "must be at most 8 characters",
+            ));
+        }
+        if s.system_type.len() > 12 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.system_type",
+                "must be at most 12 characters",
+            ));
+        }
+        if s.window == 0 {
+            errors.push(ConfigError::invalid("bridge.gateway.window", "must be at least 1"));
+        }
+        if s.enquire_link_interval_secs == 0 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.enquire_link_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if s.response_timeout_secs == 0 {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.response_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if s.reconnect_min_secs == 0 || s.reconnect_max_secs < s.reconnect_min_secs {
+            errors.push(ConfigError::invalid(
+                "bridge.gateway.reconnect_max_secs",
+                "reconnect_min_secs must be at least 1 and at most reconnect_max_secs",
+            ));
+        }
+        errors
+    }
 }
 
 impl SmsConfig {
@@ -263,6 +389,9 @@ impl BridgeConfig for SmsConfig {
         if let Err(e) = IpAllowList::parse(&self.webhooks.allow_ips) {
             errors.push(ConfigError::invalid("bridge.webhooks.allow_ips", e.to_string()));
         }
+        if let GatewayConfig::Smpp(s) = &self.gateway {
+            errors.extend(s.errors());
+        }
         let r = &self.rate_limit;
         if r.gateway_burst == 0
             || r.number_burst == 0
@@ -275,5 +404,60 @@ impl BridgeConfig for SmsConfig {
             ));
         }
         errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smpp(extra: serde_json::Value) -> Result<GatewayConfig, serde_json::Error> {
+        let mut v = serde_json::json!({"type": "smpp", "address": "smsc.example.org:2775",
+            "system_id": "bridge", "password": "secret"});
+        if let (Some(m), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        serde_json::from_value(v)
+    }
+
+    fn keys(c: &GatewayConfig) -> Vec<String> {
+        let GatewayConfig::Smpp(s) = c else { panic!("not smpp") };
+        s.errors()
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { key, .. } => key.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn smpp_defaults_and_checks() {
+        let c = smpp(serde_json::json!({})).unwrap();
+        let GatewayConfig::Smpp(s) = &c else { panic!("not smpp") };
+        assert_eq!((s.window, s.enquire_link_interval_secs, s.response_timeout_secs), (10, 30, 10));
+        assert_eq!((s.reconnect_min_secs, s.reconnect_max_secs), (1, 60));
+        assert_eq!(
+            (s.throttle_retries, s.throttle_pause_ms, s.system_type.as_str()),
+            (5, 1000, "")
+        );
+        assert!(keys(&c).is_empty());
+        assert!(!format!("{s:?}").contains("secret"), "password redacted");
+        // Unknown keys are refused, naming the key.
+        let e = smpp(serde_json::json!({"windw": 3})).unwrap_err().to_string();
+        assert!(e.contains("windw"), "{e}");
+        let bad = smpp(serde_json::json!({"address": "nohost", "system_id": "a-very-long-system-id",
+            "password": "123456789", "window": 0, "reconnect_min_secs": 10, "reconnect_max_secs": 5}))
+        .unwrap();
+        assert_eq!(
+            keys(&bad),
+            [
+                "bridge.gateway.address",
+                "bridge.gateway.system_id",
+                "bridge.gateway.password",
+                "bridge.gateway.window",
+                "bridge.gateway.reconnect_max_secs"
+            ]
+        );
     }
 }

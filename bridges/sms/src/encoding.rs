@@ -126,6 +126,73 @@ pub fn segment(text: &str) -> Segments {
     Segments { encoding, units, parts }
 }
 
+/// The GSM 03.38 extension-table code of each [`EXTENSION`] character, in the same order.
+const EXTENSION_CODES: [u8; 10] = [0x0A, 0x14, 0x28, 0x29, 0x2F, 0x3C, 0x3D, 0x3E, 0x40, 0x65];
+
+/// The escape septet introducing an extension-table character.
+const ESCAPE: u8 = 0x1B;
+
+/// `text` as GSM 03.38 septets, one per octet (unpacked, as SMPP `data_coding` 0 carries them);
+/// `None` if a character has no GSM-7 form.
+pub fn gsm7_encode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        if let Some(i) = BASIC.chars().position(|b| b == c) {
+            // BASIC skips the escape code 0x1B.
+            out.push(u8::try_from(if i < 0x1B { i } else { i + 1 }).ok()?);
+        } else if let Some(i) = EXTENSION.chars().position(|e| e == c) {
+            out.extend_from_slice(&[ESCAPE, EXTENSION_CODES[i]]);
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Unpacked GSM 03.38 septets back to text (an unknown extension code reads as its basic-table
+/// character, as 03.38 says; octets above 0x7F are masked).
+pub fn gsm7_decode(septets: &[u8]) -> String {
+    let basic = |code: u8| -> char {
+        let code = usize::from(code & 0x7F);
+        let i = if code < 0x1B {
+            Some(code)
+        } else if code > 0x1B {
+            Some(code - 1)
+        } else {
+            None
+        };
+        i.and_then(|i| BASIC.chars().nth(i)).unwrap_or(' ')
+    };
+    let mut out = String::with_capacity(septets.len());
+    let mut it = septets.iter().copied();
+    while let Some(s) = it.next() {
+        if s & 0x7F == ESCAPE {
+            match it.next() {
+                Some(e) => match EXTENSION_CODES.iter().position(|&x| x == e & 0x7F) {
+                    Some(i) => out.extend(EXTENSION.chars().nth(i)),
+                    None => out.push(basic(e)),
+                },
+                None => {}
+            }
+        } else {
+            out.push(basic(s));
+        }
+    }
+    out
+}
+
+/// `text` as UCS-2 (UTF-16 big-endian) octets.
+pub fn ucs2_encode(text: &str) -> Vec<u8> {
+    text.encode_utf16().flat_map(u16::to_be_bytes).collect()
+}
+
+/// UTF-16BE octets back to text (an odd trailing octet is dropped, bad surrogates replaced).
+pub fn ucs2_decode(octets: &[u8]) -> String {
+    let units: Vec<u16> =
+        octets.chunks_exact(2).map(|p| u16::from_be_bytes([p[0], p[1]])).collect();
+    String::from_utf16_lossy(&units)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +274,30 @@ mod tests {
     fn kannel_coding_values() {
         assert_eq!(Encoding::Gsm7.kannel_coding(), 0);
         assert_eq!(Encoding::Ucs2.kannel_coding(), 2);
+    }
+
+    #[test]
+    fn gsm7_octets() {
+        assert_eq!(gsm7_encode("@A a"), Some(vec![0x00, 0x41, 0x20, 0x61]));
+        assert_eq!(gsm7_encode("£Δ_ÆÉ"), Some(vec![0x01, 0x10, 0x11, 0x1C, 0x1F]));
+        assert_eq!(gsm7_encode("{€}"), Some(vec![0x1B, 0x28, 0x1B, 0x65, 0x1B, 0x29]));
+        assert_eq!(gsm7_encode("ï"), None);
+        assert_eq!(gsm7_encode("à"), Some(vec![0x7F]));
+        // Every GSM character survives the round trip.
+        let all: String = BASIC.chars().chain(EXTENSION.chars()).collect();
+        let octets = gsm7_encode(&all).unwrap();
+        assert_eq!(octets.len(), length_in(&all, Encoding::Gsm7));
+        assert_eq!(gsm7_decode(&octets), all);
+        // Odd input: a trailing escape, an unknown extension code, high bits.
+        assert_eq!(gsm7_decode(&[0x41, 0x1B]), "A");
+        assert_eq!(gsm7_decode(&[0x1B, 0x41]), "A");
+        assert_eq!(gsm7_decode(&[0xC1]), "A");
+    }
+
+    #[test]
+    fn ucs2_octets() {
+        assert_eq!(ucs2_encode("я🙂"), vec![0x04, 0x4F, 0xD8, 0x3D, 0xDE, 0x42]);
+        assert_eq!(ucs2_decode(&ucs2_encode("Привет 🙂")), "Привет 🙂");
+        assert_eq!(ucs2_decode(&[0x00, 0x41, 0x00]), "A");
     }
 }

@@ -8,6 +8,7 @@
 //! on failure never loses a message; the sink makes repeats harmless (idempotency).
 
 pub mod kannel;
+pub mod smpp;
 pub mod twilio;
 pub mod webhook;
 
@@ -110,6 +111,10 @@ pub trait Gateway: Send + Sync + std::fmt::Debug + 'static {
 
     /// The webhook routes (paths starting with `/{name}/`) delivering events to `sink`.
     fn routes(&self, sink: Arc<dyn EventSink>) -> axum::Router;
+
+    /// Starts what the gateway runs in the background (an SMPP session), delivering events to
+    /// `sink` until `shutdown`. HTTP gateways have nothing to start.
+    fn start(&self, _sink: Arc<dyn EventSink>, _shutdown: tokio_util::sync::CancellationToken) {}
 }
 
 /// A fresh message id: 128 random bits in hex.
