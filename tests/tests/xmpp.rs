@@ -260,6 +260,165 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
     Ok(())
 }
 
+/// A bodyless groupchat message with `<reactions id=target>` holding `keys` (XEP-0444).
+fn react(
+    xmpp: &XmppClient,
+    room: &str,
+    id: &str,
+    target: &str,
+    keys: &[&str],
+) -> anyhow::Result<()> {
+    let mut r = payload("reactions", "urn:xmpp:reactions:0", &[("id", target)]);
+    for k in keys {
+        r.append_child(
+            tokio_xmpp::minidom::Element::builder("reaction", "urn:xmpp:reactions:0")
+                .append(*k)
+                .build(),
+        );
+    }
+    xmpp.send(
+        stanza("message", &[("type", "groupchat"), ("to", &format!("{room}@{MUC}")), ("id", id)])
+            .append(r)
+            .append(payload("origin-id", "urn:xmpp:sid:0", &[("id", id)]))
+            .build(),
+    )
+}
+
+#[tokio::test]
+async fn replies_and_reactions_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = replies_and_reactions_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn replies_and_reactions_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "rr").await?;
+    let ghost = "@xmpp_rr=40conference.localhost/_x_alice:localhost";
+    let reactions_of = |events: &[Value], sender: &str| -> Vec<(String, String)> {
+        let redacted: Vec<&str> = events
+            .iter()
+            .filter(|e| e["type"] == "m.room.redaction")
+            .filter_map(|e| e["redacts"].as_str())
+            .collect();
+        let mut v: Vec<(String, String)> = events
+            .iter()
+            .filter(|e| e["type"] == "m.reaction" && e["sender"] == sender)
+            .filter(|e| !redacted.contains(&e["event_id"].as_str().unwrap_or_default()))
+            .map(|e| {
+                let r = &e["content"]["m.relates_to"];
+                (
+                    r["event_id"].as_str().unwrap_or_default().to_owned(),
+                    r["key"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+
+    // XMPP reply (XEP-0461, quote marked as a XEP-0428 fallback) → m.in_reply_to, quote removed.
+    let question = alice.send_text(&room, "question from Matrix").await?;
+    let q = xmpp.wait_message(T, |s| s.body == "question from Matrix").await?;
+    let q_sid = q.stanza_id.clone().expect("the room stamps a stanza-id");
+    let quote = "> alice: question from Matrix\n";
+    let end = quote.chars().count().to_string();
+    let mut fallback = payload("fallback", "urn:xmpp:fallback:0", &[("for", "urn:xmpp:reply:0")]);
+    fallback.append_child(payload("body", "urn:xmpp:fallback:0", &[("start", "0"), ("end", &end)]));
+    xmpp.say_with(
+        "rr",
+        "y1",
+        &format!("{quote}answer from XMPP ✓"),
+        vec![
+            payload(
+                "reply",
+                "urn:xmpp:reply:0",
+                &[("to", &format!("rr@{MUC}/alice")), ("id", &q_sid)],
+            ),
+            fallback,
+        ],
+    )?;
+    let m = alice.wait_for_message(&room, T, |e| body(e).contains("answer from XMPP")).await?;
+    assert_eq!(body(&m), "answer from XMPP ✓");
+    assert_eq!(m["sender"], ghost);
+    assert_eq!(m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], question.as_str());
+
+    // Matrix reply → XEP-0461 reply to the room's stanza-id, with a quote as fallback.
+    xmpp.say("rr", "y2", "original from XMPP")?;
+    let orig = alice.wait_for_message(&room, T, |e| body(e) == "original from XMPP").await?;
+    let orig_event = orig["event_id"].as_str().unwrap_or_default().to_owned();
+    let own = xmpp.wait_message(T, |s| s.body == "original from XMPP").await?;
+    let o_sid = own.stanza_id.clone().expect("the room stamps a stanza-id");
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "reply from Matrix",
+                "m.relates_to": {"m.in_reply_to": {"event_id": orig_event}}}),
+        )
+        .await?;
+    let seen = xmpp.wait_message(T, |s| s.body.ends_with("reply from Matrix")).await?;
+    assert_eq!(seen.body, "> XAlice: original from XMPP\nreply from Matrix");
+    assert_eq!(seen.nick, "alice");
+    assert!(seen.xml.contains("urn:xmpp:reply:0"), "{}", seen.xml);
+    assert!(seen.xml.contains(&format!("id=\"{o_sid}\"")), "{}", seen.xml);
+    assert!(seen.xml.contains(&format!("to=\"rr@{MUC}/XAlice\"")), "{}", seen.xml);
+    assert!(
+        seen.xml.contains("urn:xmpp:fallback:0") && seen.xml.contains("end=\"29\""),
+        "{}",
+        seen.xml
+    );
+
+    // XMPP reactions (the full set each time) → m.reaction, and a removed one is redacted.
+    react(&xmpp, "rr", "y3", &q_sid, &["👍", "🎉"])?;
+    let want = vec![(question.clone(), "🎉".to_owned()), (question.clone(), "👍".to_owned())];
+    trestle_e2e::wait_for("the ghost's two reactions", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        (reactions_of(&events, ghost) == want).then_some(())
+    })
+    .await?;
+    react(&xmpp, "rr", "y4", &q_sid, &["🎉"])?;
+    let want = vec![(question.clone(), "🎉".to_owned())];
+    trestle_e2e::wait_for("the 👍 redacted", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        (reactions_of(&events, ghost) == want).then_some(())
+    })
+    .await?;
+
+    // Matrix reactions → the user's full set on XMPP; redacting one sends the rest.
+    let heart = alice
+        .send(
+            &room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": orig_event, "key": "❤️"}}),
+        )
+        .await?;
+    let has = |s: &str, k: &str| s.contains(&format!(">{k}</reaction>"));
+    let target = format!("id=\"{o_sid}\"");
+    let s =
+        xmpp.wait_stanza(T, |s| s.contains("urn:xmpp:reactions:0") && s.contains(&target)).await?;
+    assert!(has(&s, "❤️") && s.contains(&format!("rr@{MUC}/alice")), "{s}");
+    alice
+        .send(
+            &room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": orig_event, "key": "😂"}}),
+        )
+        .await?;
+    xmpp.wait_stanza(T, |s| s.contains(&target) && has(s, "😂") && has(s, "❤️")).await?;
+    alice.redact(&room, &heart).await?;
+    xmpp.wait_stanza(T, |s| s.contains(&target) && has(s, "😂") && !has(s, "❤️")).await?;
+
+    // No echoes: the Matrix user's reactions never come back as the ghost's, and nothing is
+    // bridged twice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 100).await?;
+    assert_eq!(reactions_of(&events, ghost), want);
+    assert_eq!(events.iter().filter(|e| e["type"] == "m.reaction").count(), 4);
+    assert_eq!(events.iter().filter(|e| body(e) == "answer from XMPP ✓").count(), 1);
+    assert_eq!(xmpp.messages().iter().filter(|s| s.body.ends_with("reply from Matrix")).count(), 1);
+    Ok(())
+}
+
 #[tokio::test]
 async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing() -> anyhow::Result<()> {
     let mut env = start().await?;

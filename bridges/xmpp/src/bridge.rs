@@ -14,7 +14,7 @@ use trestle::{
     bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
     config::{Config, PermissionLevel},
     context::Context,
-    event::{MatrixEvent, Message, MessageType},
+    event::{EphemeralEvent, MatrixEvent, Message, MessageType},
     registration::{Namespace, Namespaces},
     store::{MessageMapping, Portal},
     util::{
@@ -47,6 +47,8 @@ const WAIT: Duration = Duration::from_secs(15);
 const RESOURCE: &str = "trestle";
 /// Failed joins of the bot to a room before it gives up until the next reconnect.
 const BOT_JOIN_TRIES: u32 = 5;
+/// How long a ghost's typing notification lasts on Matrix without a new `composing`.
+const TYPING: Duration = Duration::from_secs(30);
 /// Stanza ids remembered for dedupe.
 const SEEN: usize = 10_000;
 
@@ -88,6 +90,10 @@ struct RoomState {
     bot_failures: u32,
     puppets: HashMap<String, Puppet>,
     subject: Option<String>,
+    /// Matrix users whose occupants were last told to be composing.
+    typing: HashSet<String>,
+    /// Ghosts last shown typing on Matrix.
+    ghosts_typing: HashSet<String>,
 }
 
 /// Resolves with the room's stanza-id for a reflected message, or the error condition.
@@ -402,6 +408,7 @@ impl Inner {
         sender: &str,
         sid: Option<&str>,
         room: &RoomJid,
+        text: &str,
     ) -> Result<(), BridgeError> {
         self.ctx
             .store()
@@ -418,7 +425,150 @@ impl Inner {
             self.ctx.store().kv_set(&format!("xmpp.sid:{}:{sid}", room.bare()), event_id).await?;
             self.ctx.store().kv_set(&format!("xmpp.ev:{event_id}"), sid).await?;
         }
+        // The start of the text, quoted by replies to it for clients without XEP-0461.
+        let excerpt: String = text.chars().take(100).collect();
+        self.ctx.store().kv_set(&format!("xmpp.txt:{event_id}"), &excerpt).await?;
         Ok(())
+    }
+
+    /// The Matrix event of the message the room knows as `id`: by the room's stanza-id, or else
+    /// (clients that use the message's own id) by the sender's message id, when the sender's
+    /// occupant JID `to` is known.
+    async fn target_event(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        id: &str,
+        to: Option<&str>,
+    ) -> Result<Option<String>, BridgeError> {
+        let key = room.bare();
+        if let Some(ev) = self.ctx.store().kv_get(&format!("xmpp.sid:{key}:{id}")).await? {
+            return Ok(Some(ev));
+        }
+        let Some(nick) = to.and_then(|t| t.strip_prefix(&format!("{key}/"))) else {
+            return Ok(None);
+        };
+        let mut senders = vec![self.ids.ghost_of(room, nick)];
+        if let Some(r) = self.state().rooms.get(&key) {
+            senders
+                .extend(r.puppets.iter().filter(|(_, p)| p.nick == nick).map(|(m, _)| m.clone()));
+        }
+        for sender in senders {
+            let parts =
+                self.ctx.store().messages_by_remote(room_id, &format!("{sender}|{id}")).await?;
+            if let Some(first) = parts.first() {
+                return Ok(Some(first.event_id.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// What a reply from Matrix to `event` needs on XMPP: the room's stanza-id of the message,
+    /// its sender's occupant JID, and the quote for clients without XEP-0461. `None` if the
+    /// message cannot be addressed (no stanza-id known).
+    async fn reply_info(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        event: &str,
+    ) -> Result<Option<(String, Option<String>, String)>, BridgeError> {
+        let Some(sid) = self.ctx.store().kv_get(&format!("xmpp.ev:{event}")).await? else {
+            return Ok(None);
+        };
+        let sender = self.ctx.store().message_by_event(room_id, event).await?.map(|m| m.sender);
+        let nick = match &sender {
+            Some(s) => match self.ids.occupant_of_ghost(s) {
+                Some((_, nick)) => Some(nick),
+                None => {
+                    let known = self
+                        .state()
+                        .rooms
+                        .get(&room.bare())
+                        .and_then(|r| r.puppets.get(s))
+                        .map(|p| p.nick.clone());
+                    match known {
+                        Some(n) => Some(n),
+                        None => Some(self.displayname(room_id, s).await),
+                    }
+                }
+            },
+            None => None,
+        };
+        let quoted = self.ctx.store().kv_get(&format!("xmpp.txt:{event}")).await?;
+        let to = nick.as_ref().map(|n| format!("{}/{n}", room.bare()));
+        let fallback =
+            stanzas::reply_fallback(nick.as_deref().unwrap_or("someone"), quoted.as_deref());
+        Ok(Some((sid, to, fallback)))
+    }
+
+    /// An XMPP user's full set of reactions to a message: Matrix reactions are added and
+    /// redacted to match what the ghost had.
+    async fn xmpp_reactions(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        ghost: &str,
+        target: &str,
+        keys: &[String],
+        cause: &str,
+    ) -> Result<(), BridgeError> {
+        let Some(event) = self.target_event(room_id, room, target, None).await? else {
+            tracing::info!(room = room.bare(), target, "ignoring reactions to an unknown message");
+            return Ok(());
+        };
+        let k = format!("xmpp.rx:{room_id}|{ghost}|{event}");
+        let mut had: std::collections::BTreeMap<String, String> = self
+            .ctx
+            .store()
+            .kv_get(&k)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        for key in keys {
+            if had.contains_key(key) {
+                continue;
+            }
+            let content = json!({
+                "m.relates_to": {"rel_type": "m.annotation", "event_id": event, "key": key}
+            });
+            let txn = self.ctx.txn_id_for(&format!("{cause}|{key}"), 0);
+            let id = self.ctx.send_as(ghost, room_id, "m.reaction", content, &txn, None).await?;
+            had.insert(key.clone(), id);
+            self.ctx.store().kv_set(&k, &json!(had).to_string()).await?;
+        }
+        let gone: Vec<String> = had.keys().filter(|h| !keys.contains(h)).cloned().collect();
+        for key in gone {
+            if let Some(id) = had.get(&key) {
+                self.ctx.intent(ghost).redact(room_id, id, None).await?;
+            }
+            had.remove(&key);
+            self.ctx.store().kv_set(&k, &json!(had).to_string()).await?;
+        }
+        if had.is_empty() {
+            self.ctx.store().kv_delete(&k).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `sender`'s full current set of reactions to `target` (the room's stanza-id).
+    async fn send_reactions(
+        &self,
+        room: &RoomJid,
+        room_id: &str,
+        sender: &str,
+        id: &str,
+        target: &str,
+        keys: &[String],
+    ) -> Result<(), BridgeError> {
+        self.send_groupchat(
+            room,
+            room_id,
+            sender,
+            |from| stanzas::reactions(from, room, id, target, keys),
+            id,
+        )
+        .await
+        .map(drop)
     }
 
     // --- XMPP → Matrix ---------------------------------------------------------------------
@@ -632,6 +782,27 @@ impl Inner {
             }
             return Ok(());
         }
+        // XEP-0085: composing → typing; any other state, or a message, ends it.
+        let typing = msg.chat_state.as_deref() == Some("composing") && msg.body.is_none();
+        let was = {
+            let mut st = self.state();
+            let r = st.rooms.entry(key.clone()).or_default();
+            if typing {
+                !r.ghosts_typing.insert(ghost.clone())
+            } else {
+                r.ghosts_typing.remove(&ghost)
+            }
+        };
+        if typing || (was && (msg.chat_state.is_some() || msg.body.is_some())) {
+            if let Err(e) =
+                self.ctx.intent(&ghost).set_typing(&portal.room_id, typing, TYPING).await
+            {
+                tracing::debug!(error = %e, ghost, "could not set typing");
+            }
+        }
+        if let Some((target, keys)) = &msg.reactions {
+            return self.xmpp_reactions(&portal.room_id, &room, &ghost, target, keys, &cause).await;
+        }
         let Some(body) = msg.body.clone() else { return Ok(()) };
         let (msgtype, text) = match body.strip_prefix("/me ") {
             Some(rest) => ("m.emote", rest.to_owned()),
@@ -649,6 +820,11 @@ impl Inner {
                     "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
                 });
             }
+        } else if let Some((id, to)) = &msg.reply_to
+            && let Some(target) =
+                self.target_event(&portal.room_id, &room, id, to.as_deref()).await?
+        {
+            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target}});
         }
         let event_id = self
             .ctx
@@ -664,6 +840,7 @@ impl Inner {
                 &ghost,
                 msg.stanza_id.as_deref(),
                 &room,
+                &text,
             )
             .await?;
         }
@@ -1018,13 +1195,23 @@ impl Bridge for XmppBridge {
             return Ok(());
         }
         let id = event.event_id.clone();
+        let reply = match &msg.reply_to {
+            Some(r) => self.inner.reply_info(&portal.room_id, &xroom, r).await?,
+            None => None,
+        };
         let sid = self
             .inner
             .send_groupchat(
                 &xroom,
                 &portal.room_id,
                 &event.sender,
-                |from| stanzas::groupchat(from, &xroom, &id, &text, None),
+                |from| {
+                    let mut m = stanzas::groupchat(from, &xroom, &id, &text, None)?;
+                    if let Some((sid, to, fallback)) = &reply {
+                        stanzas::add_reply(&mut m, to.as_deref(), sid, fallback);
+                    }
+                    Some(m)
+                },
                 &id,
             )
             .await?;
@@ -1036,8 +1223,93 @@ impl Bridge for XmppBridge {
                 &event.sender,
                 sid.as_deref(),
                 &xroom,
+                &text,
             )
             .await
+    }
+
+    async fn on_ephemeral(&self, event: &EphemeralEvent) -> Result<(), BridgeError> {
+        let EphemeralEvent::Typing { room_id, user_ids } = event else { return Ok(()) };
+        let b = &self.inner;
+        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
+        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        // Only occupants already in the room on this connection say they are typing.
+        let changes: Vec<(String, &str)> = {
+            let mut st = b.state();
+            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
+            let mut out = Vec::new();
+            for (mxid, p) in &r.puppets {
+                if p.joined != Some(generation) {
+                    continue;
+                }
+                let now = user_ids.contains(mxid);
+                let before = r.typing.contains(mxid);
+                if now && !before {
+                    out.push((mxid.clone(), "composing"));
+                } else if before && !now {
+                    out.push((mxid.clone(), "paused"));
+                }
+            }
+            r.typing = user_ids
+                .iter()
+                .filter(|u| r.puppets.get(*u).is_some_and(|p| p.joined == Some(generation)))
+                .cloned()
+                .collect();
+            out
+        };
+        for (mxid, state) in changes {
+            if let Some(m) =
+                b.puppet_jid(&mxid).and_then(|jid| stanzas::chat_state(&jid, &xroom, state))
+            {
+                // Best effort: a lost typing notification is not worth a retry.
+                let _ = b.xmpp.send_for(m, generation);
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_reaction(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        target: &str,
+        key: &str,
+    ) -> Result<(), BridgeError> {
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let Some(sid) = b.ctx.store().kv_get(&format!("xmpp.ev:{target}")).await? else {
+            tracing::info!(target, "not bridging a reaction to a message without a stanza-id");
+            return Ok(());
+        };
+        let k = format!("xmpp.mrx:{}|{}|{target}", portal.room_id, event.sender);
+        let mut set: std::collections::BTreeMap<String, String> = b
+            .ctx
+            .store()
+            .kv_get(&k)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        if set.contains_key(key) {
+            return Ok(());
+        }
+        set.insert(key.to_owned(), event.event_id.clone());
+        let keys: Vec<String> = set.keys().cloned().collect();
+        b.send_reactions(&xroom, &portal.room_id, &event.sender, &event.event_id, &sid, &keys)
+            .await?;
+        b.ctx
+            .store()
+            .kv_set(&format!("xmpp.rev:{}", event.event_id), &json!([target, key]).to_string())
+            .await?;
+        b.ctx.store().kv_set(&k, &json!(set).to_string()).await?;
+        Ok(())
     }
 
     async fn on_edit(
@@ -1086,6 +1358,9 @@ impl Bridge for XmppBridge {
         else {
             return Ok(());
         };
+        if let Some(v) = self.inner.ctx.store().kv_get(&format!("xmpp.rev:{target}")).await? {
+            return self.unreact(&portal.room_id, &xroom, event, target, &v).await;
+        }
         let Some(map) = self.inner.ctx.store().message_by_event(&portal.room_id, target).await?
         else {
             return Ok(());
@@ -1164,6 +1439,49 @@ impl Bridge for XmppBridge {
             }
             _ => {}
         }
+        Ok(())
+    }
+}
+
+impl XmppBridge {
+    /// A Matrix user redacted their reaction `reaction` (stored as `[message, key]` in `v`):
+    /// their remaining set of reactions to the message is sent.
+    async fn unreact(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        reaction: &str,
+        v: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Ok((target, key)) = serde_json::from_str::<(String, String)>(v) else {
+            return Ok(());
+        };
+        let k = format!("xmpp.mrx:{room_id}|{}|{target}", event.sender);
+        let mut set: std::collections::BTreeMap<String, String> = b
+            .ctx
+            .store()
+            .kv_get(&k)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        // Only the reaction's own sender's set holds it.
+        if set.get(&key).map(String::as_str) != Some(reaction) {
+            return Ok(());
+        }
+        let Some(sid) = b.ctx.store().kv_get(&format!("xmpp.ev:{target}")).await? else {
+            return Ok(());
+        };
+        set.remove(&key);
+        let keys: Vec<String> = set.keys().cloned().collect();
+        b.send_reactions(xroom, room_id, &event.sender, &event.event_id, &sid, &keys).await?;
+        if set.is_empty() {
+            b.ctx.store().kv_delete(&k).await?;
+        } else {
+            b.ctx.store().kv_set(&k, &json!(set).to_string()).await?;
+        }
+        b.ctx.store().kv_delete(&format!("xmpp.rev:{reaction}")).await?;
         Ok(())
     }
 }
