@@ -419,6 +419,86 @@ async fn replies_and_reactions_body(env: &mut Env) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An initial sync (a new `timeout` each time, so that Synapse does not answer from its cache).
+async fn sync(user: &MatrixUser) -> anyhow::Result<Value> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    user.get(&format!("/sync?timeout={n}")).await
+}
+
+/// Who Synapse says is typing in `room`.
+async fn typing(user: &MatrixUser, room: &str) -> Option<Vec<String>> {
+    let s = sync(user).await.ok()?;
+    let eph = s["rooms"]["join"][room]["ephemeral"]["events"].as_array()?.clone();
+    let t = eph.iter().find(|e| e["type"] == "m.typing")?;
+    Some(
+        t["content"]["user_ids"]
+            .as_array()?
+            .iter()
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn chat_states_and_typing_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = chat_states_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn chat_states_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "cs").await?;
+    let ghost = "@xmpp_cs=40conference.localhost/_x_alice:localhost";
+    let state = |s: &str| {
+        stanza("message", &[("type", "groupchat"), ("to", &format!("cs@{MUC}"))])
+            .append(payload(s, "http://jabber.org/protocol/chatstates", &[]))
+            .build()
+    };
+    alice
+        .wait_for_message(&room, T, |e| e["type"] == "m.room.member" && e["state_key"] == ghost)
+        .await?;
+
+    // XMPP composing → the ghost types on Matrix; paused → it stops.
+    xmpp.send(state("composing"))?;
+    trestle_e2e::wait_for("the ghost typing", T, || async {
+        typing(&alice, &room).await?.iter().any(|u| u == ghost).then_some(())
+    })
+    .await?;
+    xmpp.send(state("paused"))?;
+    trestle_e2e::wait_for("the ghost no longer typing", T, || async {
+        (!typing(&alice, &room).await?.iter().any(|u| u == ghost)).then_some(())
+    })
+    .await?;
+
+    // Matrix typing → composing from the user's occupant; stopping → paused.
+    let from = format!("from=\"cs@{MUC}/alice\"");
+    let path = format!("/rooms/{room}/typing/{}", alice.user_id);
+    alice.put(&path, json!({"typing": true, "timeout": 30000})).await?;
+    xmpp.wait_stanza(T, |s| {
+        s.starts_with("<message") && s.contains(&from) && s.contains("<composing")
+    })
+    .await?;
+    alice.put(&path, json!({"typing": false})).await?;
+    xmpp.wait_stanza(T, |s| {
+        s.starts_with("<message") && s.contains(&from) && s.contains("<paused")
+    })
+    .await?;
+
+    // The occupant's own chat states never come back as the ghost's typing, and carry no body.
+    let ours: Vec<String> = xmpp
+        .stanzas()
+        .into_iter()
+        .filter(|s| s.contains(&from) && s.contains("chatstates"))
+        .collect();
+    assert!(ours.iter().all(|s| !s.contains("<body")), "{ours:?}");
+    assert!(
+        !typing(&alice, &room).await.unwrap_or_default().iter().any(|u| u.contains("/alice:")),
+        "the Matrix user's occupant must never become a typing ghost"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing() -> anyhow::Result<()> {
     let mut env = start().await?;
