@@ -408,7 +408,6 @@ impl Inner {
         sender: &str,
         sid: Option<&str>,
         room: &RoomJid,
-        text: &str,
     ) -> Result<(), BridgeError> {
         self.ctx
             .store()
@@ -425,7 +424,12 @@ impl Inner {
             self.ctx.store().kv_set(&format!("xmpp.sid:{}:{sid}", room.bare()), event_id).await?;
             self.ctx.store().kv_set(&format!("xmpp.ev:{event_id}"), sid).await?;
         }
-        // The start of the text, quoted by replies to it for clients without XEP-0461.
+        Ok(())
+    }
+
+    /// Keeps the start of a message's text, quoted by replies to it for clients without
+    /// XEP-0461.
+    async fn remember_text(&self, event_id: &str, text: &str) -> Result<(), BridgeError> {
         let excerpt: String = text.chars().take(100).collect();
         self.ctx.store().kv_set(&format!("xmpp.txt:{event_id}"), &excerpt).await?;
         Ok(())
@@ -793,12 +797,11 @@ impl Inner {
                 r.ghosts_typing.remove(&ghost)
             }
         };
-        if typing || (was && (msg.chat_state.is_some() || msg.body.is_some())) {
-            if let Err(e) =
+        if (typing || (was && (msg.chat_state.is_some() || msg.body.is_some())))
+            && let Err(e) =
                 self.ctx.intent(&ghost).set_typing(&portal.room_id, typing, TYPING).await
-            {
-                tracing::debug!(error = %e, ghost, "could not set typing");
-            }
+        {
+            tracing::debug!(error = %e, ghost, "could not set typing");
         }
         if let Some((target, keys)) = &msg.reactions {
             return self.xmpp_reactions(&portal.room_id, &room, &ghost, target, keys, &cause).await;
@@ -840,9 +843,9 @@ impl Inner {
                 &ghost,
                 msg.stanza_id.as_deref(),
                 &room,
-                &text,
             )
             .await?;
+            self.remember_text(&event_id, &text).await?;
         }
         Ok(())
     }
@@ -1223,9 +1226,9 @@ impl Bridge for XmppBridge {
                 &event.sender,
                 sid.as_deref(),
                 &xroom,
-                &text,
             )
-            .await
+            .await?;
+        self.inner.remember_text(&event.event_id, &text).await
     }
 
     async fn on_ephemeral(&self, event: &EphemeralEvent) -> Result<(), BridgeError> {

@@ -261,21 +261,21 @@ pub fn read_muc_message(m: &Message, room: &RoomJid) -> Option<MucMessage> {
             out.retracts = p.attr("id").map(str::to_owned);
         } else if p.ns() == NS_CHATSTATES {
             out.chat_state = Some(p.name().to_owned());
-        } else if p.is("reply", NS_REPLY) {
-            if let Some(id) = p.attr("id") {
-                out.reply_to = Some((id.to_owned(), p.attr("to").map(str::to_owned)));
-            }
-        } else if p.is("reactions", NS_REACTIONS) {
-            if let Some(id) = p.attr("id") {
-                let mut keys: Vec<String> = Vec::new();
-                for r in p.children().filter(|c| c.is("reaction", NS_REACTIONS)) {
-                    let k = r.text().trim().to_owned();
-                    if !k.is_empty() && !keys.contains(&k) {
-                        keys.push(k);
-                    }
+        } else if p.is("reply", NS_REPLY)
+            && let Some(id) = p.attr("id")
+        {
+            out.reply_to = Some((id.to_owned(), p.attr("to").map(str::to_owned)));
+        } else if p.is("reactions", NS_REACTIONS)
+            && let Some(id) = p.attr("id")
+        {
+            let mut keys: Vec<String> = Vec::new();
+            for r in p.children().filter(|c| c.is("reaction", NS_REACTIONS)) {
+                let k = r.text().trim().to_owned();
+                if !k.is_empty() && !keys.contains(&k) {
+                    keys.push(k);
                 }
-                out.reactions = Some((id.to_owned(), keys));
             }
+            out.reactions = Some((id.to_owned(), keys));
         }
     }
     // The reply's quote (XEP-0428 fallback for XEP-0461) is removed from the body.
