@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use trestle::{
     bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
+    client::{CreateRoom, RoomPreset},
     config::{Config, PermissionLevel},
     context::Context,
     event::{EphemeralEvent, MatrixEvent, Message, MessageType},
@@ -673,6 +674,12 @@ impl Inner {
             }
             return Ok(());
         }
+        if matches!(m.type_, XMessageType::Chat | XMessageType::Normal)
+            && let Some(mxid) = &recipient
+            && !self.cfg().muc_services.iter().any(|s| s == from.domain().as_str())
+        {
+            return self.on_private_message(m, mxid).await;
+        }
         if !stanzas::is_groupchat(m) {
             self.reject_message(
                 m,
@@ -848,6 +855,98 @@ impl Inner {
             self.remember_text(&event_id, &text).await?;
         }
         Ok(())
+    }
+
+    /// A 1:1 message from an XMPP user to a Matrix user's JID: the user's ghost brings it to a
+    /// direct chat with the Matrix user (created by the ghost, which invites them).
+    async fn on_private_message(&self, m: &XMessage, mxid: &str) -> Result<(), BridgeError> {
+        let Some(from) = m.from.as_ref() else { return Ok(()) };
+        let bare = from.to_bare();
+        let local = mxid.rsplit_once(':').is_some_and(|(_, d)| d == self.ctx.domain());
+        if !local
+            || self.ctx.is_bridge_user(mxid)
+            || self.ctx.permission(mxid) < PermissionLevel::Relay
+        {
+            self.reject_message(m, DefinedCondition::ItemNotFound, "no such Matrix user");
+            return Ok(());
+        }
+        // Chat states, receipts and other bodyless messages are not bridged in private chats.
+        let Some((_, body)) = m.get_best_body_cloned(vec![]) else { return Ok(()) };
+        let id = m.id.as_ref().map(|i| i.0.clone());
+        if let Some(id) = &id
+            && !self.state().first_time(format!("dm|{bare}|{mxid}|{id}"))
+        {
+            return Ok(());
+        }
+        let ghost = self.ids.ghost_of_jid(&bare);
+        self.ctx
+            .ensure_ghost(
+                &ghost,
+                &GhostProfile {
+                    remote_id: bare.to_string(),
+                    displayname: Some(bare.to_string()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        let key = format!("xmpp.dm:{bare}|{mxid}");
+        let room_id = match self.ctx.store().kv_get(&key).await? {
+            Some(r) => r,
+            None => {
+                let room_id = self
+                    .ctx
+                    .intent(&ghost)
+                    .create_room(&CreateRoom {
+                        invite: vec![mxid.to_owned()],
+                        is_direct: true,
+                        preset: Some(RoomPreset::TrustedPrivateChat),
+                        ..CreateRoom::default()
+                    })
+                    .await?;
+                self.remember_dm(&bare.to_string(), mxid, &room_id).await?;
+                tracing::info!(jid = %bare, mxid, room_id, "created a direct chat");
+                room_id
+            }
+        };
+        let (msgtype, text) = match body.strip_prefix("/me ") {
+            Some(rest) => ("m.emote", rest.to_owned()),
+            None => ("m.text", body.clone()),
+        };
+        let cause = format!(
+            "xmpp-dm:{bare}|{mxid}:{}",
+            id.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
+        );
+        let txn = self.ctx.txn_id_for(&cause, 0);
+        self.ctx
+            .send_as(
+                &ghost,
+                &room_id,
+                "m.room.message",
+                json!({"msgtype": msgtype, "body": text}),
+                &txn,
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn remember_dm(&self, jid: &str, mxid: &str, room_id: &str) -> Result<(), BridgeError> {
+        self.ctx.store().kv_set(&format!("xmpp.dm:{jid}|{mxid}"), room_id).await?;
+        self.ctx
+            .store()
+            .kv_set(&format!("xmpp.dmroom:{room_id}"), &json!([jid, mxid]).to_string())
+            .await?;
+        Ok(())
+    }
+
+    /// The XMPP user and the Matrix user of a direct chat room.
+    async fn dm_of_room(&self, room_id: &str) -> Result<Option<(String, String)>, BridgeError> {
+        Ok(self
+            .ctx
+            .store()
+            .kv_get(&format!("xmpp.dmroom:{room_id}"))
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok()))
     }
 
     async fn on_xmpp_presence(&self, p: &Presence) -> Result<(), BridgeError> {
@@ -1185,6 +1284,9 @@ impl Bridge for XmppBridge {
         event: &MatrixEvent,
         msg: &Message,
     ) -> Result<(), BridgeError> {
+        if room.portal.is_none() {
+            return self.dm_message(event, msg).await;
+        }
         let Some((portal, xroom)) =
             room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
         else {
@@ -1395,6 +1497,32 @@ impl Bridge for XmppBridge {
         membership: &str,
         _prev: Option<&str>,
     ) -> Result<(), BridgeError> {
+        if room.portal.is_none() {
+            if membership == "invite"
+                && !room.is_admin_room
+                && let Some(jid) = self.inner.ids.jid_of_ghost(user_id)
+            {
+                return self.ghost_invited(event, user_id, &jid.to_string()).await;
+            }
+            if matches!(membership, "leave" | "ban")
+                && let Some((jid, mxid)) = self.inner.dm_of_room(&event.room_id).await?
+                && mxid == user_id
+            {
+                // The Matrix user left their direct chat: the next message opens a new one.
+                let store = self.inner.ctx.store();
+                store.kv_delete(&format!("xmpp.dmroom:{}", event.room_id)).await?;
+                if store.kv_get(&format!("xmpp.dm:{jid}|{mxid}")).await?.as_deref()
+                    == Some(event.room_id.as_str())
+                {
+                    store.kv_delete(&format!("xmpp.dm:{jid}|{mxid}")).await?;
+                }
+                if let Ok(bare) = xmpp_parsers::jid::BareJid::new(&jid) {
+                    let ghost = self.inner.ids.ghost_of_jid(&bare);
+                    let _ = self.inner.ctx.intent(&ghost).leave(&event.room_id).await;
+                }
+            }
+            return Ok(());
+        }
         let Some((portal, xroom)) =
             room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
         else {
@@ -1447,6 +1575,55 @@ impl Bridge for XmppBridge {
 }
 
 impl XmppBridge {
+    /// A Matrix user invited the ghost of an XMPP user (a bare JID) to a room: it becomes their
+    /// direct chat with that user.
+    async fn ghost_invited(
+        &self,
+        event: &MatrixEvent,
+        ghost: &str,
+        jid: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.is_bridge_user(&event.sender)
+            || b.ctx.permission(&event.sender) < PermissionLevel::Relay
+        {
+            return Ok(());
+        }
+        b.ctx
+            .ensure_ghost(
+                ghost,
+                &GhostProfile {
+                    remote_id: jid.to_owned(),
+                    displayname: Some(jid.to_owned()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        b.ctx.intent(ghost).join(&event.room_id).await?;
+        b.remember_dm(jid, &event.sender, &event.room_id).await?;
+        tracing::info!(jid, mxid = event.sender, room_id = event.room_id, "joined a direct chat");
+        Ok(())
+    }
+
+    /// A Matrix message in a direct chat with an XMPP user: a `chat` message from the Matrix
+    /// user's JID to the XMPP user's bare JID.
+    async fn dm_message(&self, event: &MatrixEvent, msg: &Message) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Some((jid, mxid)) = b.dm_of_room(&event.room_id).await? else { return Ok(()) };
+        if event.sender != mxid {
+            return Ok(());
+        }
+        let text = b.xmpp_text(msg);
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let (Some(from), Ok(to)) = (b.puppet_jid(&mxid), Jid::new(&jid)) else {
+            return Err(BridgeError::Permanent(format!("cannot address {jid} from {mxid}")));
+        };
+        let m = stanzas::chat(&from, to, &event.event_id, &text);
+        b.xmpp.send(m).map_err(|e| send_err(&e))
+    }
+
     /// A Matrix user redacted their reaction `reaction` (stored as `[message, key]` in `v`):
     /// their remaining set of reactions to the message is sent.
     async fn unreact(

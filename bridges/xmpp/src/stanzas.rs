@@ -154,6 +154,15 @@ pub fn reactions(
     Some(m)
 }
 
+/// A 1:1 `chat` message with an origin-id (XEP-0359) equal to its id.
+pub fn chat(from: &FullJid, to: Jid, id: &str, body: &str) -> Message {
+    let mut m = Message::chat(to).with_body(Lang::default(), xml_safe(body));
+    m.from = Some(from.clone().into());
+    m.id = Some(Id(id.to_owned()));
+    m.payloads.push(OriginId { id: id.to_owned() }.into());
+    m
+}
+
 /// A bodyless chat-state notification (XEP-0085), not to be archived.
 pub fn chat_state(from: &FullJid, room: &RoomJid, state: &str) -> Option<Message> {
     let to = Jid::new(&room.bare()).ok()?;
