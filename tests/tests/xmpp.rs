@@ -702,8 +702,16 @@ async fn component_answers_disco_version_and_ping_and_rejects_private_messages_b
         "jabber:iq:version",
         "urn:xmpp:message-correct:0",
         "urn:xmpp:message-retract:1",
+        "urn:xmpp:reply:0",
+        "urn:xmpp:fallback:0",
+        "urn:xmpp:reactions:0",
+        "http://jabber.org/protocol/chatstates",
     ] {
         assert!(info.contains(f), "{f} missing: {info}");
+    }
+    // Nothing that is not implemented (read markers, receipts, uploads).
+    for f in ["urn:xmpp:chat-markers:0", "urn:xmpp:receipts", "urn:xmpp:http:upload:0"] {
+        assert!(!info.contains(f), "{f} announced: {info}");
     }
     let version = xmpp.iq_get(COMPONENT, "query", "jabber:iq:version").await?;
     assert!(version.contains("Trestle XMPP bridge"), "{version}");
