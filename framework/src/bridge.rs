@@ -243,7 +243,9 @@ pub trait Bridge: Sized + Send + Sync + 'static {
         Ok(())
     }
 
-    /// Typing, receipts and presence (only those of Matrix users, not ghosts).
+    /// Typing, receipts and presence (receipts and presence only of Matrix users, not ghosts;
+    /// typing always, as the room's full list, which may be empty or hold only ghosts when a
+    /// Matrix user stops typing).
     async fn on_ephemeral(&self, _event: &EphemeralEvent) -> Result<(), BridgeError> {
         Ok(())
     }

@@ -474,7 +474,11 @@ impl<B: Bridge> ItemHandler for Glue<B> {
                 let raw: Value = serde_json::from_slice(&item.raw).unwrap_or(Value::Null);
                 let mut r = Ok(());
                 for e in EphemeralEvent::parse(&raw) {
-                    if e.user_ids().iter().all(|u| self.ctx.is_bridge_user(u)) {
+                    // A typing event is the room's whole list: one that is empty or holds only
+                    // ghosts is how a Matrix user's typing ends, so it always goes through.
+                    if !matches!(e, EphemeralEvent::Typing { .. })
+                        && e.user_ids().iter().all(|u| self.ctx.is_bridge_user(u))
+                    {
                         continue;
                     }
                     r = self.bridge.on_ephemeral(&e).await;

@@ -452,6 +452,11 @@ impl XmppClient {
         .await
     }
 
+    /// Every stanza seen so far (XML).
+    pub fn stanzas(&self) -> Vec<String> {
+        self.log.lock().unwrap().all.clone()
+    }
+
     /// Every groupchat message seen so far.
     pub fn messages(&self) -> Vec<Seen> {
         self.log.lock().unwrap().messages.clone()

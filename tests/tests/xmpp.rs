@@ -260,6 +260,347 @@ async fn portal_via_alias_and_messages_both_ways_body(env: &mut Env) -> anyhow::
     Ok(())
 }
 
+/// A bodyless groupchat message with `<reactions id=target>` holding `keys` (XEP-0444).
+fn react(
+    xmpp: &XmppClient,
+    room: &str,
+    id: &str,
+    target: &str,
+    keys: &[&str],
+) -> anyhow::Result<()> {
+    let mut r = payload("reactions", "urn:xmpp:reactions:0", &[("id", target)]);
+    for k in keys {
+        r.append_child(
+            tokio_xmpp::minidom::Element::builder("reaction", "urn:xmpp:reactions:0")
+                .append(*k)
+                .build(),
+        );
+    }
+    xmpp.send(
+        stanza("message", &[("type", "groupchat"), ("to", &format!("{room}@{MUC}")), ("id", id)])
+            .append(r)
+            .append(payload("origin-id", "urn:xmpp:sid:0", &[("id", id)]))
+            .build(),
+    )
+}
+
+#[tokio::test]
+async fn replies_and_reactions_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = replies_and_reactions_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn replies_and_reactions_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "rr").await?;
+    let ghost = "@xmpp_rr=40conference.localhost/_x_alice:localhost";
+    let reactions_of = |events: &[Value], sender: &str| -> Vec<(String, String)> {
+        let redacted: Vec<&str> = events
+            .iter()
+            .filter(|e| e["type"] == "m.room.redaction")
+            .filter_map(|e| e["redacts"].as_str())
+            .collect();
+        let mut v: Vec<(String, String)> = events
+            .iter()
+            .filter(|e| e["type"] == "m.reaction" && e["sender"] == sender)
+            .filter(|e| !redacted.contains(&e["event_id"].as_str().unwrap_or_default()))
+            .map(|e| {
+                let r = &e["content"]["m.relates_to"];
+                (
+                    r["event_id"].as_str().unwrap_or_default().to_owned(),
+                    r["key"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+
+    // XMPP reply (XEP-0461, quote marked as a XEP-0428 fallback) → m.in_reply_to, quote removed.
+    let question = alice.send_text(&room, "question from Matrix").await?;
+    let q = xmpp.wait_message(T, |s| s.body == "question from Matrix").await?;
+    let q_sid = q.stanza_id.clone().expect("the room stamps a stanza-id");
+    let quote = "> alice: question from Matrix\n";
+    let end = quote.chars().count().to_string();
+    let mut fallback = payload("fallback", "urn:xmpp:fallback:0", &[("for", "urn:xmpp:reply:0")]);
+    fallback.append_child(payload("body", "urn:xmpp:fallback:0", &[("start", "0"), ("end", &end)]));
+    xmpp.say_with(
+        "rr",
+        "y1",
+        &format!("{quote}answer from XMPP ✓"),
+        vec![
+            payload(
+                "reply",
+                "urn:xmpp:reply:0",
+                &[("to", &format!("rr@{MUC}/alice")), ("id", &q_sid)],
+            ),
+            fallback,
+        ],
+    )?;
+    let m = alice.wait_for_message(&room, T, |e| body(e).contains("answer from XMPP")).await?;
+    assert_eq!(body(&m), "answer from XMPP ✓");
+    assert_eq!(m["sender"], ghost);
+    assert_eq!(m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], question.as_str());
+
+    // Matrix reply → XEP-0461 reply to the room's stanza-id, with a quote as fallback.
+    xmpp.say("rr", "y2", "original from XMPP")?;
+    let orig = alice.wait_for_message(&room, T, |e| body(e) == "original from XMPP").await?;
+    let orig_event = orig["event_id"].as_str().unwrap_or_default().to_owned();
+    let own = xmpp.wait_message(T, |s| s.body == "original from XMPP").await?;
+    let o_sid = own.stanza_id.clone().expect("the room stamps a stanza-id");
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "reply from Matrix",
+                "m.relates_to": {"m.in_reply_to": {"event_id": orig_event}}}),
+        )
+        .await?;
+    let seen = xmpp.wait_message(T, |s| s.body.ends_with("reply from Matrix")).await?;
+    assert_eq!(seen.body, "> XAlice: original from XMPP\nreply from Matrix");
+    assert_eq!(seen.nick, "alice");
+    assert!(seen.xml.contains("urn:xmpp:reply:0"), "{}", seen.xml);
+    assert!(seen.xml.contains(&format!("id=\"{o_sid}\"")), "{}", seen.xml);
+    assert!(seen.xml.contains(&format!("to=\"rr@{MUC}/XAlice\"")), "{}", seen.xml);
+    assert!(
+        seen.xml.contains("urn:xmpp:fallback:0") && seen.xml.contains("end=\"29\""),
+        "{}",
+        seen.xml
+    );
+
+    // XMPP reactions (the full set each time) → m.reaction, and a removed one is redacted.
+    react(&xmpp, "rr", "y3", &q_sid, &["👍", "🎉"])?;
+    let want = vec![(question.clone(), "🎉".to_owned()), (question.clone(), "👍".to_owned())];
+    trestle_e2e::wait_for("the ghost's two reactions", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        (reactions_of(&events, ghost) == want).then_some(())
+    })
+    .await?;
+    react(&xmpp, "rr", "y4", &q_sid, &["🎉"])?;
+    let want = vec![(question.clone(), "🎉".to_owned())];
+    trestle_e2e::wait_for("the 👍 redacted", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        (reactions_of(&events, ghost) == want).then_some(())
+    })
+    .await?;
+
+    // Matrix reactions → the user's full set on XMPP; redacting one sends the rest.
+    let heart = alice
+        .send(
+            &room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": orig_event, "key": "❤️"}}),
+        )
+        .await?;
+    let has = |s: &str, k: &str| s.contains(&format!(">{k}</reaction>"));
+    let target = format!("id=\"{o_sid}\"");
+    let s =
+        xmpp.wait_stanza(T, |s| s.contains("urn:xmpp:reactions:0") && s.contains(&target)).await?;
+    assert!(has(&s, "❤️") && s.contains(&format!("rr@{MUC}/alice")), "{s}");
+    alice
+        .send(
+            &room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": orig_event, "key": "😂"}}),
+        )
+        .await?;
+    xmpp.wait_stanza(T, |s| s.contains(&target) && has(s, "😂") && has(s, "❤️")).await?;
+    alice.redact(&room, &heart).await?;
+    xmpp.wait_stanza(T, |s| s.contains(&target) && has(s, "😂") && !has(s, "❤️")).await?;
+
+    // No echoes: the Matrix user's reactions never come back as the ghost's, and nothing is
+    // bridged twice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 100).await?;
+    assert_eq!(reactions_of(&events, ghost), want);
+    assert_eq!(events.iter().filter(|e| e["type"] == "m.reaction").count(), 4);
+    assert_eq!(events.iter().filter(|e| body(e) == "answer from XMPP ✓").count(), 1);
+    assert_eq!(xmpp.messages().iter().filter(|s| s.body.ends_with("reply from Matrix")).count(), 1);
+    Ok(())
+}
+
+/// An initial sync (a new `timeout` each time, so that Synapse does not answer from its cache).
+async fn sync(user: &MatrixUser) -> anyhow::Result<Value> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    user.get(&format!("/sync?timeout={n}")).await
+}
+
+/// Who Synapse says is typing in `room`.
+async fn typing(user: &MatrixUser, room: &str) -> Option<Vec<String>> {
+    let s = sync(user).await.ok()?;
+    let eph = s["rooms"]["join"][room]["ephemeral"]["events"].as_array()?.clone();
+    let t = eph.iter().find(|e| e["type"] == "m.typing")?;
+    Some(
+        t["content"]["user_ids"]
+            .as_array()?
+            .iter()
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn chat_states_and_typing_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = chat_states_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn chat_states_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "cs").await?;
+    let ghost = "@xmpp_cs=40conference.localhost/_x_alice:localhost";
+    let state = |s: &str| {
+        stanza("message", &[("type", "groupchat"), ("to", &format!("cs@{MUC}"))])
+            .append(payload(s, "http://jabber.org/protocol/chatstates", &[]))
+            .build()
+    };
+    alice
+        .wait_for_message(&room, T, |e| e["type"] == "m.room.member" && e["state_key"] == ghost)
+        .await?;
+
+    // XMPP composing → the ghost types on Matrix; paused → it stops.
+    xmpp.send(state("composing"))?;
+    trestle_e2e::wait_for("the ghost typing", T, || async {
+        typing(&alice, &room).await?.iter().any(|u| u == ghost).then_some(())
+    })
+    .await?;
+    xmpp.send(state("paused"))?;
+    trestle_e2e::wait_for("the ghost no longer typing", T, || async {
+        (!typing(&alice, &room).await?.iter().any(|u| u == ghost)).then_some(())
+    })
+    .await?;
+
+    // Matrix typing → composing from the user's occupant; stopping → paused.
+    let from = format!("from=\"cs@{MUC}/alice\"");
+    let path = format!("/rooms/{room}/typing/{}", alice.user_id);
+    alice.put(&path, json!({"typing": true, "timeout": 30000})).await?;
+    xmpp.wait_stanza(T, |s| {
+        s.starts_with("<message") && s.contains(&from) && s.contains("<composing")
+    })
+    .await?;
+    alice.put(&path, json!({"typing": false})).await?;
+    xmpp.wait_stanza(T, |s| {
+        s.starts_with("<message") && s.contains(&from) && s.contains("<paused")
+    })
+    .await?;
+
+    // The occupant's own chat states never come back as the ghost's typing, and carry no body.
+    let ours: Vec<String> = xmpp
+        .stanzas()
+        .into_iter()
+        .filter(|s| s.contains(&from) && s.contains("chatstates"))
+        .collect();
+    assert!(ours.iter().all(|s| !s.contains("<body")), "{ours:?}");
+    assert!(
+        !typing(&alice, &room).await.unwrap_or_default().iter().any(|u| u.contains("/alice:")),
+        "the Matrix user's occupant must never become a typing ghost"
+    );
+    Ok(())
+}
+
+/// A `chat` message from the test client.
+fn chat(xmpp: &XmppClient, to: &str, id: &str, body: &str) -> anyhow::Result<()> {
+    xmpp.send(
+        stanza("message", &[("type", "chat"), ("to", to), ("id", id)])
+            .append(
+                tokio_xmpp::minidom::Element::builder("body", "jabber:client").append(body).build(),
+            )
+            .build(),
+    )
+}
+
+#[tokio::test]
+async fn private_chats_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = private_chats_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn private_chats_body(env: &mut Env) -> anyhow::Result<()> {
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    // Available, so that the server delivers messages to the bare JID to this resource.
+    xmpp.send(stanza("presence", &[]).build())?;
+    let ghost = "@xmpp_xalice=40localhost:localhost";
+    let chat_from = |who: &str, text: &str| {
+        let from = format!("from=\"{who}=3alocalhost@{COMPONENT}/trestle\"");
+        let body = format!(">{text}</body>");
+        move |s: &str| {
+            s.starts_with("<message")
+                && s.contains("type=\"chat\"")
+                && s.contains(&from)
+                && s.contains(&body)
+        }
+    };
+
+    // XMPP → a Matrix user's JID: the ghost creates a direct chat and invites them.
+    chat(&xmpp, &format!("alice=3alocalhost@{COMPONENT}"), "dm1", "hello privately")?;
+    let room = alice.wait_for_invite(T).await?;
+    alice.join(&room).await?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "hello privately").await?;
+    assert_eq!(m["sender"], ghost);
+    let invite = alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == alice.user_id.as_str()
+                && e["content"]["membership"] == "invite"
+        })
+        .await?;
+    assert_eq!(invite["sender"], ghost);
+    assert_eq!(invite["content"]["is_direct"], true);
+
+    // Matrix → XMPP: a chat message from the user's own JID to the XMPP user.
+    alice.send_text(&room, "hello back").await?;
+    xmpp.wait_stanza(T, chat_from("alice", "hello back")).await?;
+    // The next message uses the same room.
+    chat(&xmpp, &format!("alice=3alocalhost@{COMPONENT}"), "dm2", "/me is still here")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "is still here").await?;
+    assert_eq!(m["content"]["msgtype"], "m.emote");
+
+    // A Matrix user inviting the ghost of a bare JID to a DM reaches that JID, and answers come
+    // back to that room.
+    let bob_room = bob
+        .create_room(
+            json!({"invite": [ghost], "is_direct": true, "preset": "trusted_private_chat"}),
+        )
+        .await?;
+    bob.wait_for_message(&bob_room, T, |e| {
+        e["type"] == "m.room.member"
+            && e["state_key"] == ghost
+            && e["content"]["membership"] == "join"
+    })
+    .await?;
+    bob.send_text(&bob_room, "bob here <b>&</b>").await?;
+    xmpp.wait_stanza(T, chat_from("bob", "bob here &lt;b&gt;&amp;&lt;/b&gt;")).await?;
+    chat(&xmpp, &format!("bob=3alocalhost@{COMPONENT}"), "dm3", "hi bob")?;
+    let m = bob.wait_for_message(&bob_room, T, |e| body(e) == "hi bob").await?;
+    assert_eq!(m["sender"], ghost);
+
+    // Nothing duplicated or echoed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 100).await?;
+    assert_eq!(events.iter().filter(|e| body(e) == "hello privately").count(), 1);
+    assert_eq!(events.iter().filter(|e| e["type"] == "m.room.message").count(), 3);
+    let n = xmpp.stanzas().iter().filter(|s| chat_from("alice", "hello back")(s)).count();
+    assert_eq!(n, 1);
+
+    // When the Matrix user leaves the direct chat, the next message opens a new one.
+    alice.post(&format!("/rooms/{room}/leave"), json!({})).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    chat(&xmpp, &format!("alice=3alocalhost@{COMPONENT}"), "dm4", "are you there?")?;
+    // (Our own sync: Synapse caches the identical initial sync `wait_for_invite` starts with.)
+    let again = trestle_e2e::wait_for("a new invite", T, || async {
+        let s = sync(&alice).await.ok()?;
+        s["rooms"]["invite"].as_object()?.keys().find(|r| **r != room).cloned()
+    })
+    .await?;
+    alice.join(&again).await?;
+    alice.wait_for_message(&again, T, |e| body(e) == "are you there?").await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing() -> anyhow::Result<()> {
     let mut env = start().await?;
@@ -361,8 +702,16 @@ async fn component_answers_disco_version_and_ping_and_rejects_private_messages_b
         "jabber:iq:version",
         "urn:xmpp:message-correct:0",
         "urn:xmpp:message-retract:1",
+        "urn:xmpp:reply:0",
+        "urn:xmpp:fallback:0",
+        "urn:xmpp:reactions:0",
+        "http://jabber.org/protocol/chatstates",
     ] {
         assert!(info.contains(f), "{f} missing: {info}");
+    }
+    // Nothing that is not implemented (read markers, receipts, uploads).
+    for f in ["urn:xmpp:chat-markers:0", "urn:xmpp:receipts", "urn:xmpp:http:upload:0"] {
+        assert!(!info.contains(f), "{f} announced: {info}");
     }
     let version = xmpp.iq_get(COMPONENT, "query", "jabber:iq:version").await?;
     assert!(version.contains("Trestle XMPP bridge"), "{version}");
@@ -380,8 +729,8 @@ async fn component_answers_disco_version_and_ping_and_rejects_private_messages_b
     assert!(bad.contains("type=\"error\"") && bad.contains("bad-request"), "{bad}");
     let ping = xmpp.iq_get(COMPONENT, "ping", "urn:xmpp:ping").await?;
     assert!(ping.contains("type=\"result\""), "{ping}");
-    // A private message to a puppet is refused with an error, not silently dropped.
-    let to = format!("alice=3alocalhost@{COMPONENT}");
+    // A private message to the bot is refused with an error, not silently dropped.
+    let to = format!("bridge@{COMPONENT}");
     xmpp.send(
         stanza("message", &[("type", "chat"), ("to", &to), ("id", "pm1")])
             .append(

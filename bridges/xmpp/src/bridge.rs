@@ -12,9 +12,10 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use trestle::{
     bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
+    client::{CreateRoom, RoomPreset},
     config::{Config, PermissionLevel},
     context::Context,
-    event::{MatrixEvent, Message, MessageType},
+    event::{EphemeralEvent, MatrixEvent, Message, MessageType},
     registration::{Namespace, Namespaces},
     store::{MessageMapping, Portal},
     util::{
@@ -47,6 +48,8 @@ const WAIT: Duration = Duration::from_secs(15);
 const RESOURCE: &str = "trestle";
 /// Failed joins of the bot to a room before it gives up until the next reconnect.
 const BOT_JOIN_TRIES: u32 = 5;
+/// How long a ghost's typing notification lasts on Matrix without a new `composing`.
+const TYPING: Duration = Duration::from_secs(30);
 /// Stanza ids remembered for dedupe.
 const SEEN: usize = 10_000;
 
@@ -88,6 +91,10 @@ struct RoomState {
     bot_failures: u32,
     puppets: HashMap<String, Puppet>,
     subject: Option<String>,
+    /// Matrix users whose occupants were last told to be composing.
+    typing: HashSet<String>,
+    /// Ghosts last shown typing on Matrix.
+    ghosts_typing: HashSet<String>,
 }
 
 /// Resolves with the room's stanza-id for a reflected message, or the error condition.
@@ -421,6 +428,154 @@ impl Inner {
         Ok(())
     }
 
+    /// Keeps the start of a message's text, quoted by replies to it for clients without
+    /// XEP-0461.
+    async fn remember_text(&self, event_id: &str, text: &str) -> Result<(), BridgeError> {
+        let excerpt: String = text.chars().take(100).collect();
+        self.ctx.store().kv_set(&format!("xmpp.txt:{event_id}"), &excerpt).await?;
+        Ok(())
+    }
+
+    /// The Matrix event of the message the room knows as `id`: by the room's stanza-id, or else
+    /// (clients that use the message's own id) by the sender's message id, when the sender's
+    /// occupant JID `to` is known.
+    async fn target_event(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        id: &str,
+        to: Option<&str>,
+    ) -> Result<Option<String>, BridgeError> {
+        let key = room.bare();
+        if let Some(ev) = self.ctx.store().kv_get(&format!("xmpp.sid:{key}:{id}")).await? {
+            return Ok(Some(ev));
+        }
+        let Some(nick) = to.and_then(|t| t.strip_prefix(&format!("{key}/"))) else {
+            return Ok(None);
+        };
+        let mut senders = vec![self.ids.ghost_of(room, nick)];
+        if let Some(r) = self.state().rooms.get(&key) {
+            senders
+                .extend(r.puppets.iter().filter(|(_, p)| p.nick == nick).map(|(m, _)| m.clone()));
+        }
+        for sender in senders {
+            let parts =
+                self.ctx.store().messages_by_remote(room_id, &format!("{sender}|{id}")).await?;
+            if let Some(first) = parts.first() {
+                return Ok(Some(first.event_id.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// What a reply from Matrix to `event` needs on XMPP: the room's stanza-id of the message,
+    /// its sender's occupant JID, and the quote for clients without XEP-0461. `None` if the
+    /// message cannot be addressed (no stanza-id known).
+    async fn reply_info(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        event: &str,
+    ) -> Result<Option<(String, Option<String>, String)>, BridgeError> {
+        let Some(sid) = self.ctx.store().kv_get(&format!("xmpp.ev:{event}")).await? else {
+            return Ok(None);
+        };
+        let sender = self.ctx.store().message_by_event(room_id, event).await?.map(|m| m.sender);
+        let nick = match &sender {
+            Some(s) => match self.ids.occupant_of_ghost(s) {
+                Some((_, nick)) => Some(nick),
+                None => {
+                    let known = self
+                        .state()
+                        .rooms
+                        .get(&room.bare())
+                        .and_then(|r| r.puppets.get(s))
+                        .map(|p| p.nick.clone());
+                    match known {
+                        Some(n) => Some(n),
+                        None => Some(self.displayname(room_id, s).await),
+                    }
+                }
+            },
+            None => None,
+        };
+        let quoted = self.ctx.store().kv_get(&format!("xmpp.txt:{event}")).await?;
+        let to = nick.as_ref().map(|n| format!("{}/{n}", room.bare()));
+        let fallback =
+            stanzas::reply_fallback(nick.as_deref().unwrap_or("someone"), quoted.as_deref());
+        Ok(Some((sid, to, fallback)))
+    }
+
+    /// An XMPP user's full set of reactions to a message: Matrix reactions are added and
+    /// redacted to match what the ghost had.
+    async fn xmpp_reactions(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        ghost: &str,
+        target: &str,
+        keys: &[String],
+        cause: &str,
+    ) -> Result<(), BridgeError> {
+        let Some(event) = self.target_event(room_id, room, target, None).await? else {
+            tracing::info!(room = room.bare(), target, "ignoring reactions to an unknown message");
+            return Ok(());
+        };
+        let k = format!("xmpp.rx:{room_id}|{ghost}|{event}");
+        let mut had: std::collections::BTreeMap<String, String> = self
+            .ctx
+            .store()
+            .kv_get(&k)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        for key in keys {
+            if had.contains_key(key) {
+                continue;
+            }
+            let content = json!({
+                "m.relates_to": {"rel_type": "m.annotation", "event_id": event, "key": key}
+            });
+            let txn = self.ctx.txn_id_for(&format!("{cause}|{key}"), 0);
+            let id = self.ctx.send_as(ghost, room_id, "m.reaction", content, &txn, None).await?;
+            had.insert(key.clone(), id);
+            self.ctx.store().kv_set(&k, &json!(had).to_string()).await?;
+        }
+        let gone: Vec<String> = had.keys().filter(|h| !keys.contains(h)).cloned().collect();
+        for key in gone {
+            if let Some(id) = had.get(&key) {
+                self.ctx.intent(ghost).redact(room_id, id, None).await?;
+            }
+            had.remove(&key);
+            self.ctx.store().kv_set(&k, &json!(had).to_string()).await?;
+        }
+        if had.is_empty() {
+            self.ctx.store().kv_delete(&k).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `sender`'s full current set of reactions to `target` (the room's stanza-id).
+    async fn send_reactions(
+        &self,
+        room: &RoomJid,
+        room_id: &str,
+        sender: &str,
+        id: &str,
+        target: &str,
+        keys: &[String],
+    ) -> Result<(), BridgeError> {
+        self.send_groupchat(
+            room,
+            room_id,
+            sender,
+            |from| stanzas::reactions(from, room, id, target, keys),
+            id,
+        )
+        .await
+        .map(drop)
+    }
+
     // --- XMPP → Matrix ---------------------------------------------------------------------
 
     async fn handle(&self, ev: &ConnEvent) -> Result<(), BridgeError> {
@@ -518,6 +673,12 @@ impl Inner {
                 }
             }
             return Ok(());
+        }
+        if matches!(m.type_, XMessageType::Chat | XMessageType::Normal)
+            && let Some(mxid) = &recipient
+            && !self.cfg().muc_services.iter().any(|s| s == from.domain().as_str())
+        {
+            return self.on_private_message(m, mxid).await;
         }
         if !stanzas::is_groupchat(m) {
             self.reject_message(
@@ -632,6 +793,26 @@ impl Inner {
             }
             return Ok(());
         }
+        // XEP-0085: composing → typing; any other state, or a message, ends it.
+        let typing = msg.chat_state.as_deref() == Some("composing") && msg.body.is_none();
+        let was = {
+            let mut st = self.state();
+            let r = st.rooms.entry(key.clone()).or_default();
+            if typing {
+                !r.ghosts_typing.insert(ghost.clone())
+            } else {
+                r.ghosts_typing.remove(&ghost)
+            }
+        };
+        if (typing || (was && (msg.chat_state.is_some() || msg.body.is_some())))
+            && let Err(e) =
+                self.ctx.intent(&ghost).set_typing(&portal.room_id, typing, TYPING).await
+        {
+            tracing::debug!(error = %e, ghost, "could not set typing");
+        }
+        if let Some((target, keys)) = &msg.reactions {
+            return self.xmpp_reactions(&portal.room_id, &room, &ghost, target, keys, &cause).await;
+        }
         let Some(body) = msg.body.clone() else { return Ok(()) };
         let (msgtype, text) = match body.strip_prefix("/me ") {
             Some(rest) => ("m.emote", rest.to_owned()),
@@ -649,6 +830,11 @@ impl Inner {
                     "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
                 });
             }
+        } else if let Some((id, to)) = &msg.reply_to
+            && let Some(target) =
+                self.target_event(&portal.room_id, &room, id, to.as_deref()).await?
+        {
+            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target}});
         }
         let event_id = self
             .ctx
@@ -666,8 +852,101 @@ impl Inner {
                 &room,
             )
             .await?;
+            self.remember_text(&event_id, &text).await?;
         }
         Ok(())
+    }
+
+    /// A 1:1 message from an XMPP user to a Matrix user's JID: the user's ghost brings it to a
+    /// direct chat with the Matrix user (created by the ghost, which invites them).
+    async fn on_private_message(&self, m: &XMessage, mxid: &str) -> Result<(), BridgeError> {
+        let Some(from) = m.from.as_ref() else { return Ok(()) };
+        let bare = from.to_bare();
+        let local = mxid.rsplit_once(':').is_some_and(|(_, d)| d == self.ctx.domain());
+        if !local
+            || self.ctx.is_bridge_user(mxid)
+            || self.ctx.permission(mxid) < PermissionLevel::Relay
+        {
+            self.reject_message(m, DefinedCondition::ItemNotFound, "no such Matrix user");
+            return Ok(());
+        }
+        // Chat states, receipts and other bodyless messages are not bridged in private chats.
+        let Some((_, body)) = m.get_best_body_cloned(vec![]) else { return Ok(()) };
+        let id = m.id.as_ref().map(|i| i.0.clone());
+        if let Some(id) = &id
+            && !self.state().first_time(format!("dm|{bare}|{mxid}|{id}"))
+        {
+            return Ok(());
+        }
+        let ghost = self.ids.ghost_of_jid(&bare);
+        self.ctx
+            .ensure_ghost(
+                &ghost,
+                &GhostProfile {
+                    remote_id: bare.to_string(),
+                    displayname: Some(bare.to_string()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        let key = format!("xmpp.dm:{bare}|{mxid}");
+        let room_id = match self.ctx.store().kv_get(&key).await? {
+            Some(r) => r,
+            None => {
+                let room_id = self
+                    .ctx
+                    .intent(&ghost)
+                    .create_room(&CreateRoom {
+                        invite: vec![mxid.to_owned()],
+                        is_direct: true,
+                        preset: Some(RoomPreset::TrustedPrivateChat),
+                        ..CreateRoom::default()
+                    })
+                    .await?;
+                self.remember_dm(&bare.to_string(), mxid, &room_id).await?;
+                tracing::info!(jid = %bare, mxid, room_id, "created a direct chat");
+                room_id
+            }
+        };
+        let (msgtype, text) = match body.strip_prefix("/me ") {
+            Some(rest) => ("m.emote", rest.to_owned()),
+            None => ("m.text", body.clone()),
+        };
+        let cause = format!(
+            "xmpp-dm:{bare}|{mxid}:{}",
+            id.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
+        );
+        let txn = self.ctx.txn_id_for(&cause, 0);
+        self.ctx
+            .send_as(
+                &ghost,
+                &room_id,
+                "m.room.message",
+                json!({"msgtype": msgtype, "body": text}),
+                &txn,
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn remember_dm(&self, jid: &str, mxid: &str, room_id: &str) -> Result<(), BridgeError> {
+        self.ctx.store().kv_set(&format!("xmpp.dm:{jid}|{mxid}"), room_id).await?;
+        self.ctx
+            .store()
+            .kv_set(&format!("xmpp.dmroom:{room_id}"), &json!([jid, mxid]).to_string())
+            .await?;
+        Ok(())
+    }
+
+    /// The XMPP user and the Matrix user of a direct chat room.
+    async fn dm_of_room(&self, room_id: &str) -> Result<Option<(String, String)>, BridgeError> {
+        Ok(self
+            .ctx
+            .store()
+            .kv_get(&format!("xmpp.dmroom:{room_id}"))
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok()))
     }
 
     async fn on_xmpp_presence(&self, p: &Presence) -> Result<(), BridgeError> {
@@ -1005,6 +1284,9 @@ impl Bridge for XmppBridge {
         event: &MatrixEvent,
         msg: &Message,
     ) -> Result<(), BridgeError> {
+        if room.portal.is_none() {
+            return self.dm_message(event, msg).await;
+        }
         let Some((portal, xroom)) =
             room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
         else {
@@ -1018,13 +1300,23 @@ impl Bridge for XmppBridge {
             return Ok(());
         }
         let id = event.event_id.clone();
+        let reply = match &msg.reply_to {
+            Some(r) => self.inner.reply_info(&portal.room_id, &xroom, r).await?,
+            None => None,
+        };
         let sid = self
             .inner
             .send_groupchat(
                 &xroom,
                 &portal.room_id,
                 &event.sender,
-                |from| stanzas::groupchat(from, &xroom, &id, &text, None),
+                |from| {
+                    let mut m = stanzas::groupchat(from, &xroom, &id, &text, None)?;
+                    if let Some((sid, to, fallback)) = &reply {
+                        stanzas::add_reply(&mut m, to.as_deref(), sid, fallback);
+                    }
+                    Some(m)
+                },
                 &id,
             )
             .await?;
@@ -1037,7 +1329,92 @@ impl Bridge for XmppBridge {
                 sid.as_deref(),
                 &xroom,
             )
-            .await
+            .await?;
+        self.inner.remember_text(&event.event_id, &text).await
+    }
+
+    async fn on_ephemeral(&self, event: &EphemeralEvent) -> Result<(), BridgeError> {
+        let EphemeralEvent::Typing { room_id, user_ids } = event else { return Ok(()) };
+        let b = &self.inner;
+        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
+        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        // Only occupants already in the room on this connection say they are typing.
+        let changes: Vec<(String, &str)> = {
+            let mut st = b.state();
+            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
+            let mut out = Vec::new();
+            for (mxid, p) in &r.puppets {
+                if p.joined != Some(generation) {
+                    continue;
+                }
+                let now = user_ids.contains(mxid);
+                let before = r.typing.contains(mxid);
+                if now && !before {
+                    out.push((mxid.clone(), "composing"));
+                } else if before && !now {
+                    out.push((mxid.clone(), "paused"));
+                }
+            }
+            r.typing = user_ids
+                .iter()
+                .filter(|u| r.puppets.get(*u).is_some_and(|p| p.joined == Some(generation)))
+                .cloned()
+                .collect();
+            out
+        };
+        for (mxid, state) in changes {
+            if let Some(m) =
+                b.puppet_jid(&mxid).and_then(|jid| stanzas::chat_state(&jid, &xroom, state))
+            {
+                // Best effort: a lost typing notification is not worth a retry.
+                let _ = b.xmpp.send_for(m, generation);
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_reaction(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+        target: &str,
+        key: &str,
+    ) -> Result<(), BridgeError> {
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let Some(sid) = b.ctx.store().kv_get(&format!("xmpp.ev:{target}")).await? else {
+            tracing::info!(target, "not bridging a reaction to a message without a stanza-id");
+            return Ok(());
+        };
+        let k = format!("xmpp.mrx:{}|{}|{target}", portal.room_id, event.sender);
+        let mut set: std::collections::BTreeMap<String, String> = b
+            .ctx
+            .store()
+            .kv_get(&k)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        if set.contains_key(key) {
+            return Ok(());
+        }
+        set.insert(key.to_owned(), event.event_id.clone());
+        let keys: Vec<String> = set.keys().cloned().collect();
+        b.send_reactions(&xroom, &portal.room_id, &event.sender, &event.event_id, &sid, &keys)
+            .await?;
+        b.ctx
+            .store()
+            .kv_set(&format!("xmpp.rev:{}", event.event_id), &json!([target, key]).to_string())
+            .await?;
+        b.ctx.store().kv_set(&k, &json!(set).to_string()).await?;
+        Ok(())
     }
 
     async fn on_edit(
@@ -1086,6 +1463,9 @@ impl Bridge for XmppBridge {
         else {
             return Ok(());
         };
+        if let Some(v) = self.inner.ctx.store().kv_get(&format!("xmpp.rev:{target}")).await? {
+            return self.unreact(&portal.room_id, &xroom, event, target, &v).await;
+        }
         let Some(map) = self.inner.ctx.store().message_by_event(&portal.room_id, target).await?
         else {
             return Ok(());
@@ -1117,6 +1497,32 @@ impl Bridge for XmppBridge {
         membership: &str,
         _prev: Option<&str>,
     ) -> Result<(), BridgeError> {
+        if room.portal.is_none() {
+            if membership == "invite"
+                && !room.is_admin_room
+                && let Some(jid) = self.inner.ids.jid_of_ghost(user_id)
+            {
+                return self.ghost_invited(event, user_id, &jid.to_string()).await;
+            }
+            if matches!(membership, "leave" | "ban")
+                && let Some((jid, mxid)) = self.inner.dm_of_room(&event.room_id).await?
+                && mxid == user_id
+            {
+                // The Matrix user left their direct chat: the next message opens a new one.
+                let store = self.inner.ctx.store();
+                store.kv_delete(&format!("xmpp.dmroom:{}", event.room_id)).await?;
+                if store.kv_get(&format!("xmpp.dm:{jid}|{mxid}")).await?.as_deref()
+                    == Some(event.room_id.as_str())
+                {
+                    store.kv_delete(&format!("xmpp.dm:{jid}|{mxid}")).await?;
+                }
+                if let Ok(bare) = xmpp_parsers::jid::BareJid::new(&jid) {
+                    let ghost = self.inner.ids.ghost_of_jid(&bare);
+                    let _ = self.inner.ctx.intent(&ghost).leave(&event.room_id).await;
+                }
+            }
+            return Ok(());
+        }
         let Some((portal, xroom)) =
             room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
         else {
@@ -1164,6 +1570,98 @@ impl Bridge for XmppBridge {
             }
             _ => {}
         }
+        Ok(())
+    }
+}
+
+impl XmppBridge {
+    /// A Matrix user invited the ghost of an XMPP user (a bare JID) to a room: it becomes their
+    /// direct chat with that user.
+    async fn ghost_invited(
+        &self,
+        event: &MatrixEvent,
+        ghost: &str,
+        jid: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.is_bridge_user(&event.sender)
+            || b.ctx.permission(&event.sender) < PermissionLevel::Relay
+        {
+            return Ok(());
+        }
+        b.ctx
+            .ensure_ghost(
+                ghost,
+                &GhostProfile {
+                    remote_id: jid.to_owned(),
+                    displayname: Some(jid.to_owned()),
+                    avatar_url: None,
+                },
+            )
+            .await?;
+        b.ctx.intent(ghost).join(&event.room_id).await?;
+        b.remember_dm(jid, &event.sender, &event.room_id).await?;
+        tracing::info!(jid, mxid = event.sender, room_id = event.room_id, "joined a direct chat");
+        Ok(())
+    }
+
+    /// A Matrix message in a direct chat with an XMPP user: a `chat` message from the Matrix
+    /// user's JID to the XMPP user's bare JID.
+    async fn dm_message(&self, event: &MatrixEvent, msg: &Message) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Some((jid, mxid)) = b.dm_of_room(&event.room_id).await? else { return Ok(()) };
+        if event.sender != mxid {
+            return Ok(());
+        }
+        let text = b.xmpp_text(msg);
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let (Some(from), Ok(to)) = (b.puppet_jid(&mxid), Jid::new(&jid)) else {
+            return Err(BridgeError::Permanent(format!("cannot address {jid} from {mxid}")));
+        };
+        let m = stanzas::chat(&from, to, &event.event_id, &text);
+        b.xmpp.send(m).map_err(|e| send_err(&e))
+    }
+
+    /// A Matrix user redacted their reaction `reaction` (stored as `[message, key]` in `v`):
+    /// their remaining set of reactions to the message is sent.
+    async fn unreact(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        reaction: &str,
+        v: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Ok((target, key)) = serde_json::from_str::<(String, String)>(v) else {
+            return Ok(());
+        };
+        let k = format!("xmpp.mrx:{room_id}|{}|{target}", event.sender);
+        let mut set: std::collections::BTreeMap<String, String> = b
+            .ctx
+            .store()
+            .kv_get(&k)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        // Only the reaction's own sender's set holds it.
+        if set.get(&key).map(String::as_str) != Some(reaction) {
+            return Ok(());
+        }
+        let Some(sid) = b.ctx.store().kv_get(&format!("xmpp.ev:{target}")).await? else {
+            return Ok(());
+        };
+        set.remove(&key);
+        let keys: Vec<String> = set.keys().cloned().collect();
+        b.send_reactions(xroom, room_id, &event.sender, &event.event_id, &sid, &keys).await?;
+        if set.is_empty() {
+            b.ctx.store().kv_delete(&k).await?;
+        } else {
+            b.ctx.store().kv_set(&k, &json!(set).to_string()).await?;
+        }
+        b.ctx.store().kv_delete(&format!("xmpp.rev:{reaction}")).await?;
         Ok(())
     }
 }

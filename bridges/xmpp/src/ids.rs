@@ -132,6 +132,30 @@ impl Ids {
         (!nick.is_empty() && self.services.contains(&room.service)).then(|| (room, nick.to_owned()))
     }
 
+    /// The ghost of an XMPP user (a bare JID) in a private chat.
+    pub fn ghost_of_jid(&self, jid: &BareJid) -> String {
+        let lp = self
+            .user
+            .render(&[("occupant", &escape_localpart(&jid.to_string()))])
+            .unwrap_or_default();
+        format!("@{lp}:{}", self.domain)
+    }
+
+    /// The bare JID a private-chat ghost stands for (`user@domain`, not on a MUC service).
+    pub fn jid_of_ghost(&self, user_id: &str) -> Option<BareJid> {
+        let local = user_id.strip_prefix('@')?.strip_suffix(&format!(":{}", self.domain))?;
+        let escaped = extract_one(&self.user, "occupant", &[], local)?;
+        let jid = unescape_localpart(&escaped).ok()?;
+        if jid.contains('/') {
+            return None;
+        }
+        let bare = BareJid::new(&jid).ok()?;
+        (bare.node().is_some()
+            && bare.to_string() == jid
+            && !self.services.iter().any(|s| s == bare.domain().as_str()))
+        .then_some(bare)
+    }
+
     /// The registration regex of the alias namespace for one service.
     pub fn alias_regex(&self, service: &str) -> String {
         let body = self.alias.to_regex(&[("service", service)]);
@@ -180,6 +204,21 @@ mod tests {
             "localhost",
         )
         .unwrap()
+    }
+
+    #[test]
+    fn private_chat_ghosts_are_reversible_and_never_rooms() {
+        let ids = ids();
+        let jid = BareJid::new("XAlice@Example.org").unwrap();
+        let ghost = ids.ghost_of_jid(&jid);
+        assert_eq!(ids.jid_of_ghost(&ghost), Some(jid));
+        assert_eq!(ids.occupant_of_ghost(&ghost), None);
+        let room = RoomJid::new("test", "conference.localhost").unwrap();
+        let occupant = ids.ghost_of(&room, "Bob");
+        assert_eq!(ids.jid_of_ghost(&occupant), None);
+        // A room on a MUC service is not a private-chat partner.
+        let muc = ids.ghost_of_jid(&BareJid::new("test@conference.localhost").unwrap());
+        assert_eq!(ids.jid_of_ghost(&muc), None);
     }
 
     #[test]

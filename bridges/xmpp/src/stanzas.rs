@@ -24,6 +24,14 @@ pub const NS_MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 /// XEP-0428 fallback indication.
 pub const NS_FALLBACK: &str = "urn:xmpp:fallback:0";
 
+/// XEP-0461 message replies.
+pub const NS_REPLY: &str = "urn:xmpp:reply:0";
+/// XEP-0444 message reactions.
+pub const NS_REACTIONS: &str = "urn:xmpp:reactions:0";
+
+/// XEP-0085 chat states.
+pub const NS_CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+
 /// The features the component really implements (disco#info).
 pub const FEATURES: &[&str] = &[
     ns::DISCO_INFO,
@@ -34,6 +42,10 @@ pub const FEATURES: &[&str] = &[
     ns::SID,
     ns::MESSAGE_CORRECT,
     NS_RETRACT,
+    NS_REPLY,
+    NS_FALLBACK,
+    NS_REACTIONS,
+    NS_CHATSTATES,
 ];
 
 /// Removes what XML 1.0 cannot carry (C0 controls other than tab, LF, CR; U+FFFE/U+FFFF;
@@ -79,6 +91,85 @@ pub fn groupchat(
     if let Some(r) = replaces {
         m.payloads.push(Replace { id: Id(r.to_owned()) }.into());
     }
+    Some(m)
+}
+
+/// Makes `m` a reply (XEP-0461) to the message the room knows as `id`, sent by the occupant
+/// `to`: the quote `fallback` is put before the body and marked as a fallback (XEP-0428), so
+/// that clients that understand replies can remove it.
+pub fn add_reply(m: &mut Message, to: Option<&str>, id: &str, fallback: &str) {
+    let fallback = xml_safe(fallback);
+    let body = m.get_best_body_cloned(vec![]).map(|(_, b)| b).unwrap_or_default();
+    m.bodies.clear();
+    m.bodies.insert(Lang::default(), format!("{fallback}{body}"));
+    let mut reply = Element::builder("reply", NS_REPLY).attr(xml_ncname!("id").into(), id);
+    if let Some(to) = to {
+        reply = reply.attr(xml_ncname!("to").into(), to);
+    }
+    m.payloads.push(reply.build());
+    let end = fallback.chars().count().to_string();
+    m.payloads.push(
+        Element::builder("fallback", NS_FALLBACK)
+            .attr(xml_ncname!("for").into(), NS_REPLY)
+            .append(
+                Element::builder("body", NS_FALLBACK)
+                    .attr(xml_ncname!("start").into(), "0")
+                    .attr(xml_ncname!("end").into(), end)
+                    .build(),
+            )
+            .build(),
+    );
+}
+
+/// The quote put before a reply's text for clients without XEP-0461: `> nick: first line`.
+pub fn reply_fallback(nick: &str, quoted: Option<&str>) -> String {
+    match quoted.and_then(|q| q.lines().find(|l| !l.trim().is_empty())) {
+        Some(line) => {
+            let line: String = line.chars().take(80).collect();
+            format!("> {nick}: {line}\n")
+        }
+        None => format!("> {nick} wrote:\n"),
+    }
+}
+
+/// The full set of `from`'s reactions (XEP-0444) to the message the room knows as `target`.
+pub fn reactions(
+    from: &FullJid,
+    room: &RoomJid,
+    id: &str,
+    target: &str,
+    keys: &[String],
+) -> Option<Message> {
+    let to = Jid::new(&room.bare()).ok()?;
+    let mut m = Message::groupchat(to);
+    m.from = Some(from.clone().into());
+    m.id = Some(Id(id.to_owned()));
+    let mut r = Element::builder("reactions", NS_REACTIONS).attr(xml_ncname!("id").into(), target);
+    for k in keys {
+        r = r.append(Element::builder("reaction", NS_REACTIONS).append(xml_safe(k)).build());
+    }
+    m.payloads.push(r.build());
+    m.payloads.push(Element::builder("store", "urn:xmpp:hints").build());
+    m.payloads.push(OriginId { id: id.to_owned() }.into());
+    Some(m)
+}
+
+/// A 1:1 `chat` message with an origin-id (XEP-0359) equal to its id.
+pub fn chat(from: &FullJid, to: Jid, id: &str, body: &str) -> Message {
+    let mut m = Message::chat(to).with_body(Lang::default(), xml_safe(body));
+    m.from = Some(from.clone().into());
+    m.id = Some(Id(id.to_owned()));
+    m.payloads.push(OriginId { id: id.to_owned() }.into());
+    m
+}
+
+/// A bodyless chat-state notification (XEP-0085), not to be archived.
+pub fn chat_state(from: &FullJid, room: &RoomJid, state: &str) -> Option<Message> {
+    let to = Jid::new(&room.bare()).ok()?;
+    let mut m = Message::groupchat(to);
+    m.from = Some(from.clone().into());
+    m.payloads.push(Element::builder(state, NS_CHATSTATES).build());
+    m.payloads.push(Element::builder("no-store", "urn:xmpp:hints").build());
     Some(m)
 }
 
@@ -138,6 +229,17 @@ pub struct MucMessage {
     pub replaces: Option<String>,
     /// XEP-0424: the id of the retracted message.
     pub retracts: Option<String>,
+    /// XEP-0461: the replied-to message's id and its sender's occupant JID.
+    pub reply_to: Option<(String, Option<String>)>,
+    /// XEP-0444: the id of the message reacted to and the sender's full set of reactions.
+    pub reactions: Option<(String, Vec<String>)>,
+    /// XEP-0085: the chat state (`composing`, `paused`, `active`, `inactive`, `gone`).
+    pub chat_state: Option<String>,
+}
+
+/// Removes the code-point range `start..end` (a XEP-0428 fallback) from `body`.
+pub fn strip_range(body: &str, start: usize, end: usize) -> String {
+    body.chars().enumerate().filter(|(i, _)| *i < start || *i >= end).map(|(_, c)| c).collect()
 }
 
 /// Reads a groupchat message from `room` (the caller checked the type and the bare `from`).
@@ -166,7 +268,44 @@ pub fn read_muc_message(m: &Message, room: &RoomJid) -> Option<MucMessage> {
             out.replaces = p.attr("id").map(str::to_owned);
         } else if p.is("retract", NS_RETRACT) {
             out.retracts = p.attr("id").map(str::to_owned);
+        } else if p.ns() == NS_CHATSTATES {
+            out.chat_state = Some(p.name().to_owned());
+        } else if p.is("reply", NS_REPLY)
+            && let Some(id) = p.attr("id")
+        {
+            out.reply_to = Some((id.to_owned(), p.attr("to").map(str::to_owned)));
+        } else if p.is("reactions", NS_REACTIONS)
+            && let Some(id) = p.attr("id")
+        {
+            let mut keys: Vec<String> = Vec::new();
+            for r in p.children().filter(|c| c.is("reaction", NS_REACTIONS)) {
+                let k = r.text().trim().to_owned();
+                if !k.is_empty() && !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+            out.reactions = Some((id.to_owned(), keys));
         }
+    }
+    // The reply's quote (XEP-0428 fallback for XEP-0461) is removed from the body.
+    if out.reply_to.is_some()
+        && let Some(body) = &out.body
+    {
+        let mut ranges: Vec<(usize, usize)> = m
+            .payloads
+            .iter()
+            .filter(|p| p.is("fallback", NS_FALLBACK) && p.attr("for") == Some(NS_REPLY))
+            .flat_map(|f| f.children().filter(|c| c.name() == "body"))
+            .filter_map(|b| Some((b.attr("start")?.parse().ok()?, b.attr("end")?.parse().ok()?)))
+            .collect();
+        ranges.sort_unstable();
+        let mut text = body.clone();
+        for (start, end) in ranges.into_iter().rev() {
+            if start < end {
+                text = strip_range(&text, start, end);
+            }
+        }
+        out.body = Some(text);
     }
     Some(out)
 }
@@ -335,6 +474,59 @@ mod tests {
         let to = occupant(&room(), "Alice").unwrap();
         let s = xml(join(&from, &to));
         assert!(s.contains("maxstanzas=\"0\"") || s.contains("maxstanzas='0'"), "{s}");
+    }
+
+    #[test]
+    fn replies_are_built_and_read_with_their_fallback_removed() {
+        let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
+        let mut m = groupchat(&from, &room(), "ev2", "me too ✓", None).unwrap();
+        let fb = reply_fallback("Bøb", Some("\nfirst ✓ line\nsecond"));
+        assert_eq!(fb, "> Bøb: first ✓ line\n");
+        add_reply(&mut m, Some("test@conference.localhost/Bøb"), "s1", &fb);
+        assert_eq!(m.get_best_body(vec![]).unwrap().1, "> Bøb: first ✓ line\nme too ✓");
+        let s = xml(m.clone());
+        assert!(s.contains(NS_REPLY) && s.contains(NS_FALLBACK), "{s}");
+        // As the room reflects it.
+        let mut back = Message::try_from(Element::from(m)).unwrap();
+        back.from = Some(Jid::new("test@conference.localhost/alice").unwrap());
+        let r = read_muc_message(&back, &room()).unwrap();
+        assert_eq!(r.body.as_deref(), Some("me too ✓"));
+        assert_eq!(
+            r.reply_to,
+            Some(("s1".to_owned(), Some("test@conference.localhost/Bøb".to_owned())))
+        );
+        assert_eq!(strip_range("héllo", 1, 3), "hlo");
+    }
+
+    #[test]
+    fn reactions_are_built_and_read_as_a_set() {
+        let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
+        let keys = vec!["👍".to_owned(), "🎉".to_owned()];
+        let mut m = reactions(&from, &room(), "ev3", "s1", &keys).unwrap();
+        assert!(m.bodies.is_empty());
+        m.from = Some(Jid::new("test@conference.localhost/alice").unwrap());
+        m.payloads.push(
+            Element::builder("reactions", NS_REACTIONS)
+                .attr(xml_ncname!("id").into(), "ignored-second")
+                .build(),
+        );
+        let r = read_muc_message(&m, &room()).unwrap();
+        // The last <reactions/> wins; an empty set is a valid "none".
+        assert_eq!(r.reactions, Some(("ignored-second".to_owned(), Vec::new())));
+        m.payloads.pop();
+        let r = read_muc_message(&m, &room()).unwrap();
+        assert_eq!(r.reactions, Some(("s1".to_owned(), keys)));
+    }
+
+    #[test]
+    fn chat_states_are_built_and_read() {
+        let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
+        let mut m = chat_state(&from, &room(), "composing").unwrap();
+        assert!(m.bodies.is_empty());
+        assert!(xml(m.clone()).contains(NS_CHATSTATES));
+        m.from = Some(Jid::new("test@conference.localhost/alice").unwrap());
+        let r = read_muc_message(&m, &room()).unwrap();
+        assert_eq!(r.chat_state.as_deref(), Some("composing"));
     }
 
     #[test]
