@@ -411,7 +411,7 @@ impl BridgeConfig for SmsConfig {
 mod tests {
     use super::*;
 
-    fn smpp(extra: serde_json::Value) -> Result<GatewayConfig, serde_json::Error> {
+    fn smpp(extra: &serde_json::Value) -> Result<GatewayConfig, serde_json::Error> {
         let mut v = serde_json::json!({"type": "smpp", "address": "smsc.example.org:2775",
             "system_id": "bridge", "password": "secret"});
         if let (Some(m), Some(e)) = (v.as_object_mut(), extra.as_object()) {
@@ -433,7 +433,7 @@ mod tests {
 
     #[test]
     fn smpp_defaults_and_checks() {
-        let c = smpp(serde_json::json!({})).unwrap();
+        let c = smpp(&serde_json::json!({})).unwrap();
         let GatewayConfig::Smpp(s) = &c else { panic!("not smpp") };
         assert_eq!((s.window, s.enquire_link_interval_secs, s.response_timeout_secs), (10, 30, 10));
         assert_eq!((s.reconnect_min_secs, s.reconnect_max_secs), (1, 60));
@@ -444,9 +444,9 @@ mod tests {
         assert!(keys(&c).is_empty());
         assert!(!format!("{s:?}").contains("secret"), "password redacted");
         // Unknown keys are refused, naming the key.
-        let e = smpp(serde_json::json!({"windw": 3})).unwrap_err().to_string();
+        let e = smpp(&serde_json::json!({"windw": 3})).unwrap_err().to_string();
         assert!(e.contains("windw"), "{e}");
-        let bad = smpp(serde_json::json!({"address": "nohost", "system_id": "a-very-long-system-id",
+        let bad = smpp(&serde_json::json!({"address": "nohost", "system_id": "a-very-long-system-id",
             "password": "123456789", "window": 0, "reconnect_min_secs": 10, "reconnect_max_secs": 5}))
         .unwrap();
         assert_eq!(

@@ -167,12 +167,11 @@ pub fn gsm7_decode(septets: &[u8]) -> String {
     let mut it = septets.iter().copied();
     while let Some(s) = it.next() {
         if s & 0x7F == ESCAPE {
-            match it.next() {
-                Some(e) => match EXTENSION_CODES.iter().position(|&x| x == e & 0x7F) {
+            if let Some(e) = it.next() {
+                match EXTENSION_CODES.iter().position(|&x| x == e & 0x7F) {
                     Some(i) => out.extend(EXTENSION.chars().nth(i)),
                     None => out.push(basic(e)),
-                },
-                None => {}
+                }
             }
         } else {
             out.push(basic(s));

@@ -476,7 +476,7 @@ mod tests {
             assert_eq!(decode_frame(&wire[..n]), Ok(None), "{n} bytes");
         }
         // Two PDUs back to back: the first is taken, the rest stays.
-        let two = [wire.clone(), wire.clone()].concat();
+        let two = [wire.clone(), wire].concat();
         assert_eq!(decode_frame(&two).unwrap().unwrap().1, 16);
     }
 
@@ -613,7 +613,7 @@ mod tests {
             })
         );
         // TLVs win over the text.
-        let mut sm2 = sm.clone();
+        let mut sm2 = sm;
         sm2.tlvs =
             vec![(tag::RECEIPTED_MESSAGE_ID, b"xyz\0".to_vec()), (tag::MESSAGE_STATE, vec![5])];
         let r = parse_receipt(&sm2).unwrap();
