@@ -224,6 +224,27 @@ async fn latency(messages: usize) -> anyhow::Result<()> {
         to_irc.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
 
+    // The bridge's own share of Matrix → IRC: from the transaction's receipt to the end of the
+    // handler (the line queued on the puppet's connection), the framework's histogram.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
+    let bucket = |le: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("trestle_inbound_lag_seconds_bucket")
+                    && l.contains(&format!("le=\"{le}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let total = bucket("+Inf");
+    println!(
+        "| bridge share, Matrix → IRC (all {total} events handled) | ≤ 1 ms: {:.1} % | ≤ 5 ms: {:.1} % | ≤ 10 ms: {:.1} % |",
+        100.0 * bucket("0.001") / total,
+        100.0 * bucket("0.005") / total,
+        100.0 * bucket("0.01") / total
+    );
+
     // IRC → Matrix.
     let watcher = MatrixUser::register(&synapse.url(), "watcher").await?;
     watcher.join(&room).await?;
