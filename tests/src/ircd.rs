@@ -28,6 +28,19 @@ impl Ircd {
     /// Starts ngIRCd; with `ident`, it asks the client host's identd (port 113) for each
     /// connection's user name (ngIRCd does so only with DNS lookups on as well).
     pub async fn start_with_ident(ident: bool) -> anyhow::Result<Self> {
+        // A "free" port can be taken by another test's server before ngIRCd binds it: then
+        // try another one.
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start(ident).await {
+                Ok(this) => return Ok(this),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("ngIRCd did not start")))
+    }
+
+    async fn try_start(ident: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-ircd-").tempdir()?;
         let port = free_port();
         let conf = dir.path().join("ngircd.conf");
@@ -58,11 +71,21 @@ impl Ircd {
     async fn launch(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(Self::binary());
         cmd.args(["-n", "-f"]).arg(self.dir.path().join("ngircd.conf"));
-        let child = ChildGuard::spawn("ngircd", cmd, &self.dir.path().join("ngircd.log"))?;
+        let log = self.dir.path().join("ngircd.log");
+        // Ours is listening when its log says so (a connect alone could reach another test's
+        // server that took the port); a restart appends to the same log, so count the lines.
+        let marker = format!("Now listening on [127.0.0.1]:{}", self.port);
+        let listening =
+            || std::fs::read_to_string(&log).map(|t| t.matches(&marker).count()).unwrap_or(0);
+        let before = listening();
+        let mut child = ChildGuard::spawn("ngircd", cmd, &log)?;
         for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            if listening() > before && TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 self.child = Some(child);
                 return Ok(());
+            }
+            if !child.is_running() {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
