@@ -45,12 +45,19 @@ pub struct CommandInvocation {
     pub sender: String,
     /// Their permission level.
     pub level: PermissionLevel,
+    /// How the command is called: its name and its usage, e.g. `nick <nick> [network]`.
+    pub usage: String,
 }
 
 impl CommandInvocation {
     /// Argument `i`, or a usage error.
-    pub fn arg(&self, i: usize, usage: &str) -> Result<&str, CommandError> {
-        self.args.get(i).map(String::as_str).ok_or_else(|| CommandError::Usage(usage.to_owned()))
+    pub fn arg(&self, i: usize) -> Result<&str, CommandError> {
+        self.args.get(i).map(String::as_str).ok_or_else(|| self.usage_error())
+    }
+
+    /// The error telling how the command is called.
+    pub fn usage_error(&self) -> CommandError {
+        CommandError::Usage(self.usage.clone())
     }
 }
 
@@ -212,6 +219,7 @@ impl<C: Send + Sync + 'static> CommandRegistry<C> {
             args: args.to_vec(),
             sender: sender.to_owned(),
             level,
+            usage: format!("{} {}", cmd.name, cmd.usage).trim_end().to_owned(),
         };
         Some((cmd.handler)(inv, ctx).await)
     }

@@ -115,7 +115,7 @@ impl Inbound {
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let tasks = tokio_util::task::TaskTracker::new();
-        tasks.spawn(progress_writer(Arc::clone(&store), rx));
+        tasks.spawn(progress_writer(Arc::clone(&store), metrics.clone(), rx));
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(config.max_pending_events)),
             store,
@@ -365,7 +365,11 @@ fn backoff(config: &QueueConfig, attempt: u32) -> Duration {
 const GATHER: Duration = Duration::from_millis(5);
 
 /// Writes progress in batches: one SQLite transaction for whatever accumulated.
-async fn progress_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Progress>) {
+async fn progress_writer(
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    mut rx: mpsc::UnboundedReceiver<Progress>,
+) {
     let mut done: Vec<(String, u32)> = Vec::new();
     let mut complete: Vec<Arc<str>> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -398,8 +402,11 @@ async fn progress_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<
             done.clear();
         }
         for t in complete.drain(..) {
-            if let Err(e) = store.complete_transaction(&t).await {
-                tracing::error!(txn_id = %t, error = %e, "could not complete transaction");
+            match store.complete_transaction(&t).await {
+                Ok(()) => metrics.transactions_completed.inc(),
+                Err(e) => {
+                    tracing::error!(txn_id = %t, error = %e, "could not complete transaction")
+                }
             }
         }
         for ack in flushes {

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub(crate) retries: IntCounter,
     /// Events accepted and not yet handled.
     pub(crate) queue_depth: IntGauge,
+    /// Transactions whose every event is handled and recorded as such in the store.
+    pub(crate) transactions_completed: IntCounter,
     /// Seconds from receipt to handled.
     pub(crate) lag: Histogram,
     /// Events moved to the dead-letter table.
@@ -96,6 +98,10 @@ impl Metrics {
             ),
             retries: counter("trestle_event_retries_total", "Event handler retries"),
             queue_depth,
+            transactions_completed: counter(
+                "trestle_transactions_completed_total",
+                "Transactions whose every event is handled and durably recorded as handled",
+            ),
             lag: histogram(
                 "trestle_inbound_lag_seconds",
                 "Seconds from receipt of an event to the end of its handling",

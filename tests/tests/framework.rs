@@ -130,6 +130,14 @@ async fn repeated_transaction_is_a_no_op_across_a_restart() -> anyhow::Result<()
         "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": "only once"}}]});
     assert_eq!(put_txn(&env, "dedupe-1", &txn).await?, 200);
     alice.wait_for_message(&room, Duration::from_secs(30), |e| is_echo_of(e, event_id)).await?;
+    // The echo can reach the room a few milliseconds before the bridge records the event as
+    // handled; a kill inside that window rightly handles it again (see the kill -9 test), so
+    // restart only once the completion is on disk.
+    wait_for("the transaction recorded as complete", Duration::from_secs(30), || async {
+        let n = env.bridge.metric("trestle_transactions_completed_total").await.ok()?;
+        (n >= 1.0).then_some(())
+    })
+    .await?;
     env.bridge.restart().await?;
     // Same id again after the restart: answered 200, recorded as a duplicate, handled never.
     assert_eq!(put_txn(&env, "dedupe-1", &txn).await?, 200);

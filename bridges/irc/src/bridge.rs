@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use trestle::{
     bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
-    commands::{Command, CommandError, CommandRegistry, PermissionLevel},
+    commands::{CommandRegistry, PermissionLevel},
     config::Config,
     context::Context,
     event::{MatrixEvent, Message, MessageType},
@@ -579,20 +579,8 @@ impl Inner {
                 };
                 let content = self.with_mentions(net, content_from_irc(msgtype, text), text);
                 let ghost = net.ghost_user_id(nick, &domain);
-                self.ctx
-                    .ensure_ghost(
-                        &ghost,
-                        &GhostProfile {
-                            remote_id: format!("{}/{}", net.id, net.fold(nick)),
-                            displayname: Some(nick.to_owned()),
-                            avatar_url: None,
-                        },
-                    )
-                    .await?;
-                let cause = match line.tag("msgid") {
-                    Some(id) => format!("irc:{}:{id}", net.id),
-                    None => format!("irc:{}:{}", net.id, rand::random::<u128>()),
-                };
+                self.ensure_nick_ghost(net, &ghost, nick).await?;
+                let cause = cause_of(net, &line);
                 let ts = line.tag("time").and_then(parse_server_time);
                 let txn = self.ctx.txn_id_for(&cause, 0);
                 let plain = content["body"].as_str().unwrap_or_default().to_owned();
@@ -889,6 +877,22 @@ impl Inner {
         });
     }
 
+    /// Registers `ghost`, the ghost of `nick`, with the nick as its displayname.
+    async fn ensure_nick_ghost(
+        &self,
+        net: &Network,
+        ghost: &str,
+        nick: &str,
+    ) -> Result<(), BridgeError> {
+        let profile = GhostProfile {
+            remote_id: format!("{}/{}", net.id, net.fold(nick)),
+            displayname: Some(nick.to_owned()),
+            avatar_url: None,
+        };
+        self.ctx.ensure_ghost(ghost, &profile).await?;
+        Ok(())
+    }
+
     async fn ghost_join(
         &self,
         net: &Network,
@@ -896,18 +900,18 @@ impl Inner {
         room_id: &str,
     ) -> Result<(), BridgeError> {
         let ghost = net.ghost_user_id(nick, self.ctx.domain());
-        self.ctx
-            .ensure_ghost(
-                &ghost,
-                &GhostProfile {
-                    remote_id: format!("{}/{}", net.id, net.fold(nick)),
-                    displayname: Some(nick.to_owned()),
-                    avatar_url: None,
-                },
-            )
-            .await?;
+        self.ensure_nick_ghost(net, &ghost, nick).await?;
         self.ctx.intent(&ghost).ensure_joined(room_id).await?;
         Ok(())
+    }
+}
+
+/// What caused a Matrix event sent for an IRC line (its transaction id derives from it): the
+/// line's `msgid` where the server tags one, so a line seen twice is sent once.
+fn cause_of(net: &Network, line: &IrcLine) -> String {
+    match line.tag("msgid") {
+        Some(id) => format!("irc:{}:{id}", net.id),
+        None => format!("irc:{}:{}", net.id, rand::random::<u128>()),
     }
 }
 
@@ -1121,77 +1125,6 @@ impl Bridge for IrcBridge {
 
     fn commands(&self, registry: &mut CommandRegistry<Self>) {
         commands::register(registry);
-        registry.add(Command::new(
-            "join",
-            "<#channel> [network]",
-            "Bridge an IRC channel and invite you to its room",
-            PermissionLevel::User,
-            |inv, b: Arc<IrcBridge>| {
-                Box::pin(async move {
-                    let b = &b.inner;
-                    let chan = inv.arg(0, "join <#channel> [network]")?.to_owned();
-                    let net = match inv.args.get(1) {
-                        Some(n) => b.networks.get(n.as_str()).cloned(),
-                        None => b.networks.values().next().cloned(),
-                    }
-                    .ok_or_else(|| CommandError::Failed("no such network".into()))?;
-                    if !valid_channel(&chan) {
-                        return Err(CommandError::Failed(format!(
-                            "{chan} is not a valid channel name"
-                        )));
-                    }
-                    if !net.config.dynamic_channels {
-                        return Err(CommandError::Failed(
-                            "this network only bridges configured channels".into(),
-                        ));
-                    }
-                    let alias = b.alias_for(&net, &chan);
-                    let (portal, _) = b
-                        .open_portal(&net, &chan, alias.as_deref())
-                        .await
-                        .map_err(|e| CommandError::Failed(e.to_string()))?;
-                    b.ctx
-                        .bot()
-                        .invite(&portal.room_id, &inv.sender)
-                        .await
-                        .map_err(|e| CommandError::Failed(e.to_string()))?;
-                    Ok(format!("Invited you to {chan} on {}.", net.config.name))
-                })
-            },
-        ));
-        registry.add(Command::new(
-            "listrooms",
-            "",
-            "List the bridged channels",
-            PermissionLevel::User,
-            |_, b: Arc<IrcBridge>| {
-                Box::pin(async move {
-                    let b = &b.inner;
-                    let portals = b
-                        .ctx
-                        .store()
-                        .portals()
-                        .await
-                        .map_err(|e| CommandError::Failed(e.to_string()))?;
-                    let lines: Vec<String> = portals
-                        .iter()
-                        .filter_map(|p| {
-                            Some(format!(
-                                "{} on {} → {}",
-                                p.metadata.get("channel")?.as_str()?,
-                                p.metadata.get("network")?.as_str()?,
-                                p.room_id
-                            ))
-                        })
-                        .collect();
-                    Ok(if lines.is_empty() {
-                        "No channels are bridged.".to_owned()
-                    } else {
-                        lines.join("\n")
-                    })
-                })
-            },
-        ));
     }
 
     async fn query_alias(&self, alias: &str) -> Result<Option<PortalSpec>, BridgeError> {

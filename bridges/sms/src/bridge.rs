@@ -709,8 +709,7 @@ impl Bridge for SmsBridge {
             |inv, b: Arc<SmsBridge>| {
                 Box::pin(async move {
                     let b = &b.inner;
-                    let usage = "sms <number> [text…]";
-                    inv.arg(0, usage)?;
+                    inv.arg(0)?;
                     let (number, text) = split_number_and_text(&inv.args);
                     let cfg = b.cfg();
                     let ours = b.number_of(&inv.sender).ok_or_else(|| {

@@ -1,6 +1,6 @@
-//! The commands of the bot's admin room (beyond `!join` and `!listrooms`): a user's own IRC
-//! connection (`!nick`, `!part`, `!storepass`, `!removepass`, `!reconnect`, `!quit`, `!cmd`),
-//! `!whois`, and for admins `!plumb` / `!unlink`.
+//! The commands of the bot's admin room: `!join` and `!listrooms`, a user's own IRC connection
+//! (`!nick`, `!part`, `!storepass`, `!removepass`, `!reconnect`, `!quit`, `!cmd`), `!whois`,
+//! and for admins `!plumb` / `!unlink`.
 //!
 //! Every argument that reaches IRC is checked by the connection layer (no CR, LF or NUL can
 //! pass), and nicks and channels are validated here first.
@@ -60,256 +60,263 @@ pub(super) fn raw_command(text: &str) -> Result<IrcLine, CommandError> {
     Ok(line)
 }
 
+/// A command handler: boxed by [`register`] for the registry.
 type Handler = fn(CommandInvocation, Arc<IrcBridge>) -> trestle::commands::CommandFuture;
-
-fn add(
-    r: &mut CommandRegistry<IrcBridge>,
-    name: &str,
-    usage: &str,
-    help: &str,
-    level: PermissionLevel,
-    h: Handler,
-) {
-    r.add(Command::new(name, usage, help, level, h));
-}
 
 /// Registers the commands.
 pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
-    add(r, "nick", "<nick> [network]", "Change your IRC nick", PermissionLevel::User, |inv, b| {
-        Box::pin(async move {
-            let b = &b.inner;
-            let nick = inv.arg(0, "nick <nick> [network]")?.to_owned();
-            let net = network(b, &inv, 1)?;
-            puppets_only(&net)?;
-            let max = net.bot.isupport().nicklen.unwrap_or(30);
-            if !crate::nick::is_valid(&nick, max) {
-                return Err(failed(format!(
-                    "{nick} is not a valid nick here (at most {max} characters, letters first)"
-                )));
-            }
-            let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
-            b.set_nick_override(&net, &inv.sender, Some(&nick)).await.map_err(failed)?;
-            net.puppets.add_nick(net.fold(&nick), &inv.sender);
-            p.conn.send(IrcLine::new("NICK", &[&nick])).await.map_err(failed)?;
-            Ok(format!("Asked {} for the nick {nick}.", net.config.name))
+    use PermissionLevel::{Admin, User};
+    let commands: [(&str, &str, &str, PermissionLevel, Handler); 12] = [
+        (
+            "join",
+            "<#channel> [network]",
+            "Bridge an IRC channel and invite you to its room",
+            User,
+            |i, b| Box::pin(join(i, b)),
+        ),
+        ("listrooms", "", "List the bridged channels", User, |i, b| Box::pin(list_rooms(i, b))),
+        ("nick", "<nick> [network]", "Change your IRC nick", User, |i, b| Box::pin(nick(i, b))),
+        (
+            "part",
+            "<#channel> [network]",
+            "Leave a channel with your IRC connection",
+            User,
+            |i, b| Box::pin(part(i, b)),
+        ),
+        ("whois", "<nick> [network]", "Who is this IRC user?", User, |i, b| Box::pin(whois(i, b))),
+        (
+            "storepass",
+            "<network> <password | account:password>",
+            "Store your IRC password (server password, or SASL account:password), encrypted",
+            User,
+            |i, b| Box::pin(store_pass(i, b)),
+        ),
+        ("removepass", "<network>", "Forget your stored IRC password", User, |i, b| {
+            Box::pin(remove_pass(i, b))
+        }),
+        ("reconnect", "[network]", "Reconnect your IRC connection", User, |i, b| {
+            Box::pin(reconnect(i, b))
+        }),
+        (
+            "quit",
+            "[network]",
+            "Disconnect your IRC connection (until you next speak)",
+            User,
+            |i, b| Box::pin(quit(i, b)),
+        ),
+        (
+            "cmd",
+            "<network> <IRC command…>",
+            "Send a raw IRC command through your connection",
+            User,
+            |i, b| Box::pin(raw(i, b)),
+        ),
+        (
+            "plumb",
+            "<!room:id> <#channel> [network]",
+            "Bridge an existing room to a channel",
+            Admin,
+            |i, b| Box::pin(plumb(i, b)),
+        ),
+        ("unlink", "<!room:id | #channel> [network]", "Stop bridging a room", Admin, |i, b| {
+            Box::pin(unlink(i, b))
+        }),
+    ];
+    for (name, usage, help, level, handler) in commands {
+        r.add(Command::new(name, usage, help, level, handler));
+    }
+}
+
+/// The result of a command: the reply, or why it failed.
+type Reply = Result<String, CommandError>;
+
+/// Argument `i` as a channel name.
+fn channel_arg(inv: &CommandInvocation, i: usize) -> Result<String, CommandError> {
+    let chan = inv.arg(i)?;
+    if valid_channel(chan) {
+        Ok(chan.to_owned())
+    } else {
+        Err(failed(format!("{chan} is not a valid channel name")))
+    }
+}
+
+/// Argument `i` as a nick valid on `net`.
+fn nick_arg(net: &Network, inv: &CommandInvocation, i: usize) -> Result<String, CommandError> {
+    let nick = inv.arg(i)?;
+    let max = net.bot.isupport().nicklen.unwrap_or(30);
+    if crate::nick::is_valid(nick, max) {
+        Ok(nick.to_owned())
+    } else {
+        Err(failed(format!(
+            "{nick} is not a valid nick here (at most {max} characters, letters first)"
+        )))
+    }
+}
+
+/// The network named by argument `i` (or the first), where the sender has a connection of
+/// their own.
+fn own_network(b: &Inner, inv: &CommandInvocation, i: usize) -> Result<Arc<Network>, CommandError> {
+    let net = network(b, inv, i)?;
+    puppets_only(&net)?;
+    Ok(net)
+}
+
+async fn join(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let chan = channel_arg(&inv, 0)?;
+    let net = network(b, &inv, 1)?;
+    if !net.config.dynamic_channels {
+        return Err(failed("this network only bridges configured channels"));
+    }
+    let alias = b.alias_for(&net, &chan);
+    let (portal, _) = b.open_portal(&net, &chan, alias.as_deref()).await.map_err(failed)?;
+    b.ctx.bot().invite(&portal.room_id, &inv.sender).await.map_err(failed)?;
+    Ok(format!("Invited you to {chan} on {}.", net.config.name))
+}
+
+async fn list_rooms(_: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let portals = b.inner.ctx.store().portals().await.map_err(failed)?;
+    let lines: Vec<String> = portals
+        .iter()
+        .filter_map(|p| {
+            Some(format!(
+                "{} on {} → {}",
+                p.metadata.get("channel")?.as_str()?,
+                p.metadata.get("network")?.as_str()?,
+                p.room_id
+            ))
         })
-    });
-    add(
-        r,
-        "part",
-        "<#channel> [network]",
-        "Leave a channel with your IRC connection",
-        PermissionLevel::User,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let chan = inv.arg(0, "part <#channel> [network]")?.to_owned();
-                let net = network(b, &inv, 1)?;
-                puppets_only(&net)?;
-                if !valid_channel(&chan) {
-                    return Err(failed(format!("{chan} is not a valid channel name")));
-                }
-                b.puppet_part(&net, &inv.sender, &chan).await;
-                Ok(format!(
-                    "Left {chan} on {}. (You stay in the Matrix room until you leave it.)",
-                    net.config.name
-                ))
-            })
-        },
-    );
-    add(
-        r,
-        "whois",
-        "<nick> [network]",
-        "Who is this IRC user?",
-        PermissionLevel::User,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let nick = inv.arg(0, "whois <nick> [network]")?.to_owned();
-                let net = network(b, &inv, 1)?;
-                let max = net.bot.isupport().nicklen.unwrap_or(30);
-                if !crate::nick::is_valid(&nick, max) {
-                    return Err(failed(format!("{nick} is not a valid nick")));
-                }
-                if let Some(user) = net.puppets.user_of(&net.fold(&nick)) {
-                    return Ok(format!("{nick} is the Matrix user {user}, through this bridge."));
-                }
-                let lines = b.whois(&net, &nick).await.map_err(failed)?;
-                Ok(if lines.is_empty() {
-                    format!("No such nick: {nick}")
-                } else {
-                    lines.join("\n")
-                })
-            })
-        },
-    );
-    add(
-        r,
-        "storepass",
-        "<network> <password | account:password>",
-        "Store your IRC password (server password, or SASL account:password), encrypted",
-        PermissionLevel::User,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let usage = "storepass <network> <password | account:password>";
-                let net = network(b, &inv, 0)?;
-                puppets_only(&net)?;
-                let secret = inv.arg(1, usage)?.to_owned();
-                if secret.contains(['\r', '\n', '\0']) {
-                    return Err(failed("the password holds a line break or NUL"));
-                }
-                b.store_secret(&net, &inv.sender, Some(&secret)).await.map_err(failed)?;
-                Ok(format!(
-                    "Stored (encrypted) for {}; used from your next connection: !reconnect {}. Delete your message holding the password from this room.",
-                    net.config.name, net.id
-                ))
-            })
-        },
-    );
-    add(
-        r,
-        "removepass",
-        "<network>",
-        "Forget your stored IRC password",
-        PermissionLevel::User,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let net = network(b, &inv, 0)?;
-                b.store_secret(&net, &inv.sender, None).await.map_err(failed)?;
-                Ok(format!("Your password for {} is forgotten.", net.config.name))
-            })
-        },
-    );
-    add(
-        r,
-        "reconnect",
-        "[network]",
-        "Reconnect your IRC connection",
-        PermissionLevel::User,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let net = network(b, &inv, 0)?;
-                puppets_only(&net)?;
-                let channels = b.drop_puppet(&net, &inv.sender, "Reconnecting").await;
-                let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
-                for c in &channels {
-                    p.conn.join(c, None).await.map_err(failed)?;
-                }
-                Ok(format!("Reconnecting to {} ({} channels).", net.config.name, channels.len()))
-            })
-        },
-    );
-    add(
-        r,
-        "quit",
-        "[network]",
-        "Disconnect your IRC connection (until you next speak)",
-        PermissionLevel::User,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let net = network(b, &inv, 0)?;
-                puppets_only(&net)?;
-                b.drop_puppet(&net, &inv.sender, "Quit").await;
-                b.forget_channels(&net, &inv.sender).await.map_err(failed)?;
-                Ok(format!("Disconnected from {}.", net.config.name))
-            })
-        },
-    );
-    add(
-        r,
-        "cmd",
-        "<network> <IRC command…>",
-        "Send a raw IRC command through your connection",
-        PermissionLevel::User,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let usage = "cmd <network> <IRC command…>";
-                let net = network(b, &inv, 0)?;
-                puppets_only(&net)?;
-                if inv.args.len() < 2 {
-                    return Err(CommandError::Usage(usage.to_owned()));
-                }
-                let line = raw_command(&inv.args[1..].join(" "))?;
-                let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
-                p.conn.send(line).await.map_err(failed)?;
-                Ok("Sent.".to_owned())
-            })
-        },
-    );
-    add(
-        r,
-        "plumb",
-        "<!room:id> <#channel> [network]",
-        "Bridge an existing room to a channel",
-        PermissionLevel::Admin,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let usage = "plumb <!room:id> <#channel> [network]";
-                let room = inv.arg(0, usage)?.to_owned();
-                let chan = inv.arg(1, usage)?.to_owned();
-                let net = network(b, &inv, 2)?;
-                if !room.starts_with('!') || !valid_channel(&chan) {
-                    return Err(CommandError::Usage(usage.to_owned()));
-                }
-                if b.ctx
-                    .store()
-                    .portal_by_remote(&net.portal_id(&chan))
-                    .await
-                    .map_err(failed)?
-                    .is_some()
-                {
-                    return Err(failed(format!("{chan} is bridged already; !unlink it first")));
-                }
-                b.link_room(&net, &chan, &room).await.map_err(failed)?;
-                Ok(format!("{room} is now bridged to {chan} on {}.", net.config.name))
-            })
-        },
-    );
-    add(
-        r,
-        "unlink",
-        "<!room:id | #channel> [network]",
-        "Stop bridging a room",
-        PermissionLevel::Admin,
-        |inv, b| {
-            Box::pin(async move {
-                let b = &b.inner;
-                let usage = "unlink <!room:id | #channel> [network]";
-                let what = inv.arg(0, usage)?.to_owned();
-                let net = network(b, &inv, 1)?;
-                let portal = if what.starts_with('!') {
-                    b.ctx.store().portal_by_room(&what).await.map_err(failed)?
-                } else {
-                    b.ctx.store().portal_by_remote(&net.portal_id(&what)).await.map_err(failed)?
-                }
-                .ok_or_else(|| failed(format!("{what} is not bridged")))?;
-                let Some((net, super::Target::Channel(chan))) = b.target_of(&portal) else {
-                    return Err(failed("that is a private conversation, not a channel"));
-                };
-                b.ctx.store().delete_portal(&portal.remote_id).await.map_err(failed)?;
-                let _ = net.bot.part(&chan, "Unlinked from Matrix").await;
-                for p in net.puppets.all() {
-                    if p.conn.in_channel(&chan) {
-                        let _ = p.conn.part(&chan, "Unlinked from Matrix").await;
-                    }
-                }
-                b.ctx
-                    .notice(&portal.room_id, &format!("This room is no longer bridged to {chan}."))
-                    .await;
-                if portal.metadata.get("plumbed").is_some() {
-                    let _ = b.ctx.bot().leave(&portal.room_id).await;
-                }
-                Ok(format!("{chan} on {} is unlinked from {}.", net.config.name, portal.room_id))
-            })
-        },
-    );
+        .collect();
+    Ok(if lines.is_empty() { "No channels are bridged.".to_owned() } else { lines.join("\n") })
+}
+
+async fn nick(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let net = own_network(b, &inv, 1)?;
+    let nick = nick_arg(&net, &inv, 0)?;
+    let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
+    b.set_nick_override(&net, &inv.sender, Some(&nick)).await.map_err(failed)?;
+    net.puppets.add_nick(net.fold(&nick), &inv.sender);
+    p.conn.send(IrcLine::new("NICK", &[&nick])).await.map_err(failed)?;
+    Ok(format!("Asked {} for the nick {nick}.", net.config.name))
+}
+
+async fn part(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let chan = channel_arg(&inv, 0)?;
+    let net = own_network(b, &inv, 1)?;
+    b.puppet_part(&net, &inv.sender, &chan).await;
+    Ok(format!(
+        "Left {chan} on {}. (You stay in the Matrix room until you leave it.)",
+        net.config.name
+    ))
+}
+
+async fn whois(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let net = network(b, &inv, 1)?;
+    let nick = nick_arg(&net, &inv, 0)?;
+    if let Some(user) = net.puppets.user_of(&net.fold(&nick)) {
+        return Ok(format!("{nick} is the Matrix user {user}, through this bridge."));
+    }
+    let lines = b.whois(&net, &nick).await.map_err(failed)?;
+    Ok(if lines.is_empty() { format!("No such nick: {nick}") } else { lines.join("\n") })
+}
+
+async fn store_pass(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let net = own_network(b, &inv, 0)?;
+    let secret = inv.arg(1)?;
+    if secret.contains(['\r', '\n', '\0']) {
+        return Err(failed("the password holds a line break or NUL"));
+    }
+    b.store_secret(&net, &inv.sender, Some(secret)).await.map_err(failed)?;
+    Ok(format!(
+        "Stored (encrypted) for {}; used from your next connection: !reconnect {}. Delete your message holding the password from this room.",
+        net.config.name, net.id
+    ))
+}
+
+async fn remove_pass(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let net = network(b, &inv, 0)?;
+    b.store_secret(&net, &inv.sender, None).await.map_err(failed)?;
+    Ok(format!("Your password for {} is forgotten.", net.config.name))
+}
+
+async fn reconnect(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let net = own_network(b, &inv, 0)?;
+    let channels = b.drop_puppet(&net, &inv.sender, "Reconnecting").await;
+    let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
+    for c in &channels {
+        p.conn.join(c, None).await.map_err(failed)?;
+    }
+    Ok(format!("Reconnecting to {} ({} channels).", net.config.name, channels.len()))
+}
+
+async fn quit(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let net = own_network(b, &inv, 0)?;
+    b.drop_puppet(&net, &inv.sender, "Quit").await;
+    b.forget_channels(&net, &inv.sender).await.map_err(failed)?;
+    Ok(format!("Disconnected from {}.", net.config.name))
+}
+
+async fn raw(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let net = own_network(b, &inv, 0)?;
+    if inv.args.len() < 2 {
+        return Err(inv.usage_error());
+    }
+    let line = raw_command(&inv.args[1..].join(" "))?;
+    let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
+    p.conn.send(line).await.map_err(failed)?;
+    Ok("Sent.".to_owned())
+}
+
+async fn plumb(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let room = inv.arg(0)?.to_owned();
+    let chan = inv.arg(1)?.to_owned();
+    let net = network(b, &inv, 2)?;
+    if !room.starts_with('!') || !valid_channel(&chan) {
+        return Err(inv.usage_error());
+    }
+    if b.ctx.store().portal_by_remote(&net.portal_id(&chan)).await.map_err(failed)?.is_some() {
+        return Err(failed(format!("{chan} is bridged already; !unlink it first")));
+    }
+    b.link_room(&net, &chan, &room).await.map_err(failed)?;
+    Ok(format!("{room} is now bridged to {chan} on {}.", net.config.name))
+}
+
+async fn unlink(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    let what = inv.arg(0)?;
+    let net = network(b, &inv, 1)?;
+    let store = b.ctx.store();
+    let portal = if what.starts_with('!') {
+        store.portal_by_room(what).await
+    } else {
+        store.portal_by_remote(&net.portal_id(what)).await
+    }
+    .map_err(failed)?
+    .ok_or_else(|| failed(format!("{what} is not bridged")))?;
+    let Some((net, super::Target::Channel(chan))) = b.target_of(&portal) else {
+        return Err(failed("that is a private conversation, not a channel"));
+    };
+    store.delete_portal(&portal.remote_id).await.map_err(failed)?;
+    let _ = net.bot.part(&chan, "Unlinked from Matrix").await;
+    for p in net.puppets.all() {
+        if p.conn.in_channel(&chan) {
+            let _ = p.conn.part(&chan, "Unlinked from Matrix").await;
+        }
+    }
+    b.ctx.notice(&portal.room_id, &format!("This room is no longer bridged to {chan}.")).await;
+    if portal.metadata.get("plumbed").is_some() {
+        let _ = b.ctx.bot().leave(&portal.room_id).await;
+    }
+    Ok(format!("{chan} on {} is unlinked from {}.", net.config.name, portal.room_id))
 }
 
 impl Inner {

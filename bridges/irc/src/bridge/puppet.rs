@@ -19,7 +19,7 @@ use std::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use trestle::{
-    bridge::{BridgeError, GhostProfile},
+    bridge::BridgeError,
     client::{CreateRoom, RoomPreset},
     event::{Message, MessageType},
     store::{Portal, UserSettings},
@@ -69,6 +69,8 @@ pub(super) struct Puppets {
     nicks: Mutex<HashMap<String, String>>,
     /// Serialises connection set-up, so that one user never gets two connections.
     spawning: tokio::sync::Mutex<()>,
+    /// Serialises writes of user settings (see [`Inner::update_settings`]).
+    settings_writes: tokio::sync::Mutex<()>,
 }
 
 impl Puppets {
@@ -226,15 +228,12 @@ impl Inner {
     /// Records what the puppet is doing (best effort: a failure only means a restart may
     /// reconnect it a little differently).
     async fn save(&self, net: &Network, p: &Puppet) {
-        let now = now_ms();
-        p.last_saved.store(now, Ordering::Relaxed);
-        let (nick, channels) = (p.conn.nick(), p.conn.channels());
-        let last = p.last_active.load(Ordering::Relaxed);
+        p.last_saved.store(now_ms(), Ordering::Relaxed);
         let r = self
             .update_settings(net, &p.user_id, |s| {
-                s["nick"] = json!(nick);
-                s["channels"] = json!(channels);
-                s["last_active"] = json!(last);
+                s.settings["nick"] = json!(p.conn.nick());
+                s.settings["channels"] = json!(p.conn.channels());
+                s.settings["last_active"] = json!(p.last_active.load(Ordering::Relaxed));
             })
             .await;
         if let Err(e) = r {
@@ -242,29 +241,29 @@ impl Inner {
         }
     }
 
-    /// Read-modify-write of a user's settings for a network (the stored secret is kept).
+    /// Read-modify-write of a user's settings for a network. Writes on a network happen one at
+    /// a time, and `f` runs inside, so concurrent writers (a channel join and the connection's
+    /// registration, say) never undo each other: the last write holds the latest state.
     async fn update_settings(
         &self,
         net: &Network,
         user_id: &str,
-        f: impl FnOnce(&mut Value),
+        f: impl FnOnce(&mut UserSettings),
     ) -> Result<(), BridgeError> {
-        let existing = self.ctx.store().user_settings(user_id, &net.id).await?;
-        let mut settings = existing
-            .as_ref()
-            .map(|s| s.settings.clone())
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({}));
-        f(&mut settings);
-        self.ctx
-            .store()
-            .set_user_settings(&UserSettings {
+        let _one_at_a_time = net.puppets.settings_writes.lock().await;
+        let store = self.ctx.store();
+        let mut settings =
+            store.user_settings(user_id, &net.id).await?.unwrap_or_else(|| UserSettings {
                 user_id: user_id.to_owned(),
                 network: net.id.clone(),
-                settings,
-                secret: existing.and_then(|s| s.secret),
-            })
-            .await?;
+                settings: json!({}),
+                secret: None,
+            });
+        if !settings.settings.is_object() {
+            settings.settings = json!({});
+        }
+        f(&mut settings);
+        store.set_user_settings(&settings).await?;
         Ok(())
     }
 
@@ -275,7 +274,7 @@ impl Inner {
         user_id: &str,
         nick: Option<&str>,
     ) -> Result<(), BridgeError> {
-        self.update_settings(net, user_id, |s| s["nick_override"] = json!(nick)).await
+        self.update_settings(net, user_id, |s| s.settings["nick_override"] = json!(nick)).await
     }
 
     /// `!storepass` / `!removepass`: the secret is sealed with the bridge's key before it is
@@ -292,17 +291,7 @@ impl Inner {
             ),
             None => None,
         };
-        let existing = self.ctx.store().user_settings(user_id, &net.id).await?;
-        self.ctx
-            .store()
-            .set_user_settings(&UserSettings {
-                user_id: user_id.to_owned(),
-                network: net.id.clone(),
-                settings: existing.map_or_else(|| json!({}), |s| s.settings),
-                secret: sealed,
-            })
-            .await?;
-        Ok(())
+        self.update_settings(net, user_id, |s| s.secret = sealed).await
     }
 
     /// Quits and forgets the user's puppet; returns the channels it was in.
@@ -326,7 +315,7 @@ impl Inner {
         net: &Network,
         user_id: &str,
     ) -> Result<(), BridgeError> {
-        self.update_settings(net, user_id, |s| s["channels"] = json!([])).await
+        self.update_settings(net, user_id, |s| s.settings["channels"] = json!([])).await
     }
 
     /// Has the user's puppet join `channel` (connecting it first if needed).
@@ -475,16 +464,7 @@ impl Inner {
             return Ok(());
         };
         let ghost = net.ghost_user_id(nick, self.ctx.domain());
-        self.ctx
-            .ensure_ghost(
-                &ghost,
-                &GhostProfile {
-                    remote_id: format!("{}/{}", net.id, net.fold(nick)),
-                    displayname: Some(nick.to_owned()),
-                    avatar_url: None,
-                },
-            )
-            .await?;
+        self.ensure_nick_ghost(net, &ghost, nick).await?;
         let remote_id = dm_remote_id(net, &p.user_id, nick);
         let room_id = match self.ctx.store().portal_by_remote(&remote_id).await? {
             Some(portal) => portal.room_id,
@@ -515,10 +495,7 @@ impl Inner {
         };
 
         let content = content_from_irc(msgtype, text);
-        let cause = match line.tag("msgid") {
-            Some(id) => format!("irc:{}:{id}", net.id),
-            None => format!("irc:{}:dm:{}", net.id, rand::random::<u128>()),
-        };
+        let cause = super::cause_of(net, line);
         let ts = line.tag("time").and_then(super::parse_server_time);
         let txn = self.ctx.txn_id_for(&cause, 0);
         self.ctx.send_as(&ghost, &room_id, "m.room.message", content, &txn, ts).await?;
@@ -534,16 +511,7 @@ impl Inner {
         nick: &str,
         room_id: &str,
     ) -> Result<(), BridgeError> {
-        self.ctx
-            .ensure_ghost(
-                ghost,
-                &GhostProfile {
-                    remote_id: format!("{}/{}", net.id, net.fold(nick)),
-                    displayname: Some(nick.to_owned()),
-                    avatar_url: None,
-                },
-            )
-            .await?;
+        self.ensure_nick_ghost(net, ghost, nick).await?;
         self.ctx.intent(ghost).join(room_id).await?;
         self.ctx.store().set_membership(room_id, ghost, "join").await?;
         if net.config.mode != crate::config::BridgeMode::Puppets {
