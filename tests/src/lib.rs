@@ -4,6 +4,7 @@
 //! - [`MatrixUser`]: a test client on the client-server API (reqwest), with `/sync` waiting.
 //! - [`prosody::Prosody`]: a real Prosody with a component and a MUC; [`prosody::XmppClient`].
 //! - [`BridgeProcess`]: a bridge binary from the workspace's target directory.
+//! - [`Deployment`]: a bridge's files, registered with a Synapse started for it.
 //! - [`ChildGuard`]: kills its process (group) when dropped.
 
 use std::{
@@ -23,6 +24,91 @@ pub mod smsc;
 pub mod synapse;
 
 pub use synapse::Synapse;
+
+/// One bridge deployed for a test: its config, registration, database and log in `dir`, its
+/// appservice listener on a free port, registered with a Synapse started for it.
+///
+/// Synapse needs the registration when it starts, and the bridge's config needs Synapse's URL:
+/// the registration is generated from the config with a placeholder homeserver, then the config
+/// is written again with Synapse's URL before the bridge starts.
+#[derive(Debug)]
+pub struct Deployment {
+    /// Where the files are.
+    pub dir: PathBuf,
+    /// The appservice id (also the stem of the file names, and the bot is `{id}bot`).
+    pub id: String,
+    /// The appservice listener's port.
+    pub port: u16,
+}
+
+impl Deployment {
+    /// A deployment of appservice `id` with its files in `dir`.
+    pub fn new(dir: &Path, id: &str) -> Self {
+        Self { dir: dir.to_owned(), id: id.to_owned(), port: free_port() }
+    }
+
+    /// The config file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join(format!("{}.yaml", self.id))
+    }
+
+    /// The registration file.
+    pub fn registration(&self) -> PathBuf {
+        self.dir.join(format!("{}-registration.yaml", self.id))
+    }
+
+    /// The bridge's database.
+    pub fn database(&self) -> PathBuf {
+        self.dir.join(format!("{}.db", self.id))
+    }
+
+    /// The `homeserver:` and `appservice:` sections every config starts with, for the
+    /// homeserver at `homeserver`.
+    pub fn base_config(&self, homeserver: &str) -> String {
+        let (id, port) = (&self.id, self.port);
+        format!(
+            "homeserver: {{ url: \"{homeserver}\", domain: localhost }}\n\
+             appservice: {{ id: {id}, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
+             bot_localpart: {id}bot, registration: \"{}\" }}\n",
+            self.registration().display()
+        )
+    }
+
+    /// Writes the registration that `config` (given a homeserver URL, the whole config file)
+    /// makes, and starts a Synapse that has it.
+    pub async fn start_synapse(
+        &self,
+        binary: &Path,
+        config: &dyn Fn(&str) -> String,
+    ) -> anyhow::Result<Synapse> {
+        std::fs::write(self.config(), config("http://127.0.0.1:1"))?;
+        BridgeProcess::generate_registration(binary, &self.config(), &self.registration())?;
+        Synapse::start(&[&self.registration()]).await
+    }
+
+    /// Writes the config for `synapse` and starts the bridge; its log goes to `bridge.log`.
+    pub async fn start_bridge(
+        &self,
+        binary: &Path,
+        synapse: &Synapse,
+        config: &dyn Fn(&str) -> String,
+    ) -> anyhow::Result<BridgeProcess> {
+        std::fs::write(self.config(), config(&synapse.url()))?;
+        let url = format!("http://127.0.0.1:{}", self.port);
+        BridgeProcess::start(binary, &self.config(), &url, &self.dir.join("bridge.log")).await
+    }
+
+    /// [`start_synapse`](Self::start_synapse), then [`start_bridge`](Self::start_bridge).
+    pub async fn start(
+        &self,
+        binary: &Path,
+        config: &dyn Fn(&str) -> String,
+    ) -> anyhow::Result<(Synapse, BridgeProcess)> {
+        let synapse = self.start_synapse(binary, config).await?;
+        let bridge = self.start_bridge(binary, &synapse, config).await?;
+        Ok((synapse, bridge))
+    }
+}
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {

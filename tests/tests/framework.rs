@@ -5,7 +5,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use serde_json::{Value, json};
-use trestle_e2e::{BridgeProcess, MatrixUser, Synapse, binary, free_port, wait_for};
+use trestle_e2e::{BridgeProcess, Deployment, MatrixUser, Synapse, binary, wait_for};
 
 struct Env {
     synapse: Synapse,
@@ -17,40 +17,20 @@ struct Env {
 impl Env {
     async fn start() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-echo-").tempdir()?;
-        let port = free_port();
-        let config = dir.path().join("echo.yaml");
-        let reg = dir.path().join("echo-registration.yaml");
-        // The homeserver URL is only known once Synapse runs, but Synapse needs the registration
-        // first: generate it with a placeholder, then rewrite the config.
-        let write = |hs_url: &str| {
-            std::fs::write(
-                &config,
-                format!(
-                    "homeserver: {{ url: \"{hs_url}\", domain: localhost }}\n\
-                     appservice: {{ id: echo, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
-                     bot_localpart: echobot, registration: \"{}\" }}\n\
-                     database: {{ path: \"{}\" }}\n\
-                     logging: {{ level: \"info,trestle=debug\", format: human }}\n\
-                     metrics: {{ enabled: true }}\n\
-                     permissions: {{ \"*\": user }}\n\
-                     bridge: {{ reply_prefix: \"echo: \" }}\n",
-                    reg.display(),
-                    dir.path().join("echo.db").display()
-                ),
+        let d = Deployment::new(dir.path(), "echo");
+        let config = |hs: &str| {
+            format!(
+                "{}database: {{ path: \"{}\" }}\n\
+                 logging: {{ level: \"info,trestle=debug\", format: human }}\n\
+                 metrics: {{ enabled: true }}\n\
+                 permissions: {{ \"*\": user }}\n\
+                 bridge: {{ reply_prefix: \"echo: \" }}\n",
+                d.base_config(hs),
+                d.database().display()
             )
         };
-        write("http://127.0.0.1:1")?;
-        let bin = binary("examples/echo")?;
-        BridgeProcess::generate_registration(&bin, &config, &reg)?;
-        let synapse = Synapse::start(&[&reg]).await?;
-        write(&synapse.url())?;
-        let bridge = BridgeProcess::start(
-            &bin,
-            &config,
-            &format!("http://127.0.0.1:{port}"),
-            &dir.path().join("bridge.log"),
-        )
-        .await?;
+        let (synapse, bridge) = d.start(&binary("examples/echo")?, &config).await?;
+        let reg = d.registration();
         let reg_yaml: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&reg)?)?;
         let hs_token = reg_yaml["hs_token"].as_str().unwrap_or_default().to_owned();
         Ok(Self { synapse, bridge, hs_token, _dir: dir })

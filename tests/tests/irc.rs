@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use trestle_e2e::{
-    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    BridgeProcess, Deployment, MatrixUser, Synapse, binary,
     ircd::{IrcClient, Ircd},
 };
 
@@ -28,39 +28,21 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
 async fn start_with(mode: &str, extra: &str) -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
     let ircd = Ircd::start_with_ident(extra.contains("identd")).await?;
-    let port = free_port();
-    let config = dir.path().join("irc.yaml");
-    let reg = dir.path().join("irc-registration.yaml");
-    let write = |hs: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
-                 appservice: {{ id: irc, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
-                 bot_localpart: ircbot, registration: \"{}\" }}\n\
-                 database: {{ path: \"{}\", secret_key: \"test-only-secret-key-0123456789\" }}\n\
-                 logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
-                 media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
-                 permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
-                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n{extra}",
-                reg.display(),
-                dir.path().join("irc.db").display(),
-                ircd.port()
-            ),
+    let d = Deployment::new(dir.path(), "irc");
+    let config = |hs: &str| {
+        format!(
+            "{}database: {{ path: \"{}\", secret_key: \"test-only-secret-key-0123456789\" }}\n\
+             logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
+             media_proxy: {{ public_url: \"http://127.0.0.1:{}/media\" }}\n\
+             permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
+             bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n{extra}",
+            d.base_config(hs),
+            d.database().display(),
+            d.port,
+            ircd.port()
         )
     };
-    write("http://127.0.0.1:1")?;
-    let bin = binary("trestle-irc")?;
-    BridgeProcess::generate_registration(&bin, &config, &reg)?;
-    let synapse = Synapse::start(&[&reg]).await?;
-    write(&synapse.url())?;
-    let bridge = BridgeProcess::start(
-        &bin,
-        &config,
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("bridge.log"),
-    )
-    .await?;
+    let (synapse, bridge) = d.start(&binary("trestle-irc")?, &config).await?;
     Ok(Env { synapse, ircd, bridge, dir })
 }
 

@@ -19,7 +19,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use trestle_e2e::{
-    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    Deployment, MatrixUser, binary,
     ircd::{IrcClient, Ircd},
 };
 use trestle_irc::conn::{ConnConfig, ConnectPacer, IrcConnection};
@@ -170,38 +170,19 @@ async fn sync_watch(user: MatrixUser, tx: tokio::sync::mpsc::UnboundedSender<(St
 async fn latency(messages: usize) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("trestle-bench-irc-").tempdir()?;
     let ircd = Ircd::start().await?;
-    let port = free_port();
-    let config = dir.path().join("irc.yaml");
-    let reg = dir.path().join("irc-registration.yaml");
-    let write = |hs: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
-                 appservice: {{ id: irc, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
-                 bot_localpart: ircbot, registration: \"{}\" }}\n\
-                 database: {{ path: \"{}\" }}\n\
-                 logging: {{ level: \"warn\" }}\n\
-                 permissions: {{ \"*\": user }}\n\
-                 bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      mode: puppets\n      flood_burst: 1000\n      flood_penalty_ms: 1\n",
-                reg.display(),
-                dir.path().join("irc.db").display(),
-                ircd.port()
-            ),
+    let d = Deployment::new(dir.path(), "irc");
+    let config = |hs: &str| {
+        format!(
+            "{}database: {{ path: \"{}\" }}\n\
+             logging: {{ level: \"warn\" }}\n\
+             permissions: {{ \"*\": user }}\n\
+             bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      mode: puppets\n      flood_burst: 1000\n      flood_penalty_ms: 1\n",
+            d.base_config(hs),
+            d.database().display(),
+            ircd.port()
         )
     };
-    write("http://127.0.0.1:1")?;
-    let bin = binary("trestle-irc")?;
-    BridgeProcess::generate_registration(&bin, &config, &reg)?;
-    let synapse = Synapse::start(&[&reg]).await?;
-    write(&synapse.url())?;
-    let _bridge = BridgeProcess::start(
-        &bin,
-        &config,
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("bridge.log"),
-    )
-    .await?;
+    let (synapse, _bridge) = d.start(&binary("trestle-irc")?, &config).await?;
     let mut irc = IrcClient::connect(ircd.port(), "ircbench").await?;
     irc.join("#bench").await?;
     let alice = MatrixUser::register(&synapse.url(), "alice").await?;
@@ -226,7 +207,8 @@ async fn latency(messages: usize) -> anyhow::Result<()> {
 
     // The bridge's own share of Matrix → IRC: from the transaction's receipt to the end of the
     // handler (the line queued on the puppet's connection), the framework's histogram.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
+    let metrics =
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", d.port)).await?.text().await?;
     let bucket = |le: &str| -> f64 {
         metrics
             .lines()
