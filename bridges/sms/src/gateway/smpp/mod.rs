@@ -301,6 +301,7 @@ fn classify_deliver(
         from,
         to,
         text,
+        media: Vec::new(),
     }))
 }
 
@@ -638,6 +639,7 @@ mod tests {
             text: text.into(),
             encoding: s.encoding,
             parts: s.parts,
+            media: Vec::new(),
         }
     }
 
