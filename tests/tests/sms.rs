@@ -878,3 +878,45 @@ async fn rest_gateway_mms_both_ways() -> anyhow::Result<()> {
     let _ = (&l.synapse, &l.dir, &l.bridge);
     Ok(())
 }
+
+#[tokio::test]
+async fn smpp_deliver_sm_delivered_again_is_bridged_once() -> anyhow::Result<()> {
+    use trestle_e2e::smsc::Smsc;
+    let smsc = Smsc::start("pw123").await?;
+    let gateway = format!(
+        "    type: smpp\n    address: \"{}\"\n    system_id: bridge\n    password: pw123\n",
+        smsc.address()
+    );
+    let l = launch(&gateway, free_port()).await?;
+    let alice = &l.alice;
+    smsc.wait_bound(T).await?;
+    let count = |msgs: &[Value], text: &str| msgs.iter().filter(|e| body(e) == text).count();
+
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"hello", &[], T).await?, 0);
+    let room = accept_invite(alice).await?;
+    alice.wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "hello").await?;
+    // The same text again, answered in time on a healthy session: the phone sent it twice.
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"hello", &[], T).await?, 0);
+    wait_for("the second hello", T, || async {
+        (count(&alice.messages(&room, 100).await.ok()?, "hello") == 2).then_some(())
+    })
+    .await?;
+
+    // The connection breaks before the bridge's answer arrives; once it is bound again the SMSC
+    // delivers the same deliver_sm again: answered with success, not bridged twice.
+    smsc.deliver_unanswered(PHONE, OURS, b"only once please").await?;
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "only once please")
+        .await?;
+    wait_for("a second bind", T, || async { (smsc.binds().len() >= 2).then_some(()) }).await?;
+    smsc.wait_bound(T).await?;
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"only once please", &[], T).await?, 0);
+    // A later message proves the redelivery was handled before it.
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"after", &[], T).await?, 0);
+    alice.wait_for_message(&room, T, |e| body(e) == "after").await?;
+    let msgs = alice.messages(&room, 100).await?;
+    assert_eq!(count(&msgs, "only once please"), 1);
+    assert_eq!(count(&msgs, "hello"), 2);
+    drop(l);
+    Ok(())
+}
