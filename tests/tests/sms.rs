@@ -214,6 +214,25 @@ async fn sms_both_ways_with_delivery_receipt() -> anyhow::Result<()> {
     let mts = new_mts(&env, before, 1).await?;
     assert_eq!(mts[0].kind, "ucs-2");
     assert_eq!(mts[0].ucs2_text(), "ça va? 🙂");
+
+    // Kannel carries no MMS: a captioned image becomes the caption, the file name and a media
+    // proxy link that serves the image.
+    let mxc = env.alice.upload(PNG.to_vec(), "image/png").await?;
+    let before = env.kannel.received().len();
+    env.alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.image", "body": "our cat", "filename": "cat.png", "url": mxc}),
+        )
+        .await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(mts[0].concat(), None);
+    let text = mts[0].plain_text();
+    let link = text.strip_prefix("our cat (cat.png) ").unwrap_or_else(|| panic!("{text:?}"));
+    let fetched = reqwest::get(link).await?;
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await?.as_ref(), PNG);
     Ok(())
 }
 

@@ -884,10 +884,13 @@ impl Bridge for SmsBridge {
             return Ok(());
         }
         // Media goes as MMS where the gateway can (the link as its attachment, the caption or
-        // file name as its text), else as a link in the text.
+        // file name as its text), else as a link in the text (after the caption, if any).
         let (text, media) = match (&msg.media, &msg.msgtype) {
             (Some(media), _) => match b.ctx.media_link(&media.url, &media.filename) {
                 Ok(link) if b.gateway.supports_mms() => (msg.body.clone(), vec![link]),
+                Ok(link) if msg.body != media.filename => {
+                    (format!("{} ({}) {link}", msg.body, media.filename), Vec::new())
+                }
                 Ok(link) => (format!("{} {link}", media.filename), Vec::new()),
                 Err(_) => {
                     b.ctx.notice(&event.room_id, "Not sent: attachments need media_proxy.public_url to be set (the gateway fetches or the text carries a link to the file).").await;
