@@ -846,6 +846,29 @@ async fn rest_gateway_mms_both_ways() -> anyhow::Result<()> {
         "{}",
         body(&notice)
     );
+    // A download that fails (404) is announced too.
+    let gone_url = media_url("gone");
+    let gone = [
+        ("MessageSid", "MMgone"),
+        ("From", PHONE),
+        ("To", OURS),
+        ("NumMedia", "1"),
+        ("MediaUrl0", gone_url.as_str()),
+        ("MediaContentType0", "video/mp4"),
+    ];
+    assert_eq!(webhook(&gone).await?.status(), 200);
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice"
+                && body(e).contains("(video/mp4)")
+                && body(e).contains("answered 404")
+        })
+        .await?;
+    // One attachment bridged, one too large, one failed.
+    wait_for("3 media outcomes counted", T, || async {
+        (l.bridge.metric("trestle_sms_received_media_total").await.ok()? == 3.0).then_some(())
+    })
+    .await?;
     // A later message proves the retries were handled; still one text, one image.
     let after = [("MessageSid", "SMafter"), ("From", PHONE), ("To", OURS), ("Body", "after")];
     assert_eq!(webhook(&after).await?.status(), 200);
@@ -853,7 +876,11 @@ async fn rest_gateway_mms_both_ways() -> anyhow::Result<()> {
     let msgs = alice.messages(&room, 100).await?;
     assert_eq!(msgs.iter().filter(|e| body(e) == "look at this").count(), 1);
     assert_eq!(msgs.iter().filter(|e| e["content"]["msgtype"] == "m.image").count(), 1);
-    assert_eq!(downloads.load(std::sync::atomic::Ordering::SeqCst), 2, "MMpic once, MMbig once");
+    assert_eq!(
+        downloads.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "MMpic, MMbig and MMgone once each"
+    );
 
     // Matrix image → an MMS: MediaUrl is the media proxy's link, serving the exact bytes.
     let mxc = alice.upload(PNG.to_vec(), "image/png").await?;
