@@ -375,6 +375,57 @@ impl MatrixUser {
         Ok(v["event_id"].as_str().context("no event_id")?.to_owned())
     }
 
+    /// The homeserver's base URL.
+    fn homeserver(&self) -> &str {
+        self.base.trim_end_matches("/_matrix/client/v3")
+    }
+
+    /// Uploads media (`POST /_matrix/media/v3/upload`); returns its `mxc://` URI.
+    pub async fn upload(&self, data: Vec<u8>, content_type: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .post(format!("{}/_matrix/media/v3/upload", self.homeserver()))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(data)
+            .send()
+            .await?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("upload -> {status}: {v}");
+        }
+        Ok(v["content_uri"].as_str().context("no content_uri")?.to_owned())
+    }
+
+    /// Downloads media by `mxc://` URI (authenticated media); returns the bytes and the
+    /// `Content-Type`.
+    pub async fn download(&self, mxc: &str) -> anyhow::Result<(Vec<u8>, String)> {
+        let (server, id) =
+            mxc.strip_prefix("mxc://").and_then(|r| r.split_once('/')).context("not an mxc URI")?;
+        let resp = self
+            .http
+            .get(format!(
+                "{}/_matrix/client/v1/media/download/{}/{}",
+                self.homeserver(),
+                enc(server),
+                enc(id)
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("download {mxc} -> {}", resp.status());
+        }
+        let ct = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok((resp.bytes().await?.to_vec(), ct))
+    }
+
     /// Redacts an event; returns the redaction's event id.
     pub async fn redact(&self, room: &str, event_id: &str) -> anyhow::Result<String> {
         let txn = format!("r{}", rand::random::<u64>());

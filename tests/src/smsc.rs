@@ -124,6 +124,36 @@ fn parse_submit(b: &[u8]) -> Option<Submit> {
     })
 }
 
+/// The body of a deliver_sm with these fields (`+` numbers as international).
+fn deliver_body(
+    from: &str,
+    to: &str,
+    esm_class: u8,
+    data_coding: u8,
+    short_message: &[u8],
+    tlvs: &[(u16, &[u8])],
+) -> anyhow::Result<Vec<u8>> {
+    let addr = |n: &str| -> Vec<u8> {
+        let (ton, digits) = match n.strip_prefix('+') {
+            Some(d) => (1u8, d),
+            None => (0u8, n),
+        };
+        [&[ton, 1][..], digits.as_bytes(), &[0]].concat()
+    };
+    let mut body = vec![0u8]; // service_type ""
+    body.extend(addr(from));
+    body.extend(addr(to));
+    body.extend_from_slice(&[esm_class, 0, 0, 0, 0, 0, 0, data_coding, 0]);
+    body.push(u8::try_from(short_message.len())?);
+    body.extend_from_slice(short_message);
+    for (tag, v) in tlvs {
+        body.extend_from_slice(&tag.to_be_bytes());
+        body.extend_from_slice(&u16::try_from(v.len())?.to_be_bytes());
+        body.extend_from_slice(v);
+    }
+    Ok(body)
+}
+
 impl Smsc {
     /// Listens on a free local port; accepts binds with `password`.
     pub async fn start(password: &str) -> anyhow::Result<Self> {
@@ -321,28 +351,25 @@ impl Smsc {
         tlvs: &[(u16, &[u8])],
         timeout: Duration,
     ) -> anyhow::Result<u32> {
-        let addr = |n: &str| -> Vec<u8> {
-            let (ton, digits) = match n.strip_prefix('+') {
-                Some(d) => (1u8, d),
-                None => (0u8, n),
-            };
-            [&[ton, 1][..], digits.as_bytes(), &[0]].concat()
-        };
-        let mut body = vec![0u8]; // service_type ""
-        body.extend(addr(from));
-        body.extend(addr(to));
-        body.extend_from_slice(&[esm_class, 0, 0, 0, 0, 0, 0, data_coding, 0]);
-        body.push(u8::try_from(short_message.len())?);
-        body.extend_from_slice(short_message);
-        for (tag, v) in tlvs {
-            body.extend_from_slice(&tag.to_be_bytes());
-            body.extend_from_slice(&u16::try_from(v.len())?.to_be_bytes());
-            body.extend_from_slice(v);
-        }
+        let body = deliver_body(from, to, esm_class, data_coding, short_message, tlvs)?;
         let seq = self.send(0x0000_0005, &body).await?;
         let (command, status) = self.response(seq, timeout).await?;
         anyhow::ensure!(command == 0x8000_0005, "answered with command 0x{command:08X}");
         Ok(status)
+    }
+
+    /// Sends a GSM-7 deliver_sm and drops the session at once, so that the ESME's answer never
+    /// arrives (as when a connection breaks): a real SMSC then delivers it again.
+    pub async fn deliver_unanswered(
+        &self,
+        from: &str,
+        to: &str,
+        short_message: &[u8],
+    ) -> anyhow::Result<()> {
+        let body = deliver_body(from, to, 0, 0, short_message, &[])?;
+        self.send(0x0000_0005, &body).await?;
+        self.kick();
+        Ok(())
     }
 
     /// A delivery receipt for `message_id` (the conventional text and the

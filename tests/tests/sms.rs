@@ -15,6 +15,18 @@ const PHONE: &str = "+447700900123";
 const GHOST: &str = "@sms_+447700900123:localhost";
 const SECRET: &str = "e2e-webhook-secret-0123456789";
 const T: Duration = Duration::from_secs(30);
+/// The bridge's `max_media_bytes` in these tests.
+const MAX_MEDIA: usize = 20_000;
+/// A 4×3 RGB PNG.
+const PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x03, 0x08, 0x02, 0x00, 0x00, 0x00, 0x3b, 0x96, 0x39,
+    0x91, 0x00, 0x00, 0x00, 0x2a, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x0d, 0xc7, 0x31, 0x01, 0x00,
+    0x30, 0x0c, 0xc3, 0x30, 0x03, 0x2b, 0x88, 0xc0, 0xe9, 0x69, 0x28, 0x01, 0x51, 0x80, 0x9b, 0x3e,
+    0x01, 0x0e, 0x2e, 0x1e, 0x42, 0x9c, 0xb8, 0xf1, 0xf2, 0x53, 0xa7, 0x6e, 0xbd, 0xfa, 0x00, 0xe3,
+    0xb7, 0x0d, 0xf9, 0x6c, 0x6c, 0xcb, 0xd2, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae,
+    0x42, 0x60, 0x82,
+];
 
 struct Env {
     synapse: Synapse,
@@ -50,8 +62,9 @@ async fn launch(gateway: &str, hook_port: u16) -> anyhow::Result<Launched> {
                  database: {{ path: \"{db}\" }}\n\
                  logging: {{ level: \"info,trestle=debug,trestle_sms=debug\" }}\n\
                  permissions: {{ \"*\": user }}\n\
+                 media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
                  bridge:\n  default_region: GB\n  numbers:\n    \"{OURS}\":\n      owners: [\"@alice:localhost\"]\n\
-                 \x20 max_segments: 3\n  help_text: \"Help: reply STOP to opt out.\"\n\
+                 \x20 max_segments: 3\n  max_media_bytes: {MAX_MEDIA}\n  help_text: \"Help: reply STOP to opt out.\"\n\
                  \x20 webhooks:\n    listen: \"127.0.0.1:{hook_port}\"\n    public_url: \"{hooks}\"\n    secret: \"{SECRET}\"\n\
                  \x20   allow_ips: [\"127.0.0.0/8\"]\n\
                  \x20 gateway:\n{gateway}\
@@ -201,6 +214,25 @@ async fn sms_both_ways_with_delivery_receipt() -> anyhow::Result<()> {
     let mts = new_mts(&env, before, 1).await?;
     assert_eq!(mts[0].kind, "ucs-2");
     assert_eq!(mts[0].ucs2_text(), "ça va? 🙂");
+
+    // Kannel carries no MMS: a captioned image becomes the caption, the file name and a media
+    // proxy link that serves the image.
+    let mxc = env.alice.upload(PNG.to_vec(), "image/png").await?;
+    let before = env.kannel.received().len();
+    env.alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.image", "body": "our cat", "filename": "cat.png", "url": mxc}),
+        )
+        .await?;
+    let mts = new_mts(&env, before, 1).await?;
+    assert_eq!(mts[0].concat(), None);
+    let text = mts[0].plain_text();
+    let link = text.strip_prefix("our cat (cat.png) ").unwrap_or_else(|| panic!("{text:?}"));
+    let fetched = reqwest::get(link).await?;
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await?.as_ref(), PNG);
     Ok(())
 }
 
@@ -437,39 +469,74 @@ async fn inviting_a_ghost_makes_a_portal() -> anyhow::Result<()> {
 /// What the fake REST API received: (account sid in the path, Authorization header, form).
 type Sent = Vec<(String, String, Vec<(String, String)>)>;
 
-/// A fake Twilio Messages API: records each send and answers with sid `SM<n>`.
-async fn fake_rest_api() -> anyhow::Result<(String, std::sync::Arc<std::sync::Mutex<Sent>>)> {
-    use axum::{extract::Path, http::HeaderMap, routing::post};
+/// The fake REST API's Basic credentials, `AC123:tw-token`.
+const REST_AUTH: &str = "Basic QUMxMjM6dHctdG9rZW4=";
+
+/// A fake Twilio Messages API: records each send and answers with sid `SM<n>`. It also hosts
+/// inbound MMS media behind its Basic auth, as Twilio can: `…/Media/png` ([`PNG`]) and
+/// `…/Media/big` (larger than [`MAX_MEDIA`]); each download is counted in the third value.
+async fn fake_rest_api() -> anyhow::Result<(
+    String,
+    std::sync::Arc<std::sync::Mutex<Sent>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use axum::{
+        extract::Path,
+        http::{HeaderMap, StatusCode},
+        response::IntoResponse,
+        routing::{get, post},
+    };
     let sent = std::sync::Arc::new(std::sync::Mutex::new(Sent::new()));
     let s2 = std::sync::Arc::clone(&sent);
-    let app = axum::Router::new().route(
-        "/2010-04-01/Accounts/{sid}/Messages.json",
-        post(move |Path(sid): Path<String>, headers: HeaderMap, body: axum::body::Bytes| {
-            let sent = std::sync::Arc::clone(&s2);
+    let downloads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let d2 = std::sync::Arc::clone(&downloads);
+    let media =
+        get(move |Path((_, _, item)): Path<(String, String, String)>, headers: HeaderMap| {
+            let downloads = std::sync::Arc::clone(&d2);
             async move {
-                let auth = headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                let form: Vec<(String, String)> =
-                    url::form_urlencoded::parse(&body).into_owned().collect();
-                let mut sent = sent.lock().unwrap();
-                sent.push((sid, auth, form));
-                let n = sent.len();
-                (
-                    axum::http::StatusCode::CREATED,
-                    axum::Json(json!({"sid": format!("SM{n}"), "status": "queued"})),
-                )
+                if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(REST_AUTH) {
+                    return StatusCode::UNAUTHORIZED.into_response();
+                }
+                downloads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match item.as_str() {
+                    "png" => ([("content-type", "image/png")], PNG.to_vec()).into_response(),
+                    "big" => {
+                        ([("content-type", "image/jpeg")], vec![0u8; MAX_MEDIA + 1]).into_response()
+                    }
+                    _ => StatusCode::NOT_FOUND.into_response(),
+                }
             }
-        }),
-    );
+        });
+    let app = axum::Router::new()
+        .route("/2010-04-01/Accounts/{sid}/Messages/{msg}/Media/{item}", media)
+        .route(
+            "/2010-04-01/Accounts/{sid}/Messages.json",
+            post(move |Path(sid): Path<String>, headers: HeaderMap, body: axum::body::Bytes| {
+                let sent = std::sync::Arc::clone(&s2);
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let form: Vec<(String, String)> =
+                        url::form_urlencoded::parse(&body).into_owned().collect();
+                    let mut sent = sent.lock().unwrap();
+                    sent.push((sid, auth, form));
+                    let n = sent.len();
+                    (
+                        StatusCode::CREATED,
+                        axum::Json(json!({"sid": format!("SM{n}"), "status": "queued"})),
+                    )
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    Ok((url, sent))
+    Ok((url, sent, downloads))
 }
 
 fn form_get<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
@@ -479,7 +546,7 @@ fn form_get<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
 #[tokio::test]
 async fn rest_gateway_end_to_end() -> anyhow::Result<()> {
     use trestle_sms::gateway::twilio::signature;
-    let (api, sent) = fake_rest_api().await?;
+    let (api, sent, _) = fake_rest_api().await?;
     let hook_port = free_port();
     let hooks = format!("http://127.0.0.1:{hook_port}");
     let gateway = format!(
@@ -678,6 +745,224 @@ async fn smpp_gateway_end_to_end() -> anyhow::Result<()> {
     alice.send_text(&room, "after reconnecting").await?;
     let s = smsc.wait_submits(6, T).await.unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(s[5].short_message, b"after reconnecting");
+
+    // No MMS over SMPP: a Matrix image becomes its file name and a media-proxy link in the text.
+    let mxc = alice.upload(PNG.to_vec(), "image/png").await?;
+    alice
+        .send(&room, "m.room.message", json!({"msgtype": "m.image", "body": "cat.png", "url": mxc}))
+        .await?;
+    let s = smsc.wait_submits(7, T).await.unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(s[6].data_coding, 0);
+    // GSM-7, unpacked: the link's characters are ASCII but for `_` (0x11).
+    let text: String =
+        s[6].payload().iter().map(|&b| if b == 0x11 { '_' } else { char::from(b) }).collect();
+    let link = text.strip_prefix("cat.png ").unwrap_or_else(|| panic!("{text}"));
+    assert!(link.contains("/media/"), "{link}");
+    let fetched = reqwest::get(link).await?;
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await?.as_ref(), PNG);
+    drop(l);
+    Ok(())
+}
+
+/// The event in `room` from the ghost with msgtype `msgtype`, waiting for it.
+async fn ghost_media(alice: &MatrixUser, room: &str, msgtype: &str) -> anyhow::Result<Value> {
+    alice
+        .wait_for_message(room, T, |e| e["sender"] == GHOST && e["content"]["msgtype"] == msgtype)
+        .await
+}
+
+#[tokio::test]
+async fn rest_gateway_mms_both_ways() -> anyhow::Result<()> {
+    use trestle_sms::gateway::twilio::signature;
+    let (api, sent, downloads) = fake_rest_api().await?;
+    let hook_port = free_port();
+    let hooks = format!("http://127.0.0.1:{hook_port}");
+    let gateway = format!(
+        "    type: twilio\n    api_url: \"{api}\"\n    account_sid: AC123\n    auth_token: tw-token\n"
+    );
+    let l = launch(&gateway, hook_port).await?;
+    let alice = &l.alice;
+    let http = reqwest::Client::new();
+    let webhook = |v: &[(&str, &str)]| {
+        let form: Vec<(String, String)> =
+            v.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let url = format!("{hooks}/twilio/sms");
+        http.post(&url)
+            .header("X-Twilio-Signature", signature("tw-token", &url, &form))
+            .form(&form)
+            .send()
+    };
+    let media_url =
+        |item: &str| format!("{api}/2010-04-01/Accounts/AC123/Messages/MMx/Media/{item}");
+
+    // Inbound MMS with text: the text as m.text, the picture as m.image from the ghost.
+    let png_url = media_url("png");
+    let mms = [
+        ("MessageSid", "MMpic"),
+        ("From", PHONE),
+        ("To", OURS),
+        ("Body", "look at this"),
+        ("NumMedia", "1"),
+        ("MediaUrl0", png_url.as_str()),
+        ("MediaContentType0", "image/png"),
+    ];
+    assert_eq!(webhook(&mms).await?.status(), 200);
+    let room = accept_invite(alice).await?;
+    alice.wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "look at this").await?;
+    let image = ghost_media(alice, &room, "m.image").await?;
+    let c = &image["content"];
+    assert_eq!(c["info"]["mimetype"], "image/png");
+    assert_eq!(c["info"]["size"], PNG.len());
+    assert!(body(&image).ends_with(".png"), "{c}");
+    let (bytes, content_type) = alice.download(c["url"].as_str().unwrap_or_default()).await?;
+    assert_eq!(bytes, PNG);
+    assert_eq!(content_type, "image/png");
+    assert_eq!(downloads.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The same webhook retried (twice): nothing new, not even a download.
+    assert_eq!(webhook(&mms).await?.status(), 200);
+    assert_eq!(webhook(&mms).await?.status(), 200);
+
+    // Too large: a notice in the room, not silence; the text still arrives.
+    let big_url = media_url("big");
+    let big = [
+        ("MessageSid", "MMbig"),
+        ("From", PHONE),
+        ("To", OURS),
+        ("Body", ""),
+        ("NumMedia", "1"),
+        ("MediaUrl0", big_url.as_str()),
+        ("MediaContentType0", "image/jpeg"),
+    ];
+    assert_eq!(webhook(&big).await?.status(), 200);
+    let notice = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).contains("too large")
+        })
+        .await?;
+    assert!(
+        body(&notice).contains("image/jpeg") && body(&notice).contains(&format!("{MAX_MEDIA}")),
+        "{}",
+        body(&notice)
+    );
+    // A download that fails (404) is announced too.
+    let gone_url = media_url("gone");
+    let gone = [
+        ("MessageSid", "MMgone"),
+        ("From", PHONE),
+        ("To", OURS),
+        ("NumMedia", "1"),
+        ("MediaUrl0", gone_url.as_str()),
+        ("MediaContentType0", "video/mp4"),
+    ];
+    assert_eq!(webhook(&gone).await?.status(), 200);
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice"
+                && body(e).contains("(video/mp4)")
+                && body(e).contains("answered 404")
+        })
+        .await?;
+    // One attachment bridged, one too large, one failed.
+    wait_for("3 media outcomes counted", T, || async {
+        (l.bridge.metric("trestle_sms_received_media_total").await.ok()? == 3.0).then_some(())
+    })
+    .await?;
+    // A later message proves the retries were handled; still one text, one image.
+    let after = [("MessageSid", "SMafter"), ("From", PHONE), ("To", OURS), ("Body", "after")];
+    assert_eq!(webhook(&after).await?.status(), 200);
+    alice.wait_for_message(&room, T, |e| body(e) == "after").await?;
+    let msgs = alice.messages(&room, 100).await?;
+    assert_eq!(msgs.iter().filter(|e| body(e) == "look at this").count(), 1);
+    assert_eq!(msgs.iter().filter(|e| e["content"]["msgtype"] == "m.image").count(), 1);
+    assert_eq!(
+        downloads.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "MMpic, MMbig and MMgone once each"
+    );
+
+    // Matrix image → an MMS: MediaUrl is the media proxy's link, serving the exact bytes.
+    let mxc = alice.upload(PNG.to_vec(), "image/png").await?;
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.image", "body": "cat.png", "url": mxc,
+                   "info": {"mimetype": "image/png", "size": PNG.len()}}),
+        )
+        .await?;
+    let got = wait_for("the MMS send", T, || async {
+        sent.lock().unwrap().iter().find(|s| !form_get(&s.2, "MediaUrl").is_empty()).cloned()
+    })
+    .await?;
+    assert_eq!(form_get(&got.2, "To"), PHONE);
+    assert_eq!(form_get(&got.2, "Body"), "cat.png");
+    let link = form_get(&got.2, "MediaUrl");
+    assert_eq!(got.2.iter().filter(|(k, _)| k == "MediaUrl").count(), 1);
+    assert!(link.contains("/media/") && !link.contains("mxc://"), "{link}");
+    let fetched = http.get(link).send().await?;
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(
+        fetched.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("image/png")
+    );
+    assert_eq!(fetched.bytes().await?.as_ref(), PNG);
+    // With a caption, the caption is the text.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.image", "body": "our cat", "filename": "cat.png", "url": mxc,
+                   "info": {"mimetype": "image/png", "size": PNG.len()}}),
+        )
+        .await?;
+    wait_for("the captioned MMS", T, || async {
+        sent.lock().unwrap().iter().any(|s| form_get(&s.2, "Body") == "our cat").then_some(())
+    })
+    .await?;
+    let _ = (&l.synapse, &l.dir, &l.bridge);
+    Ok(())
+}
+
+#[tokio::test]
+async fn smpp_deliver_sm_delivered_again_is_bridged_once() -> anyhow::Result<()> {
+    use trestle_e2e::smsc::Smsc;
+    let smsc = Smsc::start("pw123").await?;
+    let gateway = format!(
+        "    type: smpp\n    address: \"{}\"\n    system_id: bridge\n    password: pw123\n",
+        smsc.address()
+    );
+    let l = launch(&gateway, free_port()).await?;
+    let alice = &l.alice;
+    smsc.wait_bound(T).await?;
+    let count = |msgs: &[Value], text: &str| msgs.iter().filter(|e| body(e) == text).count();
+
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"hello", &[], T).await?, 0);
+    let room = accept_invite(alice).await?;
+    alice.wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "hello").await?;
+    // The same text again, answered in time on a healthy session: the phone sent it twice.
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"hello", &[], T).await?, 0);
+    wait_for("the second hello", T, || async {
+        (count(&alice.messages(&room, 100).await.ok()?, "hello") == 2).then_some(())
+    })
+    .await?;
+
+    // The connection breaks before the bridge's answer arrives; once it is bound again the SMSC
+    // delivers the same deliver_sm again: answered with success, not bridged twice.
+    smsc.deliver_unanswered(PHONE, OURS, b"only once please").await?;
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "only once please")
+        .await?;
+    wait_for("a second bind", T, || async { (smsc.binds().len() >= 2).then_some(()) }).await?;
+    smsc.wait_bound(T).await?;
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"only once please", &[], T).await?, 0);
+    // A later message proves the redelivery was handled before it.
+    assert_eq!(smsc.deliver(PHONE, OURS, 0, 0, b"after", &[], T).await?, 0);
+    alice.wait_for_message(&room, T, |e| body(e) == "after").await?;
+    let msgs = alice.messages(&room, 100).await?;
+    assert_eq!(count(&msgs, "only once please"), 1);
+    assert_eq!(count(&msgs, "hello"), 2);
     drop(l);
     Ok(())
 }

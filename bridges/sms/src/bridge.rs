@@ -19,14 +19,15 @@ use crate::{
     config::{GatewayConfig, SmsConfig},
     encoding::{Encoding, segment},
     gateway::{
-        DeliveryReport, DeliveryStatus, EventSink, Gateway, GatewayError, GatewayEvent, InboundSms,
-        OutboundSms,
+        DeliveryReport, DeliveryStatus, EventSink, Gateway, GatewayError, GatewayEvent,
+        InboundMedia, InboundSms, OutboundSms,
         kannel::{Kannel, KannelSettings},
         new_message_id,
         smpp::{Smpp, SmppSettings},
         twilio::{Twilio, TwilioSettings},
         webhook::IpAllowList,
     },
+    mms,
     number::{Address, E164, Validation, normalize},
     optout::{Keyword, classify},
     ratelimit::{Limits, RateLimiter},
@@ -56,6 +57,8 @@ struct SmsMetrics {
     refused: prometheus::IntCounterVec,
     /// Final delivery reports, by outcome.
     reports: prometheus::IntCounterVec,
+    /// Inbound MMS media items, by outcome (`bridged`, `too_large`, `failed`).
+    media: prometheus::IntCounterVec,
 }
 
 impl SmsMetrics {
@@ -86,6 +89,11 @@ impl SmsMetrics {
                 "Final delivery reports by outcome",
                 "outcome",
             )?,
+            media: vec(
+                "trestle_sms_received_media_total",
+                "Inbound MMS media items by outcome",
+                "outcome",
+            )?,
         })
     }
 }
@@ -96,6 +104,8 @@ pub struct Inner {
     gateway: Arc<dyn Gateway>,
     limiter: RateLimiter,
     metrics: SmsMetrics,
+    /// Downloads inbound MMS media.
+    http: reqwest::Client,
     /// Inbound callbacks are handled one at a time: a retried callback racing the original
     /// still creates nothing twice.
     inbound_lock: tokio::sync::Mutex<()>,
@@ -248,24 +258,15 @@ impl Inner {
         };
         let portal = self.portal_for(&ours, &theirs).await?;
         let ghost = self.ghost_id(&theirs);
-        let cause = format!("sms:{}:{}", self.gw(), sms.gateway_id);
-        let txn = self.ctx.txn_id_for(&cause, 0);
-        let content = json!({"msgtype": "m.text", "body": sms.text});
-        let event_id = self
-            .ctx
-            .send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, None)
-            .await?;
-        self.ctx
-            .store()
-            .insert_message(&MessageMapping {
-                room_id: portal.room_id.clone(),
-                remote_id: sms.gateway_id.clone(),
-                part: 0,
-                event_id,
-                sender: ghost,
-                timestamp: now_ms(),
-            })
-            .await?;
+        // An MMS without text is only its media.
+        if !sms.text.is_empty() || sms.media.is_empty() {
+            let content = json!({"msgtype": "m.text", "body": sms.text});
+            self.post_inbound(&portal.room_id, &ghost, &sms.gateway_id, content).await?;
+        }
+        for (n, media) in sms.media.iter().enumerate() {
+            self.inbound_media(&portal.room_id, &ghost, &theirs, &sms.gateway_id, n + 1, media)
+                .await?;
+        }
         if theirs.dial().is_some() {
             match classify(&sms.text) {
                 Some(Keyword::Stop) => {
@@ -302,7 +303,7 @@ impl Inner {
                     } else {
                         let help = cfg.help_text.clone();
                         match self
-                            .send_sms(&portal.room_id, &ours, &theirs, &help, true, None)
+                            .send_sms(&portal.room_id, &ours, &theirs, &help, &[], true, None)
                             .await
                         {
                             Ok(SendOutcome::Sent(_)) => {
@@ -327,16 +328,109 @@ impl Inner {
         Ok(())
     }
 
+    /// Sends `content` from the ghost as the message with remote id `remote_id` and remembers
+    /// it. The transaction id derives from the remote id: a repeat is deduplicated by the
+    /// homeserver.
+    async fn post_inbound(
+        &self,
+        room_id: &str,
+        ghost: &str,
+        remote_id: &str,
+        content: serde_json::Value,
+    ) -> Result<(), BridgeError> {
+        let cause = format!("sms:{}:{remote_id}", self.gw());
+        let txn = self.ctx.txn_id_for(&cause, 0);
+        let event_id =
+            self.ctx.send_as(ghost, room_id, "m.room.message", content, &txn, None).await?;
+        self.ctx
+            .store()
+            .insert_message(&MessageMapping {
+                room_id: room_id.to_owned(),
+                remote_id: remote_id.to_owned(),
+                part: 0,
+                event_id,
+                sender: ghost.to_owned(),
+                timestamp: now_ms(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The `n`-th media item (from 1) of inbound message `gateway_id`: downloaded, uploaded and
+    /// sent by the ghost as its own message with remote id `{gateway_id}/{n}`, once. One that
+    /// cannot be fetched (or is too large) is announced with a notice instead.
+    async fn inbound_media(
+        &self,
+        room_id: &str,
+        ghost: &str,
+        theirs: &Address,
+        gateway_id: &str,
+        n: usize,
+        media: &InboundMedia,
+    ) -> Result<(), BridgeError> {
+        let remote_id = format!("{gateway_id}/{n}");
+        let done_key = format!("sms.mo:{}:{remote_id}", self.gw());
+        if self.ctx.store().kv_get(&done_key).await?.is_some() {
+            return Ok(());
+        }
+        let limit = self.cfg().max_media_bytes;
+        let fetched = match mms::parse_url(&media.url) {
+            Ok(url) => {
+                let credentials = self.gateway.media_credentials(&url);
+                mms::download(&self.http, url, credentials, limit, &media.content_type).await
+            }
+            Err(e) => Err(e),
+        };
+        let outcome = match fetched {
+            Ok(file) => {
+                let name = mms::filename(gateway_id, n, &file.mimetype);
+                let size = file.data.len();
+                let mxc = self
+                    .ctx
+                    .intent(ghost)
+                    .upload_media(file.data, &file.mimetype, Some(&name))
+                    .await?;
+                let content = mms::content(&mxc, &name, &file.mimetype, size);
+                self.post_inbound(room_id, ghost, &remote_id, content).await?;
+                self.metrics.media.with_label_values(&["bridged"]).inc();
+                "done"
+            }
+            Err(e) => {
+                tracing::warn!(id = remote_id, error = %e, "inbound MMS media not bridged");
+                let kind = if media.content_type.is_empty() {
+                    "A media attachment".to_owned()
+                } else {
+                    format!("A media attachment ({})", media.content_type)
+                };
+                self.ctx
+                    .notice(room_id, &format!("{kind} from {theirs} could not be bridged: {e}."))
+                    .await;
+                let reason = match e {
+                    mms::MediaError::TooLarge { .. } => "too_large",
+                    _ => "failed",
+                };
+                self.metrics.media.with_label_values(&[reason]).inc();
+                reason
+            }
+        };
+        self.ctx.store().kv_set(&done_key, outcome).await?;
+        Ok(())
+    }
+
     /// Sends `text` from `ours` to `theirs` for `room_id`, refusing (with a notice) what must not
     /// be sent. `keyword_reply` bypasses the opt-out (HELP answers are always allowed). `origin`
     /// (event id, sender) is the Matrix event the SMS carries: it is remembered *before* the
     /// gateway is called, since a delivery report can arrive before the send call returns.
+    /// `media` (public URLs) makes it an MMS: only for gateways that [support
+    /// it](Gateway::supports_mms); an MMS is not split into SMS parts.
+    #[allow(clippy::too_many_arguments)] // each is a distinct fact about the message
     async fn send_sms(
         &self,
         room_id: &str,
         ours: &E164,
         theirs: &Address,
         text: &str,
+        media: &[String],
         keyword_reply: bool,
         origin: Option<(&str, &str)>,
     ) -> Result<SendOutcome, BridgeError> {
@@ -361,7 +455,7 @@ impl Inner {
         }
         let seg = segment(text);
         let max = self.cfg().max_segments;
-        if seg.count() > max as usize {
+        if media.is_empty() && seg.count() > max as usize {
             let (enc, unit, per) = match seg.encoding {
                 Encoding::Gsm7 => ("GSM-7", "characters", 153),
                 Encoding::Ucs2 => ("UCS-2", "UTF-16 units", 67),
@@ -379,7 +473,9 @@ impl Inner {
             self.metrics.refused.with_label_values(&["too_long"]).inc();
             return Ok(SendOutcome::Refused);
         }
-        self.limiter.acquire(dial, u32::try_from(seg.count()).unwrap_or(u32::MAX)).await;
+        // An MMS is one message, whatever its text's length.
+        let cost = if media.is_empty() { seg.count() } else { 1 };
+        self.limiter.acquire(dial, u32::try_from(cost).unwrap_or(u32::MAX)).await;
         let sms = OutboundSms {
             id: new_message_id(),
             from: ours.to_string(),
@@ -387,6 +483,7 @@ impl Inner {
             text: text.to_owned(),
             encoding: seg.encoding,
             parts: seg.parts.clone(),
+            media: media.to_vec(),
         };
         // Remembered without an event when there is none, so its reports are recognised at once.
         let (event_id, sender) = origin.unwrap_or(("", ""));
@@ -396,9 +493,9 @@ impl Inner {
                 if id != sms.id {
                     self.remember_sent(&id, room_id, event_id, sender, theirs).await?;
                 }
-                tracing::info!(parts = seg.count(), encoding = ?seg.encoding, id, "SMS handed to the gateway");
+                tracing::info!(parts = cost, media = media.len(), encoding = ?seg.encoding, id, "SMS handed to the gateway");
                 self.metrics.sent.inc();
-                self.metrics.parts.inc_by(u64::try_from(seg.count()).unwrap_or(u64::MAX));
+                self.metrics.parts.inc_by(u64::try_from(cost).unwrap_or(u64::MAX));
                 Ok(SendOutcome::Sent(id))
             }
             Err(GatewayError::Rejected(reason)) => {
@@ -666,6 +763,10 @@ impl Bridge for SmsBridge {
             ctx: ctx.clone(),
             gateway: Arc::clone(&gateway),
             limiter,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .map_err(|e| BridgeError::Permanent(format!("cannot build an HTTP client: {e}")))?,
             inbound_lock: tokio::sync::Mutex::new(()),
             report_lock: tokio::sync::Mutex::new(()),
             metrics: SmsMetrics::register(ctx.metrics().registry())
@@ -737,7 +838,7 @@ impl Bridge for SmsBridge {
                             .await
                             .map_err(|e| CommandError::Failed(e.to_string()))?;
                         let origin = Some((event_id.as_str(), inv.sender.as_str()));
-                        b.send_sms(&portal.room_id, &ours, &theirs, &text, false, origin)
+                        b.send_sms(&portal.room_id, &ours, &theirs, &text, &[], false, origin)
                             .await
                             .map_err(fail)?;
                     }
@@ -781,19 +882,25 @@ impl Bridge for SmsBridge {
                 .await;
             return Ok(());
         }
-        let text = match (&msg.media, &msg.msgtype) {
+        // Media goes as MMS where the gateway can (the link as its attachment, the caption or
+        // file name as its text), else as a link in the text (after the caption, if any).
+        let (text, media) = match (&msg.media, &msg.msgtype) {
             (Some(media), _) => match b.ctx.media_link(&media.url, &media.filename) {
-                Ok(link) => format!("{} {link}", media.filename),
+                Ok(link) if b.gateway.supports_mms() => (msg.body.clone(), vec![link]),
+                Ok(link) if msg.body != media.filename => {
+                    (format!("{} ({}) {link}", msg.body, media.filename), Vec::new())
+                }
+                Ok(link) => (format!("{} {link}", media.filename), Vec::new()),
                 Err(_) => {
-                    b.ctx.notice(&event.room_id, "Not sent: attachments need media_proxy.public_url to be set (SMS carries text only).").await;
+                    b.ctx.notice(&event.room_id, "Not sent: attachments need media_proxy.public_url to be set (the gateway fetches or the text carries a link to the file).").await;
                     return Ok(());
                 }
             },
-            (None, MessageType::Emote) => format!("* {}", msg.body),
-            (None, _) => msg.body.clone(),
+            (None, MessageType::Emote) => (format!("* {}", msg.body), Vec::new()),
+            (None, _) => (msg.body.clone(), Vec::new()),
         };
         let origin = Some((event.event_id.as_str(), event.sender.as_str()));
-        b.send_sms(&event.room_id, &ours, &theirs, &text, false, origin).await?;
+        b.send_sms(&event.room_id, &ours, &theirs, &text, &media, false, origin).await?;
         Ok(())
     }
 

@@ -26,6 +26,10 @@ pub struct SmsConfig {
     /// Most SMS parts one Matrix message may become; longer messages are refused with a notice.
     #[serde(default = "default_max_segments")]
     pub max_segments: u32,
+    /// Largest inbound MMS attachment the bridge downloads, in bytes; a bigger one is announced
+    /// in the room with a notice instead.
+    #[serde(default = "default_max_media_bytes")]
+    pub max_media_bytes: u64,
     /// Answer to HELP (and INFO) from a remote number.
     #[serde(default = "default_help")]
     pub help_text: String,
@@ -220,6 +224,9 @@ fn default_prefix() -> String {
 fn default_max_segments() -> u32 {
     6
 }
+fn default_max_media_bytes() -> u64 {
+    5 * 1024 * 1024
+}
 fn default_help() -> String {
     "This number is answered through Matrix. Reply STOP to stop messages, START to resume."
         .to_owned()
@@ -379,6 +386,9 @@ impl BridgeConfig for SmsConfig {
         }
         if self.max_segments == 0 {
             errors.push(ConfigError::invalid("bridge.max_segments", "must be at least 1"));
+        }
+        if self.max_media_bytes == 0 {
+            errors.push(ConfigError::invalid("bridge.max_media_bytes", "must be at least 1"));
         }
         if self.webhooks.secret.len() < 16 {
             errors.push(ConfigError::invalid(

@@ -179,7 +179,7 @@ pub fn parse_mo(query: &str) -> Option<InboundSms> {
             sha1::Sha1::digest([from.as_bytes(), b"\0", to.as_bytes(), b"\0", &raw].concat());
         id = digest.iter().map(|b| format!("{b:02x}")).collect();
     }
-    Some(InboundSms { gateway_id: id, from, to, text: body })
+    Some(InboundSms { gateway_id: id, from, to, text: body, media: Vec::new() })
 }
 
 #[derive(Clone)]
@@ -288,6 +288,7 @@ mod tests {
             text: "héllo & {bye}".into(),
             encoding: Encoding::Ucs2,
             parts: vec!["héllo & {bye}".into()],
+            media: Vec::new(),
         };
         let url = k.sendsms_request(&sms, &sms.text, None);
         let (base, query) = url.split_once('?').unwrap();
@@ -335,6 +336,7 @@ mod tests {
                 from: "+447700900123".into(),
                 to: "+441234567890".into(),
                 text: "hi  there!".into(),
+                media: Vec::new(),
             }
         );
         let u = parse_mo("from=1&to=2&text=%04%1F&charset=UTF-16BE").unwrap();

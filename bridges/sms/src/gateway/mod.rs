@@ -35,6 +35,19 @@ pub struct OutboundSms {
     /// text. Gateways that split themselves may ignore it; Kannel sends these parts with our own
     /// concatenation header, because its own splitting can cut a surrogate pair in two.
     pub parts: Vec<String>,
+    /// Public URLs of media to attach (MMS). Only set for gateways whose
+    /// [`Gateway::supports_mms`] is true; the others get media links in `text`.
+    pub media: Vec<String>,
+}
+
+/// A media item attached to an inbound message (MMS), as the gateway announced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundMedia {
+    /// Where to download it from (the gateway's credentials may be needed, see
+    /// [`Gateway::media_credentials`]).
+    pub url: String,
+    /// Its MIME type as announced; may be empty.
+    pub content_type: String,
 }
 
 /// An SMS received (mobile originated).
@@ -48,6 +61,8 @@ pub struct InboundSms {
     pub to: String,
     /// The text, decoded.
     pub text: String,
+    /// Attached media (MMS), in order; empty for an SMS.
+    pub media: Vec<InboundMedia>,
 }
 
 /// The state a delivery report announces.
@@ -111,6 +126,18 @@ pub trait Gateway: Send + Sync + std::fmt::Debug + 'static {
 
     /// The webhook routes (paths starting with `/{name}/`) delivering events to `sink`.
     fn routes(&self, sink: Arc<dyn EventSink>) -> axum::Router;
+
+    /// Whether [`send`](Self::send) can attach media by URL ([`OutboundSms::media`], MMS).
+    /// Gateways without MMS carry media as links in the text.
+    fn supports_mms(&self) -> bool {
+        false
+    }
+
+    /// HTTP Basic credentials (user, password) to download inbound media from `url` with, when
+    /// the gateway hosts it behind its own authentication. `None`: download anonymously.
+    fn media_credentials(&self, _url: &url::Url) -> Option<(String, String)> {
+        None
+    }
 
     /// Starts what the gateway runs in the background (an SMPP session), delivering events to
     /// `sink` until `shutdown`. HTTP gateways have nothing to start.

@@ -1,10 +1,13 @@
 //! A Twilio-style REST gateway (Twilio's Messages API and compatible providers).
 //!
 //! - **Send:** `POST {api_url}/2010-04-01/Accounts/{account_sid}/Messages.json`, form-encoded
-//!   `To`, `From`, `Body`, `StatusCallback`, with HTTP Basic auth (`account_sid:auth_token`).
-//!   The answer's `sid` names the message in status callbacks.
-//! - **Inbound:** `POST {public_url}/twilio/sms` (form: `MessageSid`, `From`, `To`, `Body`), answered
-//!   with an empty TwiML `<Response/>`.
+//!   `To`, `From`, `Body`, `StatusCallback` and one `MediaUrl` per attachment (MMS), with HTTP
+//!   Basic auth (`account_sid:auth_token`). The answer's `sid` names the message in status
+//!   callbacks.
+//! - **Inbound:** `POST {public_url}/twilio/sms` (form: `MessageSid`, `From`, `To`, `Body`, and for
+//!   MMS `NumMedia`, `MediaUrl{n}`, `MediaContentType{n}`), answered with an empty TwiML
+//!   `<Response/>`. Media URLs on the API's own host are fetched with the API credentials (Twilio's
+//!   "HTTP Basic Auth for media" setting).
 //! - **Status:** `POST {public_url}/twilio/status` (form: `MessageSid`, `MessageStatus`,
 //!   `ErrorCode`).
 //! - Every webhook must carry a valid `X-Twilio-Signature`: base64(HMAC-SHA1(auth token, full URL
@@ -24,8 +27,8 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 
 use super::{
-    DeliveryReport, DeliveryStatus, EventSink, Gateway, GatewayError, GatewayEvent, InboundSms,
-    OutboundSms,
+    DeliveryReport, DeliveryStatus, EventSink, Gateway, GatewayError, GatewayEvent, InboundMedia,
+    InboundSms, OutboundSms,
     webhook::{parse_pairs, secret_eq},
 };
 
@@ -170,6 +173,22 @@ fn get<'a>(params: &'a [(String, String)], key: &str) -> &'a str {
     params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or("")
 }
 
+/// Most media items one message may carry (Twilio's own limit).
+pub const MAX_MEDIA: usize = 10;
+
+/// The media of an inbound MMS: `NumMedia` items `MediaUrl{n}` / `MediaContentType{n}` (at most
+/// [`MAX_MEDIA`]). An item announced without a URL is kept with an empty one, so the bridge can
+/// say it was lost rather than drop it silently.
+fn inbound_media(params: &[(String, String)]) -> Vec<InboundMedia> {
+    let announced = get(params, "NumMedia").trim().parse::<usize>().unwrap_or(0);
+    (0..announced.min(MAX_MEDIA))
+        .map(|n| InboundMedia {
+            url: get(params, &format!("MediaUrl{n}")).trim().to_owned(),
+            content_type: get(params, &format!("MediaContentType{n}")).trim().to_owned(),
+        })
+        .collect()
+}
+
 async fn deliver(sink: &dyn EventSink, ev: GatewayEvent) -> Response {
     match sink.handle(ev).await {
         Ok(()) => (
@@ -205,6 +224,7 @@ async fn inbound(
         from: from.to_owned(),
         to: to.to_owned(),
         text: get(&params, "Body").to_owned(),
+        media: inbound_media(&params),
     };
     deliver(h.sink.as_ref(), GatewayEvent::Inbound(sms)).await
 }
@@ -249,16 +269,18 @@ impl Gateway for Twilio {
             )
         );
         let callback = self.public("/twilio/status");
+        let mut form = vec![("To", sms.to.as_str()), ("From", sms.from.as_str())];
+        // An MMS may go without text; an SMS always has a (possibly empty) Body.
+        if !sms.text.is_empty() || sms.media.is_empty() {
+            form.push(("Body", sms.text.as_str()));
+        }
+        form.extend(sms.media.iter().map(|m| ("MediaUrl", m.as_str())));
+        form.push(("StatusCallback", callback.as_str()));
         let resp = self
             .http
             .post(url)
             .basic_auth(&s.account_sid, Some(&s.auth_token))
-            .form(&[
-                ("To", sms.to.as_str()),
-                ("From", sms.from.as_str()),
-                ("Body", sms.text.as_str()),
-                ("StatusCallback", callback.as_str()),
-            ])
+            .form(&form)
             .send()
             .await
             .map_err(|e| {
@@ -284,6 +306,20 @@ impl Gateway for Twilio {
         } else {
             Err(GatewayError::Rejected(text))
         }
+    }
+
+    fn supports_mms(&self) -> bool {
+        true
+    }
+
+    /// The API credentials, for media on the API's own origin only (never sent elsewhere;
+    /// Twilio's redirects to its storage need none).
+    fn media_credentials(&self, url: &url::Url) -> Option<(String, String)> {
+        let api = &self.settings.api_url;
+        (url.scheme() == api.scheme()
+            && url.host_str() == api.host_str()
+            && url.port_or_known_default() == api.port_or_known_default())
+        .then(|| (self.settings.account_sid.clone(), self.settings.auth_token.clone()))
     }
 
     fn routes(&self, sink: Arc<dyn EventSink>) -> axum::Router {
@@ -425,6 +461,7 @@ mod tests {
                 from: "+447700900123".into(),
                 to: "+441234567890".into(),
                 text: "hi & bye".into(),
+                media: Vec::new(),
             })]
         );
         // Status callbacks too.
@@ -489,6 +526,7 @@ mod tests {
             text: "héllo".into(),
             encoding: crate::encoding::Encoding::Ucs2,
             parts: vec!["héllo".into()],
+            media: Vec::new(),
         };
         assert_eq!(gw.send(&sms).await.unwrap(), "SMabc");
         let (sid, auth, f) = seen.lock().unwrap().clone().unwrap();
@@ -509,6 +547,66 @@ mod tests {
             public_url: "https://hooks.example.org/".parse().unwrap(),
         });
         assert!(matches!(down.send(&sms).await, Err(GatewayError::Temporary(_))));
+
+        // MMS: one MediaUrl per attachment; no Body when there is no text.
+        assert!(gw.supports_mms());
+        sms.to = "+447700900123".into();
+        sms.text = String::new();
+        sms.media = vec!["https://b.example/media/a".into(), "https://b.example/media/b".into()];
+        gw.send(&sms).await.unwrap();
+        let (_, _, f) = seen.lock().unwrap().clone().unwrap();
+        let urls: Vec<&str> =
+            f.iter().filter(|(k, _)| k == "MediaUrl").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(urls, ["https://b.example/media/a", "https://b.example/media/b"]);
+        assert!(f.iter().all(|(k, _)| k != "Body"), "{f:?}");
+        sms.text = "caption".into();
+        gw.send(&sms).await.unwrap();
+        let (_, _, f) = seen.lock().unwrap().clone().unwrap();
+        assert_eq!(get(&f, "Body"), "caption");
+    }
+
+    #[test]
+    fn inbound_media_fields() {
+        let p = pairs(&[
+            ("NumMedia", "2"),
+            ("MediaUrl0", "https://api.example/m0"),
+            ("MediaContentType0", "image/png"),
+            ("MediaContentType1", "video/mp4"),
+            ("MediaUrl5", "https://ignored.example/"),
+        ]);
+        assert_eq!(
+            inbound_media(&p),
+            [
+                InboundMedia {
+                    url: "https://api.example/m0".into(),
+                    content_type: "image/png".into()
+                },
+                // Announced but without a URL: kept, so the loss is reported.
+                InboundMedia { url: String::new(), content_type: "video/mp4".into() },
+            ]
+        );
+        assert!(inbound_media(&pairs(&[("NumMedia", "0")])).is_empty());
+        assert!(inbound_media(&pairs(&[("NumMedia", "lots")])).is_empty());
+        assert!(inbound_media(&pairs(&[])).is_empty());
+        assert_eq!(inbound_media(&pairs(&[("NumMedia", "99")])).len(), MAX_MEDIA);
+    }
+
+    #[test]
+    fn media_credentials_only_for_the_api_origin() {
+        let gw = Twilio::new(TwilioSettings {
+            api_url: "https://api.twilio.com".parse().unwrap(),
+            account_sid: "AC1".into(),
+            auth_token: "tok".into(),
+            public_url: "https://hooks.example.org/".parse().unwrap(),
+        });
+        let creds = |u: &str| gw.media_credentials(&u.parse().unwrap());
+        assert_eq!(
+            creds("https://api.twilio.com:443/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"),
+            Some(("AC1".into(), "tok".into()))
+        );
+        assert_eq!(creds("http://api.twilio.com/x"), None);
+        assert_eq!(creds("https://api.twilio.com.evil.example/x"), None);
+        assert_eq!(creds("https://media.example.net/x"), None);
     }
 
     #[test]

@@ -10,19 +10,21 @@
 //! - **Receive:** `deliver_sm` MO messages (UDH-concatenated parts reassembled) and delivery
 //!   receipts (`esm_class` 0x04; the `receipted_message_id` / `message_state` TLVs or the
 //!   `id:… stat:…` text). A `deliver_sm` is answered only once the bridge handled it; if that
-//!   failed the answer is `ESME_RX_T_APPN` (temporary), so the SMSC delivers it again.
+//!   failed the answer is `ESME_RX_T_APPN` (temporary), so the SMSC delivers it again. A
+//!   `deliver_sm` delivered again is recognised ([`redelivery`]): it creates no second message.
 //! - Unknown requests get `generic_nack`; `unbind` from the SMSC is answered and the session
 //!   reconnects; on shutdown the bridge unbinds.
 
 pub mod pdu;
+pub mod redelivery;
 
 use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -33,7 +35,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use self::pdu::{Pdu, ShortMessage, cmd, status};
+use self::{
+    pdu::{Pdu, ShortMessage, cmd, status},
+    redelivery::{Redeliveries, Verdict},
+};
 use super::{
     DeliveryReport, DeliveryStatus, EventSink, Gateway, GatewayError, GatewayEvent, InboundSms,
     OutboundSms,
@@ -103,6 +108,10 @@ pub struct Smpp {
     /// SMSC message id → bridge message (parts of long messages); kept in memory only.
     parts: Arc<Mutex<HashMap<String, PartOf>>>,
     reference: Arc<AtomicU8>,
+    /// deliver_sm seen, to recognise the SMSC delivering one again (in memory only).
+    redeliveries: Arc<Mutex<Redeliveries>>,
+    /// Numbers the sessions (connections), for `redeliveries`.
+    sessions: Arc<AtomicU64>,
 }
 
 /// Most remembered SMSC message ids (the oldest are forgotten first… roughly: the map is
@@ -120,6 +129,65 @@ impl Smpp {
             queue: Arc::new(Mutex::new(Some(rx))),
             parts: Arc::new(Mutex::new(HashMap::new())),
             reference: Arc::new(AtomicU8::new(rand::random())),
+            redeliveries: Arc::default(),
+            sessions: Arc::default(),
+        }
+    }
+
+    fn redeliveries(&self) -> std::sync::MutexGuard<'_, Redeliveries> {
+        self.redeliveries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Handles one deliver_sm (`body`) that arrived on `session`; returns the status to answer
+    /// with.
+    async fn handle_deliver(
+        &self,
+        body: &[u8],
+        pending: &mut Pending,
+        sink: &dyn EventSink,
+        session: u64,
+    ) -> u32 {
+        let digest = redelivery::digest(body);
+        let now = Instant::now();
+        let id = match self.redeliveries().verdict(&digest, now, self.settings.response_timeout) {
+            Verdict::AlreadyHandled => {
+                tracing::info!(
+                    "deliver_sm delivered again after our answer was late or lost; answered again"
+                );
+                return status::OK;
+            }
+            Verdict::Again(id) => {
+                tracing::info!(id, "deliver_sm delivered again after it failed; handled again");
+                Some(id)
+            }
+            Verdict::New => None,
+        };
+        let sm = match ShortMessage::decode(body) {
+            Ok(sm) => sm,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed deliver_sm");
+                return status::INVMSGLEN;
+            }
+        };
+        let Some((event, restore)) = classify_deliver(&sm, pending, self, id) else {
+            self.redeliveries().arrived(digest, session, None, now);
+            return status::OK;
+        };
+        let message_id = match &event {
+            GatewayEvent::Inbound(sms) => Some(sms.gateway_id.clone()),
+            GatewayEvent::Report(_) => None,
+        };
+        self.redeliveries().arrived(digest, session, message_id, now);
+        match sink.handle(event).await {
+            Ok(()) => status::OK,
+            Err(e) => {
+                tracing::warn!(error = e, "deliver_sm not handled; SMSC will redeliver");
+                // The SMSC delivers only this part again: the others must still be here.
+                if let Some((key, parts)) = restore {
+                    pending.insert(key, parts);
+                }
+                status::RX_T_APPN
+            }
         }
     }
 
@@ -255,28 +323,36 @@ pub fn receipt_status(stat: &str, err: Option<&str>) -> DeliveryStatus {
 /// Most concatenated MO messages buffered while incomplete.
 const MAX_PENDING_MO: usize = 1000;
 
-/// Parts of concatenated MO messages waiting for the rest: (from, to, ref) → (total, parts).
-type Pending = HashMap<(String, String, u16), (u8, HashMap<u8, String>)>;
+/// A concatenated MO message: (from, to, ref).
+type PendingKey = (String, String, u16);
+/// Its parts so far: (total, seq → text).
+type PendingParts = (u8, HashMap<u8, String>);
+/// Parts of concatenated MO messages waiting for the rest.
+type Pending = HashMap<PendingKey, PendingParts>;
 
-/// What a deliver_sm amounts to once parsed (and reassembled).
+/// What a deliver_sm amounts to once parsed (and reassembled), with the parts it completed
+/// (to put back if handling fails). An inbound message gets `id`, else a new id.
 fn classify_deliver(
     sm: &ShortMessage,
     pending: &mut Pending,
     gateway: &Smpp,
-) -> Option<GatewayEvent> {
+    id: Option<String>,
+) -> Option<(GatewayEvent, Option<(PendingKey, PendingParts)>)> {
     if sm.esm_class & 0x3C == pdu::ESM_RECEIPT {
         let r = pdu::parse_receipt(sm)?;
         let of = gateway.part_of(&r.message_id);
-        return Some(GatewayEvent::Report(DeliveryReport {
+        let report = DeliveryReport {
             message_id: of.id,
             status: receipt_status(&r.stat, r.err.as_deref()),
             part: of.part,
-        }));
+        };
+        return Some((GatewayEvent::Report(report), None));
     }
     let (udh, octets) = sm.split_udh();
     let text = decode_text(sm.data_coding, octets);
     let from = sm.source.to_number();
     let to = sm.dest.to_number();
+    let mut restore = None;
     let text = match udh.and_then(pdu::udh_concat) {
         Some((reference, total, seq)) if total > 1 && seq >= 1 && seq <= total => {
             let key = (from.clone(), to.clone(), reference);
@@ -291,17 +367,21 @@ fn classify_deliver(
                 return None;
             }
             let (total, parts) = pending.remove(&key)?;
-            (1..=total).filter_map(|n| parts.get(&n).cloned()).collect::<String>()
+            let text = (1..=total).filter_map(|n| parts.get(&n).cloned()).collect::<String>();
+            restore = Some((key, (total, parts)));
+            text
         }
         _ => text,
     };
-    Some(GatewayEvent::Inbound(InboundSms {
-        // deliver_sm carries no id of its own; a redelivered one is a new message.
-        gateway_id: format!("smpp-{}", super::new_message_id()),
+    let sms = InboundSms {
+        // deliver_sm carries no id of its own: one is made up (and reused for a redelivery).
+        gateway_id: id.unwrap_or_else(|| format!("smpp-{}", super::new_message_id())),
         from,
         to,
         text,
-    }))
+        media: Vec::new(),
+    };
+    Some((GatewayEvent::Inbound(sms), restore))
 }
 
 /// Backoff for attempt `n` (from 0): min·2ⁿ capped at max, plus up to 25% jitter.
@@ -430,6 +510,7 @@ impl Smpp {
             r = self.connect_and_bind(seq, &mut buf) => r?,
         };
 
+        let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let (mut rd, mut wr) = stream.into_split();
         // Everything written goes through one writer task.
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
@@ -450,25 +531,7 @@ impl Smpp {
             tokio::spawn(async move {
                 let mut pending = Pending::new();
                 while let Some(p) = mo_rx.recv().await {
-                    let st = match ShortMessage::decode(&p.body) {
-                        Err(e) => {
-                            tracing::warn!(error = %e, "malformed deliver_sm");
-                            status::INVMSGLEN
-                        }
-                        Ok(sm) => match classify_deliver(&sm, &mut pending, &me) {
-                            None => status::OK,
-                            Some(ev) => match sink.handle(ev).await {
-                                Ok(()) => status::OK,
-                                Err(e) => {
-                                    tracing::warn!(
-                                        error = e,
-                                        "deliver_sm not handled; SMSC will redeliver"
-                                    );
-                                    status::RX_T_APPN
-                                }
-                            },
-                        },
-                    };
+                    let st = me.handle_deliver(&p.body, &mut pending, sink.as_ref(), session).await;
                     let resp = Pdu {
                         command_id: cmd::DELIVER_SM_RESP,
                         status: st,
@@ -477,6 +540,9 @@ impl Smpp {
                     };
                     if out.send(resp.encode()).await.is_err() {
                         break;
+                    }
+                    if st == status::OK {
+                        me.redeliveries().answered(&redelivery::digest(&p.body), Instant::now());
                     }
                 }
             })
@@ -592,6 +658,8 @@ impl Smpp {
         let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
         drop(out_tx);
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        // Answers given shortly before may not have arrived.
+        self.redeliveries().session_ended(session, Instant::now());
         Ok(end)
     }
 }
@@ -638,6 +706,7 @@ mod tests {
             text: text.into(),
             encoding: s.encoding,
             parts: s.parts,
+            media: Vec::new(),
         }
     }
 
@@ -718,12 +787,16 @@ mod tests {
             ..Default::default()
         };
         // Out of order: part 2 first.
-        assert_eq!(classify_deliver(&part(2, b"world"), &mut pending, &gw), None);
-        let Some(GatewayEvent::Inbound(sms)) =
-            classify_deliver(&part(1, b"hello "), &mut pending, &gw)
+        assert_eq!(classify_deliver(&part(2, b"world"), &mut pending, &gw, None), None);
+        let Some((GatewayEvent::Inbound(sms), restore)) =
+            classify_deliver(&part(1, b"hello "), &mut pending, &gw, Some("given".into()))
         else {
             panic!("no message")
         };
+        assert_eq!(sms.gateway_id, "given");
+        // The parts, to put back should handling fail.
+        let (key, (total, parts)) = restore.unwrap();
+        assert_eq!((key.2, total, parts.len()), (3, 2, 2));
         assert_eq!(
             (sms.text.as_str(), sms.from.as_str(), sms.to.as_str()),
             ("hello world", "+447700900123", "+441234567890")
@@ -739,20 +812,26 @@ mod tests {
         }
         };
         assert_eq!(
-            classify_deliver(&receipt("smsc-2"), &mut pending, &gw),
-            Some(GatewayEvent::Report(DeliveryReport {
-                message_id: "bridge-1".into(),
-                status: DeliveryStatus::Delivered,
-                part: Some((2, 2)),
-            }))
+            classify_deliver(&receipt("smsc-2"), &mut pending, &gw, None),
+            Some((
+                GatewayEvent::Report(DeliveryReport {
+                    message_id: "bridge-1".into(),
+                    status: DeliveryStatus::Delivered,
+                    part: Some((2, 2)),
+                }),
+                None
+            ))
         );
         assert_eq!(
-            classify_deliver(&receipt("single"), &mut pending, &gw),
-            Some(GatewayEvent::Report(DeliveryReport {
-                message_id: "single".into(),
-                status: DeliveryStatus::Delivered,
-                part: None,
-            }))
+            classify_deliver(&receipt("single"), &mut pending, &gw, None),
+            Some((
+                GatewayEvent::Report(DeliveryReport {
+                    message_id: "single".into(),
+                    status: DeliveryStatus::Delivered,
+                    part: None,
+                }),
+                None
+            ))
         );
     }
 
@@ -763,6 +842,70 @@ mod tests {
         async fn handle(&self, _event: GatewayEvent) -> Result<(), String> {
             Ok(())
         }
+    }
+
+    /// Fails the first `fail` events; records every event.
+    #[derive(Default)]
+    struct Flaky {
+        fail: AtomicU8,
+        seen: Mutex<Vec<GatewayEvent>>,
+    }
+
+    #[async_trait]
+    impl EventSink for Flaky {
+        async fn handle(&self, event: GatewayEvent) -> Result<(), String> {
+            self.seen.lock().unwrap().push(event);
+            if self.fail.load(Ordering::SeqCst) > 0 {
+                self.fail.fetch_sub(1, Ordering::SeqCst);
+                return Err("homeserver down".into());
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn deliver_sm_delivered_again_keeps_its_id_or_is_only_answered() {
+        let gw = Smpp::new(settings("127.0.0.1:1".into(), 1));
+        let sink = Flaky { fail: AtomicU8::new(1), ..Default::default() };
+        let mut pending = Pending::new();
+        let part = |seq: u8, text: &[u8]| {
+            ShortMessage {
+                source: pdu::Address::from_number("+447700900123"),
+                dest: pdu::Address::from_number("+441234567890"),
+                esm_class: pdu::ESM_UDHI,
+                short_message: [&pdu::concat_udh(9, 2, seq)[..], text].concat(),
+                ..Default::default()
+            }
+            .encode()
+        };
+        let (p1, p2) = (part(1, b"hello "), part(2, b"world"));
+        // Part 1 is buffered; part 2 completes the message but handling fails: a temporary error.
+        assert_eq!(gw.handle_deliver(&p1, &mut pending, &sink, 0).await, status::OK);
+        assert_eq!(gw.handle_deliver(&p2, &mut pending, &sink, 0).await, status::RX_T_APPN);
+        // The SMSC delivers part 2 again: the message completes (part 1 was kept) under the
+        // same id, so the bridge's idempotency applies.
+        assert_eq!(gw.handle_deliver(&p2, &mut pending, &sink, 0).await, status::OK);
+        gw.redeliveries().answered(&redelivery::digest(&p2), Instant::now());
+        let ids: Vec<(String, String)> = sink
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                GatewayEvent::Inbound(s) => Some((s.gateway_id.clone(), s.text.clone())),
+                GatewayEvent::Report(_) => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[0], ids[1]);
+        assert_eq!(ids[0].1, "hello world");
+        // Answered, but the session broke at once: delivered again on the next session, it is
+        // only answered.
+        gw.redeliveries().session_ended(0, Instant::now());
+        assert_eq!(gw.handle_deliver(&p2, &mut Pending::new(), &sink, 1).await, status::OK);
+        assert_eq!(sink.seen.lock().unwrap().len(), 2);
+        // Garbage is refused as before.
+        assert_eq!(gw.handle_deliver(&[1, 2], &mut pending, &sink, 1).await, status::INVMSGLEN);
     }
 
     fn settings(address: String, window: usize) -> SmppSettings {
