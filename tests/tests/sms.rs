@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use trestle_e2e::{
-    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    BridgeProcess, Deployment, MatrixUser, Synapse, binary, free_port,
     kannel::{Kannel, Mt},
     wait_for,
 };
@@ -48,45 +48,29 @@ struct Launched {
 
 async fn launch(gateway: &str, hook_port: u16) -> anyhow::Result<Launched> {
     let dir = tempfile::Builder::new().prefix("trestle-sms-").tempdir()?;
-    let port = free_port();
+    let d = Deployment::new(dir.path(), "sms");
     let hooks = format!("http://127.0.0.1:{hook_port}");
-    let config = dir.path().join("sms.yaml");
-    let reg = dir.path().join("sms-registration.yaml");
-    let write = |hs: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
-                 appservice: {{ id: sms, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
-                 bot_localpart: smsbot, registration: \"{reg}\" }}\n\
-                 database: {{ path: \"{db}\" }}\n\
-                 logging: {{ level: \"info,trestle=debug,trestle_sms=debug\" }}\n\
-                 permissions: {{ \"*\": user }}\n\
-                 media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
-                 bridge:\n  default_region: GB\n  numbers:\n    \"{OURS}\":\n      owners: [\"@alice:localhost\"]\n\
-                 \x20 max_segments: 3\n  max_media_bytes: {MAX_MEDIA}\n  help_text: \"Help: reply STOP to opt out.\"\n\
-                 \x20 webhooks:\n    listen: \"127.0.0.1:{hook_port}\"\n    public_url: \"{hooks}\"\n    secret: \"{SECRET}\"\n\
-                 \x20   allow_ips: [\"127.0.0.0/8\"]\n\
-                 \x20 gateway:\n{gateway}\
-                 \x20 rate_limit: {{ gateway_burst: 50, gateway_per_second: 50.0, number_burst: 50, number_per_second: 50.0 }}\n",
-                reg = reg.display(),
-                db = dir.path().join("sms.db").display(),
-            ),
+    let config = |hs: &str| {
+        format!(
+            "{base}database: {{ path: \"{db}\" }}\n\
+             logging: {{ level: \"info,trestle=debug,trestle_sms=debug\" }}\n\
+             permissions: {{ \"*\": user }}\n\
+             media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
+             bridge:\n  default_region: GB\n  numbers:\n    \"{OURS}\":\n      owners: [\"@alice:localhost\"]\n\
+             \x20 max_segments: 3\n  max_media_bytes: {MAX_MEDIA}\n  help_text: \"Help: reply STOP to opt out.\"\n\
+             \x20 webhooks:\n    listen: \"127.0.0.1:{hook_port}\"\n    public_url: \"{hooks}\"\n    secret: \"{SECRET}\"\n\
+             \x20   allow_ips: [\"127.0.0.0/8\"]\n\
+             \x20 gateway:\n{gateway}\
+             \x20 rate_limit: {{ gateway_burst: 50, gateway_per_second: 50.0, number_burst: 50, number_per_second: 50.0 }}\n",
+            base = d.base_config(hs),
+            db = d.database().display(),
+            port = d.port,
         )
     };
-    write("http://127.0.0.1:1")?;
     let bin = binary("trestle-sms")?;
-    BridgeProcess::generate_registration(&bin, &config, &reg)?;
-    let synapse = Synapse::start(&[&reg]).await?;
-    write(&synapse.url())?;
+    let synapse = d.start_synapse(&bin, &config).await?;
     let alice = MatrixUser::register(&synapse.url(), "alice").await?;
-    let bridge = BridgeProcess::start(
-        &bin,
-        &config,
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("bridge.log"),
-    )
-    .await?;
+    let bridge = d.start_bridge(&bin, &synapse, &config).await?;
     Ok(Launched { synapse, alice, bridge, dir })
 }
 
