@@ -56,6 +56,31 @@ impl BridgeError {
     }
 }
 
+/// How many times [`retry_remote`] tries.
+const REMOTE_ATTEMPTS: u64 = 3;
+
+/// Handles one event from the remote network, which has no queue of the framework's behind it:
+/// `handle` is tried up to three times while it fails with a retryable error (half a second, then
+/// a second between tries, so the network's next events wait only briefly). The last error is
+/// returned for the caller to report.
+pub async fn retry_remote<F, Fut>(mut handle: F) -> Result<(), BridgeError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), BridgeError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match handle().await {
+            Err(e) if attempt < REMOTE_ATTEMPTS && e.is_retryable() => {
+                tracing::warn!(error = %e, attempt, "handling a remote event failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Static facts about a bridge.
 #[derive(Debug, Clone)]
 pub struct BridgeInfo {
@@ -281,4 +306,41 @@ pub trait ThirdPartyLookup: Send + Sync {
         protocol: Option<&str>,
         fields: &std::collections::BTreeMap<String, String>,
     ) -> Result<Vec<Value>, BridgeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn remote_events_are_retried_only_while_retrying_can_help() {
+        let tries = AtomicU32::new(0);
+        let r = retry_remote(|| async {
+            tries.fetch_add(1, Ordering::Relaxed);
+            Err(BridgeError::Retryable("busy".into()))
+        })
+        .await;
+        assert!(matches!(r, Err(BridgeError::Retryable(_))));
+        assert_eq!(tries.load(Ordering::Relaxed), 3);
+
+        tries.store(0, Ordering::Relaxed);
+        let r = retry_remote(|| async {
+            tries.fetch_add(1, Ordering::Relaxed);
+            Err(BridgeError::Permanent("bad".into()))
+        })
+        .await;
+        assert!(matches!(r, Err(BridgeError::Permanent(_))));
+        assert_eq!(tries.load(Ordering::Relaxed), 1);
+
+        tries.store(0, Ordering::Relaxed);
+        let r = retry_remote(|| async {
+            let n = tries.fetch_add(1, Ordering::Relaxed);
+            if n == 0 { Err(BridgeError::Retryable("once".into())) } else { Ok(()) }
+        })
+        .await;
+        assert!(r.is_ok());
+        assert_eq!(tries.load(Ordering::Relaxed), 2);
+    }
 }

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use trestle::{
-    bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
+    bridge::{
+        Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext, retry_remote,
+    },
     commands::{CommandRegistry, PermissionLevel},
     config::Config,
     context::Context,
@@ -926,18 +928,9 @@ async fn network_loop(b: Arc<Inner>, net: Arc<Network>, mut events: mpsc::Receiv
                 tracing::warn!(network = net.id, %reason, "bot disconnected; reconnecting")
             }
             ConnEvent::Line(line) => {
-                for attempt in 1..=3u64 {
-                    match b.irc_line(&net, line.clone()).await {
-                        Ok(()) => break,
-                        Err(e) if attempt < 3 && e.is_retryable() => {
-                            tracing::warn!(network = net.id, error = %e, attempt, "handling an IRC line failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                        }
-                        Err(e) => {
-                            tracing::error!(network = net.id, error = %e, command = line.command, "could not bridge an IRC line");
-                            break;
-                        }
-                    }
+                let handled = retry_remote(|| b.irc_line(&net, line.clone())).await;
+                if let Err(e) = handled {
+                    tracing::error!(network = net.id, error = %e, command = line.command, "could not bridge an IRC line");
                 }
             }
         }
