@@ -115,8 +115,20 @@ impl Kannel {
     }
 
     /// Starts bearerbox, the receiving fakesmsc and smsbox. `get_url` is the sms-service URL
-    /// (with Kannel escapes) for inbound messages.
+    /// (with Kannel escapes) for inbound messages. A start that fails (a port taken by another
+    /// process meanwhile) is tried again on other ports.
     pub async fn start(get_url: &str) -> anyhow::Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start(get_url).await {
+                Ok(k) => return Ok(k),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("Kannel did not start")))
+    }
+
+    async fn try_start(get_url: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-kannel-").tempdir()?;
         let (admin, smsbox, fake1, fake2, sendsms) =
             (free_port(), free_port(), free_port(), free_port(), free_port());
@@ -142,15 +154,15 @@ impl Kannel {
         )?;
         let mut cmd = Command::new(which("bearerbox").context("bearerbox")?);
         cmd.arg(&conf);
-        let bearerbox = ChildGuard::spawn("bearerbox", cmd, &dir.path().join("bearerbox.out"))?;
-        wait_port(admin, &bearerbox).await?;
+        let mut bearerbox = ChildGuard::spawn("bearerbox", cmd, &dir.path().join("bearerbox.out"))?;
+        wait_port(admin, &mut bearerbox).await?;
         let mut cmd = Command::new(FAKESMSC);
         cmd.args(["-H", "127.0.0.1", "-r", &fake1.to_string(), "-i", "1", "-m", "0", "0 0 text x"]);
         let phone = ChildGuard::spawn("fakesmsc", cmd, &dir.path().join("phone.log"))?;
         let mut cmd = Command::new(which("smsbox").context("smsbox")?);
         cmd.arg(&conf);
-        let smsbox = ChildGuard::spawn("smsbox", cmd, &dir.path().join("smsbox.out"))?;
-        wait_port(sendsms, &smsbox).await?;
+        let mut smsbox = ChildGuard::spawn("smsbox", cmd, &dir.path().join("smsbox.out"))?;
+        wait_port(sendsms, &mut smsbox).await?;
         let this = Self {
             dir,
             _bearerbox: bearerbox,
@@ -261,8 +273,11 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-async fn wait_port(port: u16, child: &ChildGuard) -> anyhow::Result<()> {
+async fn wait_port(port: u16, child: &mut ChildGuard) -> anyhow::Result<()> {
     for _ in 0..100 {
+        if !child.is_running() {
+            break;
+        }
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Ok(());
         }

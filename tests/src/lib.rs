@@ -110,9 +110,23 @@ impl Deployment {
     }
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, and never handed out before in this process: a server
+/// that needs several ports gets distinct ones (the kernel may offer a just-closed port again),
+/// and tests running side by side never share one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        if port != 0 && !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    0
 }
 
 /// The repository root.
