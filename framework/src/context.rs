@@ -44,8 +44,7 @@ struct Inner<C> {
     secrets: SecretBox,
     media: crate::media::MediaSigner,
     /// Serializes portal creation per remote id, so two queries never create two rooms.
-    portal_locks:
-        tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    portal_locks: crate::util::keyed::KeyedLocks,
 }
 
 impl<C: Send + Sync + 'static> Context<C> {
@@ -209,11 +208,7 @@ impl<C: Send + Sync + 'static> Context<C> {
         spec: &PortalSpec,
         alias: Option<&str>,
     ) -> Result<(Portal, bool), BridgeError> {
-        let lock = {
-            let mut locks = self.inner.portal_locks.lock().await;
-            Arc::clone(locks.entry(spec.remote_id.clone()).or_default())
-        };
-        let _guard = lock.lock().await;
+        let _one_at_a_time = self.inner.portal_locks.lock(&spec.remote_id).await;
         if let Some(p) = self.inner.store.portal_by_remote(&spec.remote_id).await? {
             return Ok((p, false));
         }

@@ -13,6 +13,7 @@ use trestle::{
     event::{MatrixEvent, Message, MessageType},
     registration::{Namespace, Namespaces},
     store::{MessageMapping, Portal},
+    util::keyed::KeyedLocks,
 };
 
 use crate::{
@@ -106,9 +107,10 @@ pub struct Inner {
     metrics: SmsMetrics,
     /// Downloads inbound MMS media.
     http: reqwest::Client,
-    /// Inbound callbacks are handled one at a time: a retried callback racing the original
-    /// still creates nothing twice.
-    inbound_lock: tokio::sync::Mutex<()>,
+    /// Inbound messages are handled one at a time per conversation (in order, and a retried
+    /// callback racing the original still creates nothing twice); conversations run in
+    /// parallel, so one slow media download holds up only its own conversation.
+    inbound_locks: KeyedLocks,
     /// Delivery reports are acted on one at a time: the reports of a message's parts arrive
     /// together, and each outcome must be acted on once.
     report_lock: tokio::sync::Mutex<()>,
@@ -230,7 +232,7 @@ impl Inner {
 
     /// An inbound SMS: into its portal, keywords honoured, exactly once per gateway id.
     async fn inbound(&self, sms: InboundSms) -> Result<(), BridgeError> {
-        let _one_at_a_time = self.inbound_lock.lock().await;
+        let _one_at_a_time = self.inbound_locks.lock(&format!("{}\u{0}{}", sms.from, sms.to)).await;
         let done_key = format!("sms.mo:{}:{}", self.gw(), sms.gateway_id);
         if self.ctx.store().kv_get(&done_key).await?.is_some() {
             tracing::debug!(id = sms.gateway_id, "repeated inbound callback ignored");
@@ -767,7 +769,7 @@ impl Bridge for SmsBridge {
                 .timeout(std::time::Duration::from_secs(60))
                 .build()
                 .map_err(|e| BridgeError::Permanent(format!("cannot build an HTTP client: {e}")))?,
-            inbound_lock: tokio::sync::Mutex::new(()),
+            inbound_locks: KeyedLocks::new(),
             report_lock: tokio::sync::Mutex::new(()),
             metrics: SmsMetrics::register(ctx.metrics().registry())
                 .map_err(|e| BridgeError::Permanent(format!("cannot register metrics: {e}")))?,

@@ -6,85 +6,65 @@
 //! (tokio's mutex is FIFO-fair). Different rooms proceed in parallel. Map
 //! entries are removed as soon as a room has no holder and no waiter.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
-
 use prometheus::IntGauge;
-use tokio::sync::OwnedMutexGuard;
 
-type RoomLock = Arc<tokio::sync::Mutex<()>>;
+use crate::util::keyed::{KeyedGuard, KeyedLocks};
 
 /// The set of per-room locks.
 #[derive(Debug)]
 pub(crate) struct RoomQueues {
-    rooms: Arc<Mutex<HashMap<String, RoomLock>>>,
+    rooms: KeyedLocks,
     depth: IntGauge,
 }
 
 impl RoomQueues {
     pub(crate) fn new(depth: IntGauge) -> Self {
-        Self { rooms: Arc::new(Mutex::new(HashMap::new())), depth }
+        Self { rooms: KeyedLocks::new(), depth }
     }
 
     /// Waits for the room's turn. The returned permit releases it on drop.
     ///
     /// The FIFO position is taken on the first poll of the returned future.
     pub(crate) async fn acquire(&self, room: &str) -> RoomPermit {
-        let lock = {
-            let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(rooms.entry(room.to_owned()).or_default())
-        };
-        self.depth.inc();
-        // The depth guard must exist before awaiting so cancellation decrements it.
-        let mut permit = RoomPermit {
-            room: room.to_owned(),
-            guard: None,
-            rooms: Arc::clone(&self.rooms),
-            depth: self.depth.clone(),
-            lock: Some(Arc::clone(&lock)),
-        };
-        drop(lock);
-        if let Some(lock) = permit.lock.clone() {
-            permit.guard = Some(lock.lock_owned().await);
-        }
-        permit
+        // Counted from before the wait, and uncounted even when the wait is cancelled.
+        let depth = Depth::count(&self.depth);
+        RoomPermit { _room: self.rooms.lock(room).await, _depth: depth }
     }
 
     /// Number of rooms currently tracked (holders or waiters).
     #[cfg(test)]
     pub(crate) fn tracked_rooms(&self) -> usize {
-        self.rooms.lock().map(|r| r.len()).unwrap_or(0)
+        self.rooms.len()
     }
 }
 
 /// Exclusive right to send to one room; released on drop.
 #[derive(Debug)]
 pub(crate) struct RoomPermit {
-    room: String,
-    guard: Option<OwnedMutexGuard<()>>,
-    lock: Option<RoomLock>,
-    rooms: Arc<Mutex<HashMap<String, RoomLock>>>,
-    depth: IntGauge,
+    _room: KeyedGuard,
+    _depth: Depth,
 }
 
-impl Drop for RoomPermit {
+/// One request counted in the queue-depth gauge while it lives.
+#[derive(Debug)]
+struct Depth(IntGauge);
+
+impl Depth {
+    fn count(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Depth {
     fn drop(&mut self) {
-        self.depth.dec();
-        let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
-        // Release our references first, under the map lock so nobody clones meanwhile.
-        self.guard = None;
-        self.lock = None;
-        if rooms.get(&self.room).is_some_and(|entry| Arc::strong_count(entry) == 1) {
-            rooms.remove(&self.room);
-        }
+        self.0.dec();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{sync::Arc, time::Duration};
 
     use super::*;
 
