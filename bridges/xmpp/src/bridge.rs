@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use trestle::{
     bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
-    client::{CreateRoom, RoomPreset},
+    client::{CreateRoom, Presence as MatrixPresence, RoomPreset},
     config::{Config, PermissionLevel},
     context::Context,
     event::{EphemeralEvent, MatrixEvent, Message, MessageType},
@@ -29,7 +29,7 @@ use xmpp_parsers::{
     jid::{FullJid, Jid},
     message::{Message as XMessage, MessageType as XMessageType},
     ns,
-    presence::Presence,
+    presence::{Presence, Show},
     stanza::Stanza,
     stanza_error::DefinedCondition,
     version::VersionResult,
@@ -38,8 +38,9 @@ use xmpp_parsers::{
 use crate::{
     config::XmppConfig,
     conn::{self, ConnConfig, ConnError, ConnEvent, XmppSender},
+    files::{FetchError, Fetcher, msgtype_of},
     ids::{Ids, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
-    stanzas,
+    stanzas::{self, MucPresence},
 };
 
 /// How long a join or a message reflection is waited for.
@@ -95,6 +96,10 @@ struct RoomState {
     typing: HashSet<String>,
     /// Ghosts last shown typing on Matrix.
     ghosts_typing: HashSet<String>,
+    /// Matrix user → the stanza-id their occupant last sent a displayed marker for.
+    marked: HashMap<String, String>,
+    /// Occupant nick → real bare JID, for occupants the room shows it for (needed to ban).
+    real_jids: HashMap<String, String>,
 }
 
 /// Resolves with the room's stanza-id for a reflected message, or the error condition.
@@ -109,6 +114,10 @@ struct State {
     reflections: HashMap<(String, String), Reflection>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
+    /// Ghost → the Matrix presence last set for it.
+    presences: HashMap<String, String>,
+    /// Iq id → the room it went to and the waiter for its answer (an error's description).
+    iqs: HashMap<String, (String, oneshot::Sender<Result<(), String>>)>,
 }
 
 impl State {
@@ -136,6 +145,8 @@ struct Inner {
     ctx: Context<XmppConfig>,
     ids: Ids,
     xmpp: XmppSender,
+    /// Downloads files shared from XMPP.
+    files: Fetcher,
     component: String,
     bot: FullJid,
     state: Mutex<State>,
@@ -349,18 +360,28 @@ impl Inner {
 
     /// Text for XMPP from a Matrix message.
     fn xmpp_text(&self, msg: &Message) -> String {
+        self.xmpp_content(msg).0
+    }
+
+    /// Text for XMPP from a Matrix message, and for a file its out-of-band link (XEP-0066) and
+    /// name. A file's text is the link itself (so that clients show the file inline), a signed
+    /// `media_proxy` link; without one configured it is `name: mxc://…` and no link.
+    fn xmpp_content(&self, msg: &Message) -> (String, Option<(String, String)>) {
         if let Some(media) = &msg.media {
-            let link = self
-                .ctx
-                .media_link(&media.url, &media.filename)
-                .unwrap_or_else(|_| media.url.clone());
-            return format!("{}: {link}", media.filename);
+            return match self.ctx.media_link(&media.url, &media.filename) {
+                Ok(link) => (link.clone(), Some((link, media.filename.clone()))),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no public link for a Matrix file");
+                    (format!("{}: {}", media.filename, media.url), None)
+                }
+            };
         }
         let text = match &msg.html {
             Some(h) => html_to_plain(&strip_reply_fallback_html(h)),
             None => strip_reply_fallback(&msg.body).to_owned(),
         };
-        if msg.msgtype == MessageType::Emote { format!("/me {text}") } else { text }
+        let text = if msg.msgtype == MessageType::Emote { format!("/me {text}") } else { text };
+        (text, None)
     }
 
     /// Sends a groupchat message as `sender` and waits for the room to reflect it; returns the
@@ -433,6 +454,79 @@ impl Inner {
     async fn remember_text(&self, event_id: &str, text: &str) -> Result<(), BridgeError> {
         let excerpt: String = text.chars().take(100).collect();
         self.ctx.store().kv_set(&format!("xmpp.txt:{event_id}"), &excerpt).await?;
+        Ok(())
+    }
+
+    /// The Matrix content for a file an XMPP user shared at `url` (XEP-0066): downloaded and
+    /// uploaded to the homeserver as `ghost`, as `m.image`/`m.video`/`m.audio`/`m.file` with its
+    /// MIME type and size. When it cannot be fetched (too large, refused, unreachable) the
+    /// content is a text with the link and the reason, so that nothing is lost silently.
+    /// Returns the content and its text (quoted by replies).
+    async fn file_content(
+        &self,
+        ghost: &str,
+        url: &str,
+        caption: Option<&str>,
+    ) -> Result<(Value, String), BridgeError> {
+        match self.files.fetch(url).await {
+            Ok(f) => {
+                let size = f.data.len();
+                let mxc = self
+                    .ctx
+                    .intent(ghost)
+                    .upload_media(f.data, &f.mimetype, Some(&f.filename))
+                    .await?;
+                let body = caption.unwrap_or(&f.filename).to_owned();
+                let content = json!({
+                    "msgtype": msgtype_of(&f.mimetype),
+                    "body": body,
+                    "filename": f.filename,
+                    "url": mxc,
+                    "info": {"mimetype": f.mimetype, "size": size},
+                });
+                Ok((content, body))
+            }
+            Err(e) => {
+                tracing::info!(url, error = %e, "could not bridge a file");
+                let why = match &e {
+                    FetchError::TooLarge { limit } => {
+                        format!("is too large to bridge (the limit is {})", human_size(*limit))
+                    }
+                    other => format!("could not be bridged: {other}"),
+                };
+                let text = match caption {
+                    Some(c) => format!("{c}\n{url}\n(the file {why})"),
+                    None => format!("{url}\n(the file {why})"),
+                };
+                Ok((json!({"msgtype": "m.text", "body": text}), text))
+            }
+        }
+    }
+
+    /// An occupant's displayed marker (XEP-0333) for the message the room knows as `id` (its
+    /// stanza-id, or for a message from Matrix its own id, the event id): a read receipt from
+    /// the occupant's ghost.
+    async fn xmpp_displayed(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        ghost: &str,
+        id: &str,
+    ) -> Result<(), BridgeError> {
+        let mut event = self.target_event(room_id, room, id, None).await?;
+        if event.is_none()
+            && id.starts_with('$')
+            && self.ctx.store().message_by_event(room_id, id).await?.is_some()
+        {
+            event = Some(id.to_owned());
+        }
+        let Some(event) = event else {
+            tracing::debug!(room = room.bare(), id, "ignoring a marker for an unknown message");
+            return Ok(());
+        };
+        let intent = self.ctx.intent(ghost);
+        intent.ensure_joined(room_id).await?;
+        intent.send_receipt(room_id, &event).await?;
         Ok(())
     }
 
@@ -587,6 +681,7 @@ impl Inner {
                     let mut st = self.state();
                     for r in st.rooms.values_mut() {
                         r.bot_failures = 0;
+                        r.real_jids.clear();
                         for p in r.puppets.values_mut() {
                             p.joined = None;
                         }
@@ -609,6 +704,7 @@ impl Inner {
                 let mut st = self.state();
                 st.joins.clear();
                 st.reflections.clear();
+                st.iqs.clear();
                 Ok(())
             }
             ConnEvent::Stanza(s) => match &**s {
@@ -813,12 +909,21 @@ impl Inner {
         if let Some((target, keys)) = &msg.reactions {
             return self.xmpp_reactions(&portal.room_id, &room, &ghost, target, keys, &cause).await;
         }
-        let Some(body) = msg.body.clone() else { return Ok(()) };
-        let (msgtype, text) = match body.strip_prefix("/me ") {
+        if let (Some(id), None) = (&msg.displayed, &msg.body) {
+            return self.xmpp_displayed(&portal.room_id, &room, &ghost, id).await;
+        }
+        // A file (XEP-0066), unless it is a correction: those only change the text.
+        let file = msg.oob_url.clone().filter(|_| msg.replaces.is_none());
+        let Some(body) = msg.body.clone().or_else(|| file.clone()) else { return Ok(()) };
+        let (msgtype, mut text) = match body.strip_prefix("/me ") {
             Some(rest) => ("m.emote", rest.to_owned()),
             None => ("m.text", body.clone()),
         };
         let mut content = json!({"msgtype": msgtype, "body": text});
+        if let Some(url) = &file {
+            let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
+            (content, text) = self.file_content(&ghost, url, caption).await?;
+        }
         if let Some(orig) = &msg.replaces {
             let remote = format!("{ghost}|{orig}");
             let parts = self.ctx.store().messages_by_remote(&portal.room_id, &remote).await?;
@@ -853,6 +958,9 @@ impl Inner {
             )
             .await?;
             self.remember_text(&event_id, &text).await?;
+            if msg.markable {
+                self.ctx.store().kv_set(&format!("xmpp.markable:{event_id}"), "1").await?;
+            }
         }
         Ok(())
     }
@@ -871,7 +979,11 @@ impl Inner {
             return Ok(());
         }
         // Chat states, receipts and other bodyless messages are not bridged in private chats.
-        let Some((_, body)) = m.get_best_body_cloned(vec![]) else { return Ok(()) };
+        let file = stanzas::oob_url(m);
+        let Some(body) = m.get_best_body_cloned(vec![]).map(|(_, b)| b).or_else(|| file.clone())
+        else {
+            return Ok(());
+        };
         let id = m.id.as_ref().map(|i| i.0.clone());
         if let Some(id) = &id
             && !self.state().first_time(format!("dm|{bare}|{mxid}|{id}"))
@@ -917,16 +1029,12 @@ impl Inner {
             id.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
         );
         let txn = self.ctx.txn_id_for(&cause, 0);
-        self.ctx
-            .send_as(
-                &ghost,
-                &room_id,
-                "m.room.message",
-                json!({"msgtype": msgtype, "body": text}),
-                &txn,
-                None,
-            )
-            .await?;
+        let mut content = json!({"msgtype": msgtype, "body": text});
+        if let Some(url) = &file {
+            let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
+            content = self.file_content(&ghost, url, caption).await?.0;
+        }
+        self.ctx.send_as(&ghost, &room_id, "m.room.message", content, &txn, None).await?;
         Ok(())
     }
 
@@ -1085,17 +1193,43 @@ impl Inner {
         if real_is_ours || self.state().is_ours(&key, &pr.nick) {
             return Ok(());
         }
+        {
+            let mut st = self.state();
+            let r = st.rooms.entry(key.clone()).or_default();
+            match pr.real_jid.as_deref().and_then(|j| Jid::new(j).ok()) {
+                Some(j) if !pr.unavailable => {
+                    r.real_jids.insert(pr.nick.clone(), j.to_bare().to_string());
+                }
+                _ => {
+                    r.real_jids.remove(&pr.nick);
+                }
+            }
+        }
         let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? else {
             return Ok(());
         };
         let ghost = self.ids.ghost_of(&room, &pr.nick);
+        let membership = self.ctx.store().membership(&portal.room_id, &ghost).await?;
         if pr.unavailable {
-            if self.ctx.store().membership(&portal.room_id, &ghost).await?.as_deref()
-                == Some("join")
-            {
+            self.ghost_presence(&ghost, &pr).await;
+            let joined = membership.as_deref() == Some("join");
+            let why = |what: &str| {
+                let by = pr.actor.as_ref().map(|a| format!(" by {a}")).unwrap_or_default();
+                let reason = pr.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+                format!("{what} on XMPP{by}{reason}")
+            };
+            if pr.codes.contains(&301) && membership.as_deref() != Some("ban") {
+                self.ctx.bot().ban(&portal.room_id, &ghost, Some(&why("Banned"))).await?;
+            } else if joined && pr.codes.contains(&307) {
+                self.ctx.bot().kick(&portal.room_id, &ghost, Some(&why("Kicked"))).await?;
+            } else if joined {
                 self.ctx.intent(&ghost).leave(&portal.room_id).await?;
             }
         } else {
+            if membership.as_deref() == Some("ban") {
+                // Banned earlier from XMPP; the room let the occupant in again, so it was lifted.
+                self.ctx.bot().unban(&portal.room_id, &ghost, None).await?;
+            }
             self.ctx
                 .ensure_ghost(
                     &ghost,
@@ -1107,11 +1241,77 @@ impl Inner {
                 )
                 .await?;
             self.ctx.intent(&ghost).ensure_joined(&portal.room_id).await?;
+            self.ghost_power(&portal.room_id, &ghost, &pr).await;
+            self.ghost_presence(&ghost, &pr).await;
         }
         Ok(())
     }
 
+    /// Gives an occupant's ghost the power level of its affiliation and role (see
+    /// [`power_of`]) when it differs. Best effort: a bot without the power to do so is logged.
+    async fn ghost_power(&self, room_id: &str, ghost: &str, pr: &MucPresence) {
+        let level = power_of(pr.affiliation.as_deref(), pr.role.as_deref());
+        let bot = self.ctx.bot();
+        let current = match bot.power_levels(room_id).await {
+            Ok(pl) => pl["users"]
+                .get(ghost)
+                .and_then(Value::as_i64)
+                .unwrap_or_else(|| pl["users_default"].as_i64().unwrap_or(0)),
+            Err(e) => {
+                tracing::warn!(room_id, error = %e, "cannot read the power levels");
+                return;
+            }
+        };
+        if current == level {
+            return;
+        }
+        if let Err(e) = bot.set_user_power_level(room_id, ghost, level).await {
+            tracing::warn!(room_id, ghost, level, error = %e, "could not set a ghost's power level");
+        }
+    }
+
+    /// An occupant's availability as its ghost's Matrix presence (see [`presence_of`]), sent
+    /// when it changes. Best effort: a homeserver with presence disabled refuses, which is
+    /// logged.
+    async fn ghost_presence(&self, ghost: &str, pr: &MucPresence) {
+        let (presence, status) = presence_of(pr);
+        let key = format!("{presence:?}|{status:?}");
+        if self.state().presences.get(ghost) == Some(&key) {
+            return;
+        }
+        match self.ctx.intent(ghost).set_presence(presence, status.as_deref()).await {
+            Ok(()) => {
+                self.state().presences.insert(ghost.to_owned(), key);
+            }
+            Err(e) => tracing::debug!(ghost, error = %e, "could not set a ghost's presence"),
+        }
+    }
+
     fn on_iq(&self, iq: &Iq) {
+        // Answers to the bridge's own requests (room moderation).
+        let answer = match iq {
+            Iq::Result { from, id, .. } => Some((from, id, Ok(()))),
+            Iq::Error { from, id, error, .. } => {
+                let text = error.texts.values().next().cloned();
+                let cond = format!("{:?}", error.defined_condition);
+                Some((
+                    from,
+                    id,
+                    Err(text.map_or_else(|| cond.clone(), |t| format!("{t} ({cond})"))),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((from, id, result)) = answer {
+            let mut st = self.state();
+            let expected = st.iqs.get(id).is_some_and(|(room, _)| {
+                from.as_ref().is_some_and(|f| f.to_bare().to_string() == *room)
+            });
+            if expected && let Some((_, tx)) = st.iqs.remove(id) {
+                let _ = tx.send(result);
+            }
+            return;
+        }
         let (from, to, id) = match &iq {
             Iq::Get { from, to, id, .. } | Iq::Set { from, to, id, .. } => {
                 (from.clone(), to.clone(), id.clone())
@@ -1231,6 +1431,12 @@ impl Bridge for XmppBridge {
         let bot = FullJid::new(&format!("{}@{component}/{RESOURCE}", cfg.bot_localpart))
             .map_err(|e| BridgeError::Permanent(format!("bot JID: {e}")))?;
         let ping_to = component.split_once('.').map_or(component.as_str(), |(_, d)| d).to_owned();
+        let files = Fetcher::new(
+            cfg.files.max_bytes,
+            Duration::from_secs(cfg.files.timeout_secs),
+            cfg.files.allow_private_addresses,
+        )
+        .map_err(|e| BridgeError::Permanent(format!("HTTP client for files: {e}")))?;
         let (xmpp, events) = conn::spawn(
             ConnConfig {
                 jid: component.clone(),
@@ -1248,6 +1454,7 @@ impl Bridge for XmppBridge {
             ctx,
             ids,
             xmpp,
+            files,
             component,
             bot,
             state: Mutex::default(),
@@ -1295,7 +1502,7 @@ impl Bridge for XmppBridge {
         if self.inner.ctx.permission(&event.sender) < PermissionLevel::Relay {
             return Ok(());
         }
-        let text = self.inner.xmpp_text(msg);
+        let (text, oob) = self.inner.xmpp_content(msg);
         if text.trim().is_empty() {
             return Ok(());
         }
@@ -1315,6 +1522,10 @@ impl Bridge for XmppBridge {
                     if let Some((sid, to, fallback)) = &reply {
                         stanzas::add_reply(&mut m, to.as_deref(), sid, fallback);
                     }
+                    if let Some((url, name)) = &oob {
+                        stanzas::add_oob(&mut m, url, Some(name));
+                    }
+                    stanzas::add_markable(&mut m);
                     Some(m)
                 },
                 &id,
@@ -1334,44 +1545,16 @@ impl Bridge for XmppBridge {
     }
 
     async fn on_ephemeral(&self, event: &EphemeralEvent) -> Result<(), BridgeError> {
-        let EphemeralEvent::Typing { room_id, user_ids } = event else { return Ok(()) };
-        let b = &self.inner;
-        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
-        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
-        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
-        // Only occupants already in the room on this connection say they are typing.
-        let changes: Vec<(String, &str)> = {
-            let mut st = b.state();
-            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
-            let mut out = Vec::new();
-            for (mxid, p) in &r.puppets {
-                if p.joined != Some(generation) {
-                    continue;
-                }
-                let now = user_ids.contains(mxid);
-                let before = r.typing.contains(mxid);
-                if now && !before {
-                    out.push((mxid.clone(), "composing"));
-                } else if before && !now {
-                    out.push((mxid.clone(), "paused"));
-                }
+        match event {
+            EphemeralEvent::Typing { room_id, user_ids } => self.typing(room_id, user_ids).await,
+            EphemeralEvent::Receipt { room_id, event_id, user_id, .. } => {
+                self.receipt(room_id, event_id, user_id).await
             }
-            r.typing = user_ids
-                .iter()
-                .filter(|u| r.puppets.get(*u).is_some_and(|p| p.joined == Some(generation)))
-                .cloned()
-                .collect();
-            out
-        };
-        for (mxid, state) in changes {
-            if let Some(m) =
-                b.puppet_jid(&mxid).and_then(|jid| stanzas::chat_state(&jid, &xroom, state))
-            {
-                // Best effort: a lost typing notification is not worth a retry.
-                let _ = b.xmpp.send_for(m, generation);
+            EphemeralEvent::Presence { user_id, presence, status_msg } => {
+                self.presence(user_id, presence, status_msg.as_deref());
+                Ok(())
             }
         }
-        Ok(())
     }
 
     async fn on_reaction(
@@ -1495,7 +1678,7 @@ impl Bridge for XmppBridge {
         event: &MatrixEvent,
         user_id: &str,
         membership: &str,
-        _prev: Option<&str>,
+        prev: Option<&str>,
     ) -> Result<(), BridgeError> {
         if room.portal.is_none() {
             if membership == "invite"
@@ -1529,6 +1712,17 @@ impl Bridge for XmppBridge {
             return Ok(());
         };
         let b = &self.inner;
+        if matches!(membership, "leave" | "ban")
+            && prev != Some("ban")
+            && event.sender != user_id
+            && !b.ctx.is_bridge_user(&event.sender)
+            && let Some((groom, nick)) = b.ids.occupant_of_ghost(user_id)
+            && groom.bare() == xroom.bare()
+        {
+            return self
+                .matrix_removal(&portal.room_id, &xroom, event, &nick, membership == "ban")
+                .await;
+        }
         if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
             return Ok(());
         }
@@ -1575,6 +1769,208 @@ impl Bridge for XmppBridge {
 }
 
 impl XmppBridge {
+    /// Matrix typing (the room's whole list of typing users) → XEP-0085 chat states of the
+    /// users' occupants: `composing` when one starts, `paused` when one stops.
+    async fn typing(&self, room_id: &str, user_ids: &[String]) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
+        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        // Only occupants already in the room on this connection say they are typing.
+        let changes: Vec<(String, &str)> = {
+            let mut st = b.state();
+            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
+            let mut out = Vec::new();
+            for (mxid, p) in &r.puppets {
+                if p.joined != Some(generation) {
+                    continue;
+                }
+                let now = user_ids.contains(mxid);
+                let before = r.typing.contains(mxid);
+                if now && !before {
+                    out.push((mxid.clone(), "composing"));
+                } else if before && !now {
+                    out.push((mxid.clone(), "paused"));
+                }
+            }
+            r.typing = user_ids
+                .iter()
+                .filter(|u| r.puppets.get(*u).is_some_and(|p| p.joined == Some(generation)))
+                .cloned()
+                .collect();
+            out
+        };
+        for (mxid, state) in changes {
+            if let Some(m) =
+                b.puppet_jid(&mxid).and_then(|jid| stanzas::chat_state(&jid, &xroom, state))
+            {
+                // Best effort: a lost typing notification is not worth a retry.
+                let _ = b.xmpp.send_for(m, generation);
+            }
+        }
+        Ok(())
+    }
+
+    /// A Matrix user kicked or banned the ghost of the occupant `nick` (Matrix already checked
+    /// their power to): the occupant is kicked (role `none`) or banned (affiliation `outcast`,
+    /// by the real JID, which the room must show) on XMPP, by the user's own occupant when it
+    /// is in the room, else by the bot. A refusal is told in the room.
+    async fn matrix_removal(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        nick: &str,
+        ban: bool,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let what = if ban { "ban" } else { "kick" };
+        let reason = event.content.get("reason").and_then(Value::as_str);
+        let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
+        let (puppet, real) = {
+            let st = b.state();
+            let r = st.rooms.get(&xroom.bare());
+            (
+                r.and_then(|r| r.puppets.get(&event.sender))
+                    .is_some_and(|p| p.joined == Some(generation)),
+                r.and_then(|r| r.real_jids.get(nick).cloned()),
+            )
+        };
+        let from = if puppet { b.puppet_jid(&event.sender) } else { None };
+        let from = from.unwrap_or_else(|| b.bot.clone());
+        let who = if ban {
+            let Some(real) = &real else {
+                b.ctx
+                    .notice(
+                        room_id,
+                        &format!(
+                            "Could not ban {nick} on XMPP: the room does not show their address."
+                        ),
+                    )
+                    .await;
+                return Ok(());
+            };
+            ("jid", real.as_str())
+        } else {
+            ("nick", nick)
+        };
+        let change = if ban { ("affiliation", "outcast") } else { ("role", "none") };
+        let id = format!("mod-{}", rand::random::<u64>());
+        let Some(iq) = stanzas::muc_admin(&from, xroom, &id, who, change, reason) else {
+            return Err(BridgeError::Permanent(format!("cannot address {nick} in the room")));
+        };
+        let (tx, rx) = oneshot::channel();
+        b.state().iqs.insert(id.clone(), (xroom.bare(), tx));
+        if let Err(e) = b.xmpp.send_for(iq, generation) {
+            b.state().iqs.remove(&id);
+            return Err(send_err(&e));
+        }
+        let why = match tokio::time::timeout(WAIT, rx).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!(
+                    room = xroom.bare(),
+                    nick,
+                    what,
+                    by = event.sender,
+                    "removed an occupant"
+                );
+                return Ok(());
+            }
+            Ok(Ok(Err(why))) => why,
+            Ok(Err(_)) | Err(_) => {
+                b.state().iqs.remove(&id);
+                "no answer from the room".to_owned()
+            }
+        };
+        b.ctx.notice(room_id, &format!("Could not {what} {nick} on XMPP: {why}")).await;
+        Ok(())
+    }
+
+    /// A Matrix user's presence → the `<show/>` (online: none; unavailable: `away`; offline:
+    /// `xa`) and status of their occupants already in rooms on this connection. Occupants stay
+    /// in their rooms when the user goes offline.
+    fn presence(&self, user_id: &str, presence: &str, status: Option<&str>) {
+        let b = &self.inner;
+        if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
+            return;
+        }
+        let (Some(generation), Some(jid)) = (b.xmpp.generation(), b.puppet_jid(user_id)) else {
+            return;
+        };
+        let show = match presence {
+            "online" => None,
+            "unavailable" => Some(Show::Away),
+            _ => Some(Show::Xa),
+        };
+        let occupants: Vec<FullJid> = b
+            .state()
+            .rooms
+            .iter()
+            .filter_map(|(room, r)| {
+                let p = r.puppets.get(user_id).filter(|p| p.joined == Some(generation))?;
+                stanzas::occupant(&RoomJid::parse(room)?, &p.nick)
+            })
+            .collect();
+        for to in occupants {
+            let p = stanzas::occupant_presence(&jid, &to, show.clone(), status);
+            // Best effort, like typing.
+            let _ = b.xmpp.send_for(p, generation);
+        }
+    }
+
+    /// A Matrix read receipt → a XEP-0333 displayed marker from the reader's occupant, for a
+    /// message from XMPP that asked for markers and has a stanza-id. Only occupants already in
+    /// the room on this connection send markers; a repeat of the last marker is not sent again.
+    async fn receipt(
+        &self,
+        room_id: &str,
+        event_id: &str,
+        user_id: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
+        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        let joined = |b: &Inner| {
+            b.state()
+                .rooms
+                .get(&xroom.bare())
+                .and_then(|r| r.puppets.get(user_id))
+                .is_some_and(|p| p.joined == Some(generation))
+        };
+        if !joined(b) {
+            return Ok(());
+        }
+        let store = b.ctx.store();
+        if store.kv_get(&format!("xmpp.markable:{event_id}")).await?.is_none() {
+            return Ok(());
+        }
+        let Some(sid) = store.kv_get(&format!("xmpp.ev:{event_id}")).await? else {
+            return Ok(());
+        };
+        {
+            let mut st = b.state();
+            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
+            if r.marked.get(user_id) == Some(&sid) {
+                return Ok(());
+            }
+            r.marked.insert(user_id.to_owned(), sid.clone());
+        }
+        if let Some(m) =
+            b.puppet_jid(user_id).and_then(|jid| stanzas::displayed(&jid, &xroom, &sid))
+        {
+            // Best effort, like typing: a lost marker is not worth a retry.
+            let _ = b.xmpp.send_for(m, generation);
+        }
+        Ok(())
+    }
+
     /// A Matrix user invited the ghost of an XMPP user (a bare JID) to a room: it becomes their
     /// direct chat with that user.
     async fn ghost_invited(
@@ -1613,14 +2009,17 @@ impl XmppBridge {
         if event.sender != mxid {
             return Ok(());
         }
-        let text = b.xmpp_text(msg);
+        let (text, oob) = b.xmpp_content(msg);
         if text.trim().is_empty() {
             return Ok(());
         }
         let (Some(from), Ok(to)) = (b.puppet_jid(&mxid), Jid::new(&jid)) else {
             return Err(BridgeError::Permanent(format!("cannot address {jid} from {mxid}")));
         };
-        let m = stanzas::chat(&from, to, &event.event_id, &text);
+        let mut m = stanzas::chat(&from, to, &event.event_id, &text);
+        if let Some((url, name)) = &oob {
+            stanzas::add_oob(&mut m, url, Some(name));
+        }
         b.xmpp.send(m).map_err(|e| send_err(&e))
     }
 
@@ -1664,6 +2063,48 @@ impl XmppBridge {
         b.ctx.store().kv_delete(&format!("xmpp.rev:{reaction}")).await?;
         Ok(())
     }
+}
+
+/// The Matrix power level of an occupant: owners 100; admins and moderators 50; everyone else
+/// 0.
+fn power_of(affiliation: Option<&str>, role: Option<&str>) -> i64 {
+    match (affiliation, role) {
+        (Some("owner"), _) => 100,
+        (Some("admin"), _) | (_, Some("moderator")) => 50,
+        _ => 0,
+    }
+}
+
+/// The Matrix presence of an occupant: available (or `chat`) → online; `away`, `xa` and `dnd`
+/// → unavailable (`dnd` says so in the status message when there is none); gone → offline.
+fn presence_of(pr: &MucPresence) -> (MatrixPresence, Option<String>) {
+    if pr.unavailable {
+        return (MatrixPresence::Offline, None);
+    }
+    match pr.show.as_deref() {
+        Some("away" | "xa") => (MatrixPresence::Unavailable, pr.status.clone()),
+        Some("dnd") => (
+            MatrixPresence::Unavailable,
+            Some(pr.status.clone().unwrap_or_else(|| "Do not disturb".to_owned())),
+        ),
+        _ => (MatrixPresence::Online, pr.status.clone()),
+    }
+}
+
+/// A byte count for people: `512 bytes`, `1.5 MiB`.
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    #[allow(clippy::cast_precision_loss)] // Display only.
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 fn now_ms() -> i64 {
