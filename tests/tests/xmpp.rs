@@ -1145,6 +1145,25 @@ async fn moderation_body(env: &mut Env) -> anyhow::Result<()> {
         .send()
         .await?;
     assert!(resp.status().is_success(), "{}", resp.status());
+    // Refused on XMPP while the user's occupant is only a participant there: told in a notice;
+    // the occupant's next message brings its ghost back.
+    alice
+        .post(&format!("/rooms/{room}/kick"), json!({"user_id": bob_ghost, "reason": "first try"}))
+        .await?;
+    let notice = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).contains("Could not kick XBob")
+        })
+        .await?;
+    assert_eq!(notice["sender"], "@xmppbot:localhost");
+    assert!(
+        body(&notice).contains("not-allowed") || body(&notice).contains("forbidden"),
+        "{notice}"
+    );
+    bob.say("mod", "b1", "still here")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "still here").await?;
+    assert_eq!(m["sender"], bob_ghost);
+
     admin(&owner, "mod", "mod2", &[("nick", "alice"), ("role", "moderator")])?;
     owner
         .wait_presence(T, |p| {

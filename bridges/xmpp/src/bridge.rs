@@ -1293,7 +1293,10 @@ impl Inner {
             Iq::Result { from, id, .. } => Some((from, id, Ok(()))),
             Iq::Error { from, id, error, .. } => {
                 let text = error.texts.values().next().cloned();
-                let cond = format!("{:?}", error.defined_condition);
+                // The condition's element name (`not-allowed`), as the room sent it.
+                let cond = xmpp_parsers::minidom::Element::from(error.defined_condition.clone())
+                    .name()
+                    .to_owned();
                 Some((
                     from,
                     id,
@@ -2111,4 +2114,46 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affiliations_and_roles_map_to_power_levels() {
+        assert_eq!(power_of(Some("owner"), Some("moderator")), 100);
+        assert_eq!(power_of(Some("admin"), Some("moderator")), 50);
+        assert_eq!(power_of(Some("member"), Some("moderator")), 50);
+        assert_eq!(power_of(Some("member"), Some("participant")), 0);
+        assert_eq!(power_of(None, None), 0);
+    }
+
+    #[test]
+    fn shows_map_to_matrix_presence() {
+        let pr = |show: Option<&str>, status: Option<&str>, unavailable: bool| MucPresence {
+            show: show.map(str::to_owned),
+            status: status.map(str::to_owned),
+            unavailable,
+            ..MucPresence::default()
+        };
+        let p = |m: &MucPresence| {
+            let (p, s) = presence_of(m);
+            (format!("{p:?}"), s)
+        };
+        assert_eq!(p(&pr(None, Some("hi"), false)), ("Online".into(), Some("hi".into())));
+        assert_eq!(p(&pr(Some("chat"), None, false)), ("Online".into(), None));
+        assert_eq!(
+            p(&pr(Some("xa"), Some("gone"), false)),
+            ("Unavailable".into(), Some("gone".into()))
+        );
+        assert_eq!(
+            p(&pr(Some("dnd"), None, false)),
+            ("Unavailable".into(), Some("Do not disturb".into()))
+        );
+        assert_eq!(p(&pr(Some("away"), Some("x"), true)), ("Offline".into(), None));
+        assert_eq!(human_size(512), "512 bytes");
+        assert_eq!(human_size(100_000), "97.7 KiB");
+        assert_eq!(human_size(50 * 1024 * 1024), "50.0 MiB");
+    }
 }
