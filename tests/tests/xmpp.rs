@@ -906,6 +906,41 @@ async fn files_body(env: &mut Env) -> anyhow::Result<()> {
     let resp = reqwest::get(&link).await?;
     assert!(resp.status().is_success(), "{}", resp.status());
     assert_eq!(resp.bytes().await?.to_vec(), data);
+
+    // Private chats carry files too: an OOB URL sent to the Matrix user's JID arrives as an
+    // m.image in the direct chat, and a Matrix file there goes back as a chat message with OOB.
+    // (Available, so that the server delivers messages to the bare JID to this resource.)
+    xmpp.send(stanza("presence", &[]).build())?;
+    xmpp.send(
+        stanza(
+            "message",
+            &[("type", "chat"), ("to", &format!("alice=3alocalhost@{COMPONENT}")), ("id", "fdm1")],
+        )
+        .append(
+            tokio_xmpp::minidom::Element::builder("body", "jabber:client").append(&*url).build(),
+        )
+        .append(oob(&url))
+        .build(),
+    )?;
+    let dm = alice.wait_for_invite(T).await?;
+    alice.join(&dm).await?;
+    let m = alice.wait_for_message(&dm, T, |e| e["content"]["msgtype"] == "m.image").await?;
+    assert_eq!(m["sender"], "@xmpp_xalice=40localhost:localhost");
+    assert_eq!(m["content"]["info"]["size"], PNG.len());
+    alice
+        .send(
+            &dm,
+            "m.room.message",
+            json!({"msgtype": "m.file", "body": "report.pdf", "filename": "report.pdf", "url": mxc,
+                "info": {"mimetype": "application/pdf", "size": data.len()}}),
+        )
+        .await?;
+    let s = xmpp
+        .wait_stanza(T, |s| {
+            s.starts_with("<message") && s.contains("type=\"chat\"") && s.contains("jabber:x:oob")
+        })
+        .await?;
+    assert!(element_text(&s, "url").is_some_and(|u| u.ends_with("/report%2Epdf")), "{s}");
     Ok(())
 }
 
