@@ -1065,6 +1065,77 @@ async fn presence_body(env: &mut Env) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets `user`'s power level in `room` as the bridge bot (with the registration's token: the
+/// test users have no power in portals the bot created), read through `reader`.
+async fn set_power_as_bot(
+    env: &Env,
+    reader: &MatrixUser,
+    room: &str,
+    user: &str,
+    level: i64,
+) -> anyhow::Result<()> {
+    let reg: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        env._dir.path().join("xmpp-registration.yaml"),
+    )?)?;
+    let as_token = reg["as_token"].as_str().unwrap_or_default().to_owned();
+    let mut pl = reader.state(room, "m.room.power_levels", "").await?.unwrap_or_default();
+    pl["users"][user] = json!(level);
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/?user_id=@xmppbot:localhost",
+            env.synapse.url()
+        ))
+        .bearer_auth(&as_token)
+        .json(&pl)
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status().is_success(), "setting power levels: {}", resp.status());
+    Ok(())
+}
+
+#[tokio::test]
+async fn matrix_power_levels_become_occupant_roles() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = matrix_power_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_power_body(env: &mut Env) -> anyhow::Result<()> {
+    // The bot created the room, so it is its owner and may change roles. The bot makes alice
+    // an admin on Matrix (the bridge ignores its own changes); alice then promotes bob.
+    let (alice, room, xmpp) = portal(env, "pl").await?;
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 100).await?;
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    bob.join(&room).await?;
+    let from = format!("from=\"pl@{MUC}/bob\"");
+    xmpp.wait_presence(T, |p| p.contains(&from)).await?;
+    let set_bob = |level: i64| {
+        let (alice, bob, room) = (&alice, &bob, &room);
+        async move {
+            let mut pl = alice.state(room, "m.room.power_levels", "").await?.unwrap_or_default();
+            pl["users"][bob.user_id.as_str()] = json!(level);
+            alice.put(&format!("/rooms/{room}/state/m.room.power_levels/"), pl).await
+        }
+    };
+    let role = |r: &str| format!("role=\"{r}\"");
+
+    // Power level 50 → moderator; back to 0 → participant.
+    set_bob(50).await?;
+    let moderator = role("moderator");
+    xmpp.wait_presence(T, |p| p.contains(&from) && p.contains(&moderator)).await?;
+    let before = xmpp.presences().len();
+    set_bob(0).await?;
+    let participant = role("participant");
+    trestle_e2e::wait_for("the occupant back to participant", T, || async {
+        xmpp.presences()[before..]
+            .iter()
+            .any(|p| p.contains(&from) && p.contains(&participant))
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn affiliations_become_power_levels_and_kicks_and_bans_are_bridged() -> anyhow::Result<()> {
     let mut env = start().await?;
@@ -1164,22 +1235,7 @@ async fn moderation_body(env: &mut Env) -> anyhow::Result<()> {
 
     // A Matrix kick of the ghost by a user with the power to → the occupant is kicked on XMPP
     // by the user's own occupant (a moderator there).
-    let reg: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
-        env._dir.path().join("xmpp-registration.yaml"),
-    )?)?;
-    let as_token = reg["as_token"].as_str().unwrap_or_default().to_owned();
-    let mut pl = alice.state(&room, "m.room.power_levels", "").await?.unwrap_or_default();
-    pl["users"][alice.user_id.as_str()] = json!(50);
-    let resp = reqwest::Client::new()
-        .put(format!(
-            "{}/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/?user_id=@xmppbot:localhost",
-            env.synapse.url()
-        ))
-        .bearer_auth(&as_token)
-        .json(&pl)
-        .send()
-        .await?;
-    assert!(resp.status().is_success(), "{}", resp.status());
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 50).await?;
     // Refused on XMPP while the user's occupant is only a participant there: told in a notice;
     // the occupant's next message brings its ghost back.
     alice

@@ -530,6 +530,37 @@ impl Inner {
         Ok(())
     }
 
+    /// Sends a MUC admin request (see [`stanzas::muc_admin`]) from `from` on connection
+    /// `generation` and waits for the room's answer: `Ok(Err(why))` when the room refuses or
+    /// does not answer in time.
+    async fn admin_request(
+        &self,
+        room: &RoomJid,
+        from: &FullJid,
+        who: (&str, &str),
+        change: (&str, &str),
+        reason: Option<&str>,
+        generation: u64,
+    ) -> Result<Result<(), String>, BridgeError> {
+        let id = format!("admin-{}", rand::random::<u64>());
+        let Some(iq) = stanzas::muc_admin(from, room, &id, who, change, reason) else {
+            return Err(BridgeError::Permanent(format!("cannot address {} in the room", who.1)));
+        };
+        let (tx, rx) = oneshot::channel();
+        self.state().iqs.insert(id.clone(), (room.bare(), tx));
+        if let Err(e) = self.xmpp.send_for(iq, generation) {
+            self.state().iqs.remove(&id);
+            return Err(send_err(&e));
+        }
+        match tokio::time::timeout(WAIT, rx).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) | Err(_) => {
+                self.state().iqs.remove(&id);
+                Ok(Err("no answer from the room".to_owned()))
+            }
+        }
+    }
+
     /// The Matrix event of the message the room knows as `id`: by the room's stanza-id, or else
     /// (clients that use the message's own id) by the sender's message id, when the sender's
     /// occupant JID `to` is known.
@@ -1560,6 +1591,22 @@ impl Bridge for XmppBridge {
         }
     }
 
+    async fn on_room_state(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+    ) -> Result<(), BridgeError> {
+        if event.event_type != "m.room.power_levels" || event.state_key.as_deref() != Some("") {
+            return Ok(());
+        }
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        self.matrix_power(&portal.room_id, &xroom, event).await
+    }
+
     async fn on_reaction(
         &self,
         room: &RoomContext,
@@ -1861,18 +1908,8 @@ impl XmppBridge {
             ("nick", nick)
         };
         let change = if ban { ("affiliation", "outcast") } else { ("role", "none") };
-        let id = format!("mod-{}", rand::random::<u64>());
-        let Some(iq) = stanzas::muc_admin(&from, xroom, &id, who, change, reason) else {
-            return Err(BridgeError::Permanent(format!("cannot address {nick} in the room")));
-        };
-        let (tx, rx) = oneshot::channel();
-        b.state().iqs.insert(id.clone(), (xroom.bare(), tx));
-        if let Err(e) = b.xmpp.send_for(iq, generation) {
-            b.state().iqs.remove(&id);
-            return Err(send_err(&e));
-        }
-        let why = match tokio::time::timeout(WAIT, rx).await {
-            Ok(Ok(Ok(()))) => {
+        match b.admin_request(xroom, &from, who, change, reason, generation).await? {
+            Ok(()) => {
                 tracing::info!(
                     room = xroom.bare(),
                     nick,
@@ -1880,15 +1917,63 @@ impl XmppBridge {
                     by = event.sender,
                     "removed an occupant"
                 );
-                return Ok(());
             }
-            Ok(Ok(Err(why))) => why,
-            Ok(Err(_)) | Err(_) => {
-                b.state().iqs.remove(&id);
-                "no answer from the room".to_owned()
+            Err(why) => {
+                b.ctx.notice(room_id, &format!("Could not {what} {nick} on XMPP: {why}")).await;
             }
+        }
+        Ok(())
+    }
+
+    /// Matrix power levels → the roles of the Matrix users' occupants: a user whose level
+    /// reaches 50 becomes a `moderator`, one who drops below it a `participant` again (only
+    /// users whose level crossed 50 in this change, or, without the previous content, who
+    /// reached it). The bot asks the room, so it must be an admin or owner there (it is in rooms
+    /// it created); a refusal is told in a notice. Ghosts' levels are not sent back.
+    async fn matrix_power(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        let level = |c: &Value, u: &str| {
+            c["users"]
+                .get(u)
+                .and_then(Value::as_i64)
+                .unwrap_or_else(|| c["users_default"].as_i64().unwrap_or(0))
         };
-        b.ctx.notice(room_id, &format!("Could not {what} {nick} on XMPP: {why}")).await;
+        let prev = event.unsigned.get("prev_content").filter(|p| p.is_object());
+        let puppets: Vec<(String, String)> = b
+            .state()
+            .rooms
+            .get(&xroom.bare())
+            .map(|r| {
+                r.puppets
+                    .iter()
+                    .filter(|(_, p)| p.joined == Some(generation))
+                    .map(|(m, p)| (m.clone(), p.nick.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (mxid, nick) in puppets {
+            let now = level(&event.content, &mxid) >= 50;
+            match prev.map(|p| level(p, &mxid) >= 50) {
+                Some(before) if before == now => continue,
+                None if !now => continue,
+                _ => {}
+            }
+            let role = if now { "moderator" } else { "participant" };
+            let result = b
+                .admin_request(xroom, &b.bot, ("nick", &nick), ("role", role), None, generation)
+                .await?;
+            if let Err(why) = result {
+                b.ctx
+                    .notice(room_id, &format!("Could not make {nick} a {role} on XMPP: {why}"))
+                    .await;
+            }
+        }
         Ok(())
     }
 
