@@ -468,14 +468,24 @@ impl Inner {
         url: &str,
         caption: Option<&str>,
     ) -> Result<(Value, String), BridgeError> {
-        match self.files.fetch(url).await {
+        let why = match self.files.fetch(url).await {
             Ok(f) => {
                 let size = f.data.len();
-                let mxc = self
-                    .ctx
-                    .intent(ghost)
-                    .upload_media(f.data, &f.mimetype, Some(&f.filename))
-                    .await?;
+                let intent = self.ctx.intent(ghost);
+                let upload = intent.upload_media(f.data, &f.mimetype, Some(&f.filename));
+                let mxc = match upload.await.map_err(BridgeError::from) {
+                    Ok(mxc) => mxc,
+                    Err(e) if e.is_retryable() => return Err(e),
+                    // Refused for good (too large for the homeserver, say): the link instead.
+                    Err(e) => {
+                        tracing::info!(url, error = %e, "the homeserver refused a file");
+                        return Ok(Self::file_link(
+                            url,
+                            caption,
+                            &format!("could not be uploaded to Matrix: {e}"),
+                        ));
+                    }
+                };
                 let body = caption.unwrap_or(&f.filename).to_owned();
                 let content = json!({
                     "msgtype": msgtype_of(&f.mimetype),
@@ -484,23 +494,24 @@ impl Inner {
                     "url": mxc,
                     "info": {"mimetype": f.mimetype, "size": size},
                 });
-                Ok((content, body))
+                return Ok((content, body));
             }
-            Err(e) => {
-                tracing::info!(url, error = %e, "could not bridge a file");
-                let why = match &e {
-                    FetchError::TooLarge { limit } => {
-                        format!("is too large to bridge (the limit is {})", human_size(*limit))
-                    }
-                    other => format!("could not be bridged: {other}"),
-                };
-                let text = match caption {
-                    Some(c) => format!("{c}\n{url}\n(the file {why})"),
-                    None => format!("{url}\n(the file {why})"),
-                };
-                Ok((json!({"msgtype": "m.text", "body": text}), text))
+            Err(FetchError::TooLarge { limit }) => {
+                format!("is too large to bridge (the limit is {})", human_size(limit))
             }
-        }
+            Err(e) => format!("could not be bridged: {e}"),
+        };
+        tracing::info!(url, why, "could not bridge a file");
+        Ok(Self::file_link(url, caption, &why))
+    }
+
+    /// A text with a file's link (and caption) and why the file itself is not there.
+    fn file_link(url: &str, caption: Option<&str>, why: &str) -> (Value, String) {
+        let text = match caption {
+            Some(c) => format!("{c}\n{url}\n(the file {why})"),
+            None => format!("{url}\n(the file {why})"),
+        };
+        (json!({"msgtype": "m.text", "body": text}), text)
     }
 
     /// An occupant's displayed marker (XEP-0333) for the message the room knows as `id` (its
