@@ -11,6 +11,8 @@ use trestle_e2e::{
 };
 
 const T: Duration = Duration::from_secs(30);
+/// The bridge's file size limit in the tests.
+const FILE_LIMIT: usize = 100_000;
 
 struct Env {
     synapse: Synapse,
@@ -21,7 +23,7 @@ struct Env {
 
 async fn start() -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-xmpp-").tempdir()?;
-    let prosody = Prosody::start(&[("xalice", "secret-pass")]).await?;
+    let prosody = Prosody::start(&[("xalice", "secret-pass"), ("xbob", "secret-pass")]).await?;
     let port = free_port();
     let config = dir.path().join("xmpp.yaml");
     let reg = dir.path().join("xmpp-registration.yaml");
@@ -35,8 +37,10 @@ async fn start() -> anyhow::Result<Env> {
                  database: {{ path: \"{}\" }}\n\
                  logging: {{ level: \"info,trestle=debug,trestle_xmpp=debug\" }}\n\
                  permissions: {{ \"*\": user }}\n\
+                 media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
                  bridge:\n  component:\n    jid: {COMPONENT}\n    secret: {SECRET}\n    host: 127.0.0.1\n    port: {}\n\
-                 \x20 muc_services: [{MUC}]\n  connection:\n    reconnect_min_ms: 200\n    reconnect_max_ms: 2000\n",
+                 \x20 muc_services: [{MUC}]\n  connection:\n    reconnect_min_ms: 200\n    reconnect_max_ms: 2000\n\
+                 \x20 files:\n    max_bytes: {FILE_LIMIT}\n    allow_private_addresses: true\n",
                 reg.display(),
                 dir.path().join("xmpp.db").display(),
                 prosody.component_port()
@@ -706,11 +710,13 @@ async fn component_answers_disco_version_and_ping_and_rejects_private_messages_b
         "urn:xmpp:fallback:0",
         "urn:xmpp:reactions:0",
         "http://jabber.org/protocol/chatstates",
+        "urn:xmpp:chat-markers:0",
+        "jabber:x:oob",
     ] {
         assert!(info.contains(f), "{f} missing: {info}");
     }
-    // Nothing that is not implemented (read markers, receipts, uploads).
-    for f in ["urn:xmpp:chat-markers:0", "urn:xmpp:receipts", "urn:xmpp:http:upload:0"] {
+    // Nothing that is not implemented (delivery receipts, uploads to the component).
+    for f in ["urn:xmpp:receipts", "urn:xmpp:http:upload:0"] {
         assert!(!info.contains(f), "{f} announced: {info}");
     }
     let version = xmpp.iq_get(COMPONENT, "query", "jabber:iq:version").await?;
@@ -793,6 +799,490 @@ async fn nick_conflict_body(env: &mut Env) -> anyhow::Result<()> {
     xmpp.say("clash", "c1", "the XMPP one")?;
     let m = alice.wait_for_message(&room, T, |e| body(e) == "the XMPP one").await?;
     assert_eq!(m["sender"], "@xmpp_clash=40conference.localhost/alice:localhost");
+    Ok(())
+}
+
+/// Serves `files` (path, content type, bytes) over HTTP on loopback, as an XMPP user's upload
+/// service (XEP-0363) would; returns the base URL.
+async fn serve_files(files: Vec<(&'static str, &'static str, Vec<u8>)>) -> anyhow::Result<String> {
+    let mut app = axum::Router::new();
+    for (path, content_type, data) in files {
+        app = app.route(
+            path,
+            axum::routing::get(move || {
+                let data = data.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, content_type)], data) }
+            }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}"))
+}
+
+/// A 1×1 PNG.
+const PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0xda, 0x63, 0xf8, 0xff, 0xff, 0x3f,
+    0x00, 0x05, 0xfe, 0x02, 0xfe, 0xa7, 0x35, 0x81, 0x84, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e,
+    0x44, 0xae, 0x42, 0x60, 0x82,
+];
+
+/// The text of the first `<name>` element in `xml` (entities for `&` unescaped).
+fn element_text(xml: &str, name: &str) -> Option<String> {
+    let start = xml.find(&format!("<{name}"))?;
+    let open_end = start + xml[start..].find('>')? + 1;
+    let close = open_end + xml[open_end..].find(&format!("</{name}>"))?;
+    Some(xml[open_end..close].replace("&amp;", "&"))
+}
+
+#[tokio::test]
+async fn files_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = files_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn files_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "files").await?;
+    let ghost = "@xmpp_files=40conference.localhost/_x_alice:localhost";
+    let big = vec![7u8; FILE_LIMIT + 1];
+    let base = serve_files(vec![
+        ("/up/cat.png", "image/png", PNG.to_vec()),
+        ("/up/big.bin", "application/octet-stream", big),
+    ])
+    .await?;
+    let oob = |url: &str| {
+        let mut x = payload("x", "jabber:x:oob", &[]);
+        x.append_child(
+            tokio_xmpp::minidom::Element::builder("url", "jabber:x:oob").append(url).build(),
+        );
+        x
+    };
+
+    // XMPP → Matrix: an OOB URL (body = URL, as XEP-0363 clients send it) becomes an m.image
+    // uploaded to the homeserver, with its MIME type and size.
+    let url = format!("{base}/up/cat.png");
+    xmpp.say_with("files", "f1", &url, vec![oob(&url)])?;
+    let m = alice.wait_for_message(&room, T, |e| e["content"]["msgtype"] == "m.image").await?;
+    assert_eq!(m["sender"], ghost);
+    assert_eq!(body(&m), "cat.png");
+    assert_eq!(m["content"]["info"]["mimetype"], "image/png");
+    assert_eq!(m["content"]["info"]["size"], PNG.len());
+    let mxc = m["content"]["url"].as_str().unwrap_or_default();
+    assert!(mxc.starts_with("mxc://localhost/"), "{m}");
+    let (bytes, _) = alice.download(mxc).await?;
+    assert_eq!(bytes, PNG);
+
+    // Too large: the link arrives as text with the reason, nothing is uploaded.
+    let big_url = format!("{base}/up/big.bin");
+    xmpp.say_with("files", "f2", &big_url, vec![oob(&big_url)])?;
+    let m = alice.wait_for_message(&room, T, |e| body(e).contains("big.bin")).await?;
+    assert_eq!(m["content"]["msgtype"], "m.text");
+    assert!(body(&m).contains("too large") && body(&m).contains(&big_url), "{m}");
+
+    // Matrix → XMPP: an m.file goes as a signed media link, in the body and as XEP-0066 OOB;
+    // fetching it returns the same bytes.
+    let data = b"%PDF-1.4 not really a PDF \x00\x01\x02".to_vec();
+    let mxc = alice.upload(data.clone(), "application/pdf", "report.pdf").await?;
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.file", "body": "report.pdf", "filename": "report.pdf", "url": mxc,
+                "info": {"mimetype": "application/pdf", "size": data.len()}}),
+        )
+        .await?;
+    let seen =
+        xmpp.wait_message(T, |s| s.nick == "alice" && s.xml.contains("jabber:x:oob")).await?;
+    let link = element_text(&seen.xml, "url").expect("an OOB url");
+    assert_eq!(seen.body, link);
+    assert!(link.contains("/media/") && link.ends_with("/report%2Epdf"), "{link}");
+    assert_eq!(element_text(&seen.xml, "desc").as_deref(), Some("report.pdf"));
+    let resp = reqwest::get(&link).await?;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(resp.bytes().await?.to_vec(), data);
+
+    // Private chats carry files too: an OOB URL sent to the Matrix user's JID arrives as an
+    // m.image in the direct chat, and a Matrix file there goes back as a chat message with OOB.
+    // (Available, so that the server delivers messages to the bare JID to this resource.)
+    xmpp.send(stanza("presence", &[]).build())?;
+    xmpp.send(
+        stanza(
+            "message",
+            &[("type", "chat"), ("to", &format!("alice=3alocalhost@{COMPONENT}")), ("id", "fdm1")],
+        )
+        .append(
+            tokio_xmpp::minidom::Element::builder("body", "jabber:client").append(&*url).build(),
+        )
+        .append(oob(&url))
+        .build(),
+    )?;
+    let dm = alice.wait_for_invite(T).await?;
+    alice.join(&dm).await?;
+    let m = alice.wait_for_message(&dm, T, |e| e["content"]["msgtype"] == "m.image").await?;
+    assert_eq!(m["sender"], "@xmpp_xalice=40localhost:localhost");
+    assert_eq!(m["content"]["info"]["size"], PNG.len());
+    alice
+        .send(
+            &dm,
+            "m.room.message",
+            json!({"msgtype": "m.file", "body": "report.pdf", "filename": "report.pdf", "url": mxc,
+                "info": {"mimetype": "application/pdf", "size": data.len()}}),
+        )
+        .await?;
+    let s = xmpp
+        .wait_stanza(T, |s| {
+            s.starts_with("<message") && s.contains("type=\"chat\"") && s.contains("jabber:x:oob")
+        })
+        .await?;
+    assert!(element_text(&s, "url").is_some_and(|u| u.ends_with("/report%2Epdf")), "{s}");
+    Ok(())
+}
+
+const NS_MARKERS: &str = "urn:xmpp:chat-markers:0";
+
+#[tokio::test]
+async fn read_markers_and_receipts_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = markers_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn markers_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "mk").await?;
+    let ghost = "@xmpp_mk=40conference.localhost/_x_alice:localhost";
+
+    // Matrix messages ask for markers; an XMPP displayed marker (by the room's stanza-id) is
+    // the ghost's read receipt on the event.
+    let ev = alice.send_text(&room, "read me please").await?;
+    let seen = xmpp.wait_message(T, |s| s.body == "read me please").await?;
+    assert!(seen.xml.contains(&format!("<markable xmlns=\"{NS_MARKERS}\"")), "{}", seen.xml);
+    let sid = seen.stanza_id.clone().expect("the room stamps a stanza-id");
+    xmpp.send(
+        stanza("message", &[("type", "groupchat"), ("to", &format!("mk@{MUC}")), ("id", "d1")])
+            .append(payload("displayed", NS_MARKERS, &[("id", &sid)]))
+            .build(),
+    )?;
+    trestle_e2e::wait_for("the ghost's read receipt", T, || async {
+        let s = sync(&alice).await.ok()?;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array()?.clone();
+        eph.iter()
+            .any(|e| e["type"] == "m.receipt" && e["content"][&ev]["m.read"][ghost].is_object())
+            .then_some(())
+    })
+    .await?;
+
+    // A Matrix read receipt on a markable XMPP message → a displayed marker from the user's
+    // occupant, for the room's stanza-id.
+    xmpp.say_with("mk", "m2", "did you read this?", vec![payload("markable", NS_MARKERS, &[])])?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "did you read this?").await?;
+    let own = xmpp.wait_message(T, |s| s.body == "did you read this?").await?;
+    let sid2 = own.stanza_id.clone().expect("the room stamps a stanza-id");
+    let event = m["event_id"].as_str().unwrap_or_default();
+    alice.post(&format!("/rooms/{room}/receipt/m.read/{event}"), json!({})).await?;
+    let from = format!("from=\"mk@{MUC}/alice\"");
+    let marker = format!("id=\"{sid2}\"");
+    let s = xmpp
+        .wait_stanza(T, |s| {
+            s.starts_with("<message") && s.contains(&from) && s.contains("<displayed")
+        })
+        .await?;
+    assert!(s.contains(&marker) && !s.contains("<body"), "{s}");
+    // The ghost's own receipt never comes back as a marker from the Matrix user.
+    let markers = xmpp
+        .stanzas()
+        .into_iter()
+        .filter(|s| s.contains(&from) && s.contains("<displayed"))
+        .count();
+    assert_eq!(markers, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn presence_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = presence_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn presence_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "pr").await?;
+    let ghost = "@xmpp_pr=40conference.localhost/_x_alice:localhost";
+    let to = format!("pr@{MUC}/XAlice");
+    let show = |show: &str, status: &str| {
+        let mut p = stanza("presence", &[("to", &to)]);
+        if !show.is_empty() {
+            p = p.append(
+                tokio_xmpp::minidom::Element::builder("show", "jabber:client").append(show).build(),
+            );
+        }
+        p.append(
+            tokio_xmpp::minidom::Element::builder("status", "jabber:client").append(status).build(),
+        )
+        .build()
+    };
+    let presence_is = |want: &'static str, status: &'static str| {
+        let alice = &alice;
+        async move {
+            trestle_e2e::wait_for("the ghost's presence", T, || async {
+                let id = percent_encoding::utf8_percent_encode(
+                    ghost,
+                    percent_encoding::NON_ALPHANUMERIC,
+                );
+                let p = alice.get(&format!("/presence/{id}/status")).await.ok()?;
+                (p["presence"] == want && p["status_msg"] == status).then_some(())
+            })
+            .await
+        }
+    };
+
+    // XMPP <show/> → the ghost's Matrix presence, with the status message.
+    xmpp.send(show("away", "at lunch"))?;
+    presence_is("unavailable", "at lunch").await?;
+    xmpp.send(show("dnd", "in a meeting"))?;
+    presence_is("unavailable", "in a meeting").await?;
+    xmpp.send(show("", "back"))?;
+    presence_is("online", "back").await?;
+
+    // Matrix presence → the occupant's <show/>.
+    alice
+        .put(
+            &format!("/presence/{}/status", alice.user_id),
+            json!({"presence": "unavailable", "status_msg": "brb"}),
+        )
+        .await?;
+    let from = format!("from=\"pr@{MUC}/alice\"");
+    xmpp.wait_presence(T, |p| {
+        p.contains(&from) && p.contains(">away</show>") && p.contains(">brb<")
+    })
+    .await?;
+    let _ = room;
+    Ok(())
+}
+
+/// Sets `user`'s power level in `room` as the bridge bot (with the registration's token: the
+/// test users have no power in portals the bot created), read through `reader`.
+async fn set_power_as_bot(
+    env: &Env,
+    reader: &MatrixUser,
+    room: &str,
+    user: &str,
+    level: i64,
+) -> anyhow::Result<()> {
+    let reg: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        env._dir.path().join("xmpp-registration.yaml"),
+    )?)?;
+    let as_token = reg["as_token"].as_str().unwrap_or_default().to_owned();
+    let mut pl = reader.state(room, "m.room.power_levels", "").await?.unwrap_or_default();
+    pl["users"][user] = json!(level);
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/?user_id=@xmppbot:localhost",
+            env.synapse.url()
+        ))
+        .bearer_auth(&as_token)
+        .json(&pl)
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status().is_success(), "setting power levels: {}", resp.status());
+    Ok(())
+}
+
+#[tokio::test]
+async fn matrix_power_levels_become_occupant_roles() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = matrix_power_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_power_body(env: &mut Env) -> anyhow::Result<()> {
+    // The bot created the room, so it is its owner and may change roles. The bot makes alice
+    // an admin on Matrix (the bridge ignores its own changes); alice then promotes bob.
+    let (alice, room, xmpp) = portal(env, "pl").await?;
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 100).await?;
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    bob.join(&room).await?;
+    let from = format!("from=\"pl@{MUC}/bob\"");
+    xmpp.wait_presence(T, |p| p.contains(&from)).await?;
+    let set_bob = |level: i64| {
+        let (alice, bob, room) = (&alice, &bob, &room);
+        async move {
+            let mut pl = alice.state(room, "m.room.power_levels", "").await?.unwrap_or_default();
+            pl["users"][bob.user_id.as_str()] = json!(level);
+            alice.put(&format!("/rooms/{room}/state/m.room.power_levels/"), pl).await
+        }
+    };
+    let role = |r: &str| format!("role=\"{r}\"");
+
+    // Power level 50 → moderator; back to 0 → participant.
+    set_bob(50).await?;
+    let moderator = role("moderator");
+    xmpp.wait_presence(T, |p| p.contains(&from) && p.contains(&moderator)).await?;
+    let before = xmpp.presences().len();
+    set_bob(0).await?;
+    let participant = role("participant");
+    trestle_e2e::wait_for("the occupant back to participant", T, || async {
+        xmpp.presences()[before..]
+            .iter()
+            .any(|p| p.contains(&from) && p.contains(&participant))
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn affiliations_become_power_levels_and_kicks_and_bans_are_bridged() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = moderation_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+/// A MUC admin change (XEP-0045 §8/§9) of one `<item>` with `attrs`, from the test client.
+fn admin(xmpp: &XmppClient, room: &str, id: &str, attrs: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut item = payload("item", "http://jabber.org/protocol/muc#admin", attrs);
+    item.append_child(
+        tokio_xmpp::minidom::Element::builder("reason", "http://jabber.org/protocol/muc#admin")
+            .append("enough")
+            .build(),
+    );
+    let mut q = payload("query", "http://jabber.org/protocol/muc#admin", &[]);
+    q.append_child(item);
+    xmpp.send(
+        stanza("iq", &[("type", "set"), ("id", id), ("to", &format!("{room}@{MUC}"))])
+            .append(q)
+            .build(),
+    )
+}
+
+async fn moderation_body(env: &mut Env) -> anyhow::Result<()> {
+    // The XMPP user creates the room (its owner), another XMPP user joins, then the portal.
+    let owner = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    owner.join("mod", "XAlice").await?;
+    let bob = XmppClient::connect(env.prosody.c2s_port(), "xbob", "secret-pass").await?;
+    bob.join("mod", "XBob").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join(&format!("#xmpp_mod_{MUC}:localhost")).await?;
+    let owner_ghost = "@xmpp_mod=40conference.localhost/_x_alice:localhost";
+    let bob_ghost = "@xmpp_mod=40conference.localhost/_x_bob:localhost";
+    let level = |user: &'static str| {
+        let alice = &alice;
+        let room = &room;
+        async move {
+            let pl = alice.state(room, "m.room.power_levels", "").await.ok()??;
+            pl["users"][user].as_i64()
+        }
+    };
+
+    // The owner's ghost gets 100; a participant stays at the default; a moderator gets 50.
+    trestle_e2e::wait_for("the owner's power level", T, || async {
+        (level(owner_ghost).await == Some(100)).then_some(())
+    })
+    .await?;
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == bob_ghost
+                && e["content"]["membership"] == "join"
+        })
+        .await?;
+    assert_eq!(level(bob_ghost).await.unwrap_or(0), 0);
+    admin(&owner, "mod", "mod1", &[("nick", "XBob"), ("role", "moderator")])?;
+    trestle_e2e::wait_for("the moderator's power level", T, || async {
+        (level(bob_ghost).await == Some(50)).then_some(())
+    })
+    .await?;
+
+    // A kick (status 307) → the ghost is kicked on Matrix by the bot, with the reason.
+    admin(&owner, "mod", "kick1", &[("nick", "XBob"), ("role", "none")])?;
+    let kick = alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == bob_ghost
+                && e["content"]["membership"] == "leave"
+        })
+        .await?;
+    assert_eq!(kick["sender"], "@xmppbot:localhost");
+    let reason = kick["content"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("Kicked") && reason.contains("enough"), "{kick}");
+
+    // The user comes back; a ban (status 301) → the ghost is banned on Matrix.
+    bob.join("mod", "XBob").await?;
+    let kick_id = kick["event_id"].clone();
+    trestle_e2e::wait_for("the ghost back in the room", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        let after = events.iter().position(|e| e["event_id"] == kick_id)?;
+        events[after..]
+            .iter()
+            .any(|e| {
+                e["type"] == "m.room.member"
+                    && e["state_key"] == bob_ghost
+                    && e["content"]["membership"] == "join"
+            })
+            .then_some(())
+    })
+    .await?;
+    // Back as a participant: the ghost's power level goes back to 0.
+    trestle_e2e::wait_for("the ghost's power level back to 0", T, || async {
+        (level(bob_ghost).await.unwrap_or(0) == 0).then_some(())
+    })
+    .await?;
+
+    // A Matrix kick of the ghost by a user with the power to → the occupant is kicked on XMPP
+    // by the user's own occupant (a moderator there).
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 50).await?;
+    // Refused on XMPP while the user's occupant is only a participant there: told in a notice;
+    // the occupant's next message brings its ghost back.
+    alice
+        .post(&format!("/rooms/{room}/kick"), json!({"user_id": bob_ghost, "reason": "first try"}))
+        .await?;
+    let notice = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).contains("Could not kick XBob")
+        })
+        .await?;
+    assert_eq!(notice["sender"], "@xmppbot:localhost");
+    assert!(
+        body(&notice).contains("not-allowed") || body(&notice).contains("forbidden"),
+        "{notice}"
+    );
+    bob.say("mod", "b1", "still here")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "still here").await?;
+    assert_eq!(m["sender"], bob_ghost);
+
+    admin(&owner, "mod", "mod2", &[("nick", "alice"), ("role", "moderator")])?;
+    owner
+        .wait_presence(T, |p| {
+            p.contains(&format!("from=\"mod@{MUC}/alice\"")) && p.contains("role=\"moderator\"")
+        })
+        .await?;
+    alice
+        .post(&format!("/rooms/{room}/kick"), json!({"user_id": bob_ghost, "reason": "bye"}))
+        .await?;
+    let kicked = bob
+        .wait_presence(T, |p| {
+            p.contains(&format!("from=\"mod@{MUC}/XBob\""))
+                && p.contains("code=\"307\"")
+                && p.contains(">bye</reason>")
+        })
+        .await?;
+    assert!(kicked.contains("type=\"unavailable\""), "{kicked}");
+    bob.join("mod", "XBob").await?;
+
+    admin(&owner, "mod", "ban1", &[("jid", "xbob@localhost"), ("affiliation", "outcast")])?;
+    let ban = alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == bob_ghost
+                && e["content"]["membership"] == "ban"
+        })
+        .await?;
+    assert_eq!(ban["sender"], "@xmppbot:localhost");
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use trestle::{
     bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
-    client::{CreateRoom, RoomPreset},
+    client::{CreateRoom, Presence as MatrixPresence, RoomPreset},
     config::{Config, PermissionLevel},
     context::Context,
     event::{EphemeralEvent, MatrixEvent, Message, MessageType},
@@ -29,7 +29,7 @@ use xmpp_parsers::{
     jid::{FullJid, Jid},
     message::{Message as XMessage, MessageType as XMessageType},
     ns,
-    presence::Presence,
+    presence::{Presence, Show},
     stanza::Stanza,
     stanza_error::DefinedCondition,
     version::VersionResult,
@@ -38,8 +38,9 @@ use xmpp_parsers::{
 use crate::{
     config::XmppConfig,
     conn::{self, ConnConfig, ConnError, ConnEvent, XmppSender},
+    files::{FetchError, Fetcher, msgtype_of},
     ids::{Ids, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
-    stanzas,
+    stanzas::{self, MucPresence},
 };
 
 /// How long a join or a message reflection is waited for.
@@ -95,6 +96,10 @@ struct RoomState {
     typing: HashSet<String>,
     /// Ghosts last shown typing on Matrix.
     ghosts_typing: HashSet<String>,
+    /// Matrix user → the stanza-id their occupant last sent a displayed marker for.
+    marked: HashMap<String, String>,
+    /// Occupant nick → real bare JID, for occupants the room shows it for (needed to ban).
+    real_jids: HashMap<String, String>,
 }
 
 /// Resolves with the room's stanza-id for a reflected message, or the error condition.
@@ -109,6 +114,10 @@ struct State {
     reflections: HashMap<(String, String), Reflection>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
+    /// Ghost → the Matrix presence last set for it.
+    presences: HashMap<String, String>,
+    /// Iq id → the room it went to and the waiter for its answer (an error's description).
+    iqs: HashMap<String, (String, oneshot::Sender<Result<(), String>>)>,
 }
 
 impl State {
@@ -136,6 +145,8 @@ struct Inner {
     ctx: Context<XmppConfig>,
     ids: Ids,
     xmpp: XmppSender,
+    /// Downloads files shared from XMPP.
+    files: Fetcher,
     component: String,
     bot: FullJid,
     state: Mutex<State>,
@@ -349,18 +360,28 @@ impl Inner {
 
     /// Text for XMPP from a Matrix message.
     fn xmpp_text(&self, msg: &Message) -> String {
+        self.xmpp_content(msg).0
+    }
+
+    /// Text for XMPP from a Matrix message, and for a file its out-of-band link (XEP-0066) and
+    /// name. A file's text is the link itself (so that clients show the file inline), a signed
+    /// `media_proxy` link; without one configured it is `name: mxc://…` and no link.
+    fn xmpp_content(&self, msg: &Message) -> (String, Option<(String, String)>) {
         if let Some(media) = &msg.media {
-            let link = self
-                .ctx
-                .media_link(&media.url, &media.filename)
-                .unwrap_or_else(|_| media.url.clone());
-            return format!("{}: {link}", media.filename);
+            return match self.ctx.media_link(&media.url, &media.filename) {
+                Ok(link) => (link.clone(), Some((link, media.filename.clone()))),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no public link for a Matrix file");
+                    (format!("{}: {}", media.filename, media.url), None)
+                }
+            };
         }
         let text = match &msg.html {
             Some(h) => html_to_plain(&strip_reply_fallback_html(h)),
             None => strip_reply_fallback(&msg.body).to_owned(),
         };
-        if msg.msgtype == MessageType::Emote { format!("/me {text}") } else { text }
+        let text = if msg.msgtype == MessageType::Emote { format!("/me {text}") } else { text };
+        (text, None)
     }
 
     /// Sends a groupchat message as `sender` and waits for the room to reflect it; returns the
@@ -434,6 +455,121 @@ impl Inner {
         let excerpt: String = text.chars().take(100).collect();
         self.ctx.store().kv_set(&format!("xmpp.txt:{event_id}"), &excerpt).await?;
         Ok(())
+    }
+
+    /// The Matrix content for a file an XMPP user shared at `url` (XEP-0066): downloaded and
+    /// uploaded to the homeserver as `ghost`, as `m.image`/`m.video`/`m.audio`/`m.file` with its
+    /// MIME type and size. When it cannot be fetched (too large, refused, unreachable) the
+    /// content is a text with the link and the reason, so that nothing is lost silently.
+    /// Returns the content and its text (quoted by replies).
+    async fn file_content(
+        &self,
+        ghost: &str,
+        url: &str,
+        caption: Option<&str>,
+    ) -> Result<(Value, String), BridgeError> {
+        let why = match self.files.fetch(url).await {
+            Ok(f) => {
+                let size = f.data.len();
+                let intent = self.ctx.intent(ghost);
+                let upload = intent.upload_media(f.data, &f.mimetype, Some(&f.filename));
+                let mxc = match upload.await.map_err(BridgeError::from) {
+                    Ok(mxc) => mxc,
+                    Err(e) if e.is_retryable() => return Err(e),
+                    // Refused for good (too large for the homeserver, say): the link instead.
+                    Err(e) => {
+                        tracing::info!(url, error = %e, "the homeserver refused a file");
+                        return Ok(Self::file_link(
+                            url,
+                            caption,
+                            &format!("could not be uploaded to Matrix: {e}"),
+                        ));
+                    }
+                };
+                let body = caption.unwrap_or(&f.filename).to_owned();
+                let content = json!({
+                    "msgtype": msgtype_of(&f.mimetype),
+                    "body": body,
+                    "filename": f.filename,
+                    "url": mxc,
+                    "info": {"mimetype": f.mimetype, "size": size},
+                });
+                return Ok((content, body));
+            }
+            Err(FetchError::TooLarge { limit }) => {
+                format!("is too large to bridge (the limit is {})", human_size(limit))
+            }
+            Err(e) => format!("could not be bridged: {e}"),
+        };
+        tracing::info!(url, why, "could not bridge a file");
+        Ok(Self::file_link(url, caption, &why))
+    }
+
+    /// A text with a file's link (and caption) and why the file itself is not there.
+    fn file_link(url: &str, caption: Option<&str>, why: &str) -> (Value, String) {
+        let text = match caption {
+            Some(c) => format!("{c}\n{url}\n(the file {why})"),
+            None => format!("{url}\n(the file {why})"),
+        };
+        (json!({"msgtype": "m.text", "body": text}), text)
+    }
+
+    /// An occupant's displayed marker (XEP-0333) for the message the room knows as `id` (its
+    /// stanza-id, or for a message from Matrix its own id, the event id): a read receipt from
+    /// the occupant's ghost.
+    async fn xmpp_displayed(
+        &self,
+        room_id: &str,
+        room: &RoomJid,
+        ghost: &str,
+        id: &str,
+    ) -> Result<(), BridgeError> {
+        let mut event = self.target_event(room_id, room, id, None).await?;
+        if event.is_none()
+            && id.starts_with('$')
+            && self.ctx.store().message_by_event(room_id, id).await?.is_some()
+        {
+            event = Some(id.to_owned());
+        }
+        let Some(event) = event else {
+            tracing::debug!(room = room.bare(), id, "ignoring a marker for an unknown message");
+            return Ok(());
+        };
+        let intent = self.ctx.intent(ghost);
+        intent.ensure_joined(room_id).await?;
+        intent.send_receipt(room_id, &event).await?;
+        Ok(())
+    }
+
+    /// Sends a MUC admin request (see [`stanzas::muc_admin`]) from `from` on connection
+    /// `generation` and waits for the room's answer: `Ok(Err(why))` when the room refuses or
+    /// does not answer in time.
+    async fn admin_request(
+        &self,
+        room: &RoomJid,
+        from: &FullJid,
+        who: (&str, &str),
+        change: (&str, &str),
+        reason: Option<&str>,
+        generation: u64,
+    ) -> Result<Result<(), String>, BridgeError> {
+        let id = format!("admin-{}", rand::random::<u64>());
+        let Some(iq) = stanzas::muc_admin(from, room, &id, who, change, reason) else {
+            return Err(BridgeError::Permanent(format!("cannot address {} in the room", who.1)));
+        };
+        let (tx, rx) = oneshot::channel();
+        self.state().iqs.insert(id.clone(), (room.bare(), tx));
+        if let Err(e) = self.xmpp.send_for(iq, generation) {
+            self.state().iqs.remove(&id);
+            return Err(send_err(&e));
+        }
+        match tokio::time::timeout(WAIT, rx).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) | Err(_) => {
+                self.state().iqs.remove(&id);
+                Ok(Err("no answer from the room".to_owned()))
+            }
+        }
     }
 
     /// The Matrix event of the message the room knows as `id`: by the room's stanza-id, or else
@@ -587,6 +723,7 @@ impl Inner {
                     let mut st = self.state();
                     for r in st.rooms.values_mut() {
                         r.bot_failures = 0;
+                        r.real_jids.clear();
                         for p in r.puppets.values_mut() {
                             p.joined = None;
                         }
@@ -609,6 +746,7 @@ impl Inner {
                 let mut st = self.state();
                 st.joins.clear();
                 st.reflections.clear();
+                st.iqs.clear();
                 Ok(())
             }
             ConnEvent::Stanza(s) => match &**s {
@@ -813,12 +951,21 @@ impl Inner {
         if let Some((target, keys)) = &msg.reactions {
             return self.xmpp_reactions(&portal.room_id, &room, &ghost, target, keys, &cause).await;
         }
-        let Some(body) = msg.body.clone() else { return Ok(()) };
-        let (msgtype, text) = match body.strip_prefix("/me ") {
+        if let (Some(id), None) = (&msg.displayed, &msg.body) {
+            return self.xmpp_displayed(&portal.room_id, &room, &ghost, id).await;
+        }
+        // A file (XEP-0066), unless it is a correction: those only change the text.
+        let file = msg.oob_url.clone().filter(|_| msg.replaces.is_none());
+        let Some(body) = msg.body.clone().or_else(|| file.clone()) else { return Ok(()) };
+        let (msgtype, mut text) = match body.strip_prefix("/me ") {
             Some(rest) => ("m.emote", rest.to_owned()),
             None => ("m.text", body.clone()),
         };
         let mut content = json!({"msgtype": msgtype, "body": text});
+        if let Some(url) = &file {
+            let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
+            (content, text) = self.file_content(&ghost, url, caption).await?;
+        }
         if let Some(orig) = &msg.replaces {
             let remote = format!("{ghost}|{orig}");
             let parts = self.ctx.store().messages_by_remote(&portal.room_id, &remote).await?;
@@ -853,6 +1000,9 @@ impl Inner {
             )
             .await?;
             self.remember_text(&event_id, &text).await?;
+            if msg.markable {
+                self.ctx.store().kv_set(&format!("xmpp.markable:{event_id}"), "1").await?;
+            }
         }
         Ok(())
     }
@@ -871,7 +1021,11 @@ impl Inner {
             return Ok(());
         }
         // Chat states, receipts and other bodyless messages are not bridged in private chats.
-        let Some((_, body)) = m.get_best_body_cloned(vec![]) else { return Ok(()) };
+        let file = stanzas::oob_url(m);
+        let Some(body) = m.get_best_body_cloned(vec![]).map(|(_, b)| b).or_else(|| file.clone())
+        else {
+            return Ok(());
+        };
         let id = m.id.as_ref().map(|i| i.0.clone());
         if let Some(id) = &id
             && !self.state().first_time(format!("dm|{bare}|{mxid}|{id}"))
@@ -917,16 +1071,12 @@ impl Inner {
             id.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
         );
         let txn = self.ctx.txn_id_for(&cause, 0);
-        self.ctx
-            .send_as(
-                &ghost,
-                &room_id,
-                "m.room.message",
-                json!({"msgtype": msgtype, "body": text}),
-                &txn,
-                None,
-            )
-            .await?;
+        let mut content = json!({"msgtype": msgtype, "body": text});
+        if let Some(url) = &file {
+            let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
+            content = self.file_content(&ghost, url, caption).await?.0;
+        }
+        self.ctx.send_as(&ghost, &room_id, "m.room.message", content, &txn, None).await?;
         Ok(())
     }
 
@@ -1085,17 +1235,43 @@ impl Inner {
         if real_is_ours || self.state().is_ours(&key, &pr.nick) {
             return Ok(());
         }
+        {
+            let mut st = self.state();
+            let r = st.rooms.entry(key.clone()).or_default();
+            match pr.real_jid.as_deref().and_then(|j| Jid::new(j).ok()) {
+                Some(j) if !pr.unavailable => {
+                    r.real_jids.insert(pr.nick.clone(), j.to_bare().to_string());
+                }
+                _ => {
+                    r.real_jids.remove(&pr.nick);
+                }
+            }
+        }
         let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? else {
             return Ok(());
         };
         let ghost = self.ids.ghost_of(&room, &pr.nick);
+        let membership = self.ctx.store().membership(&portal.room_id, &ghost).await?;
         if pr.unavailable {
-            if self.ctx.store().membership(&portal.room_id, &ghost).await?.as_deref()
-                == Some("join")
-            {
+            self.ghost_presence(&ghost, &pr).await;
+            let joined = membership.as_deref() == Some("join");
+            let why = |what: &str| {
+                let by = pr.actor.as_ref().map(|a| format!(" by {a}")).unwrap_or_default();
+                let reason = pr.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+                format!("{what} on XMPP{by}{reason}")
+            };
+            if pr.codes.contains(&301) && membership.as_deref() != Some("ban") {
+                self.ctx.bot().ban(&portal.room_id, &ghost, Some(&why("Banned"))).await?;
+            } else if joined && pr.codes.contains(&307) {
+                self.ctx.bot().kick(&portal.room_id, &ghost, Some(&why("Kicked"))).await?;
+            } else if joined {
                 self.ctx.intent(&ghost).leave(&portal.room_id).await?;
             }
         } else {
+            if membership.as_deref() == Some("ban") {
+                // Banned earlier from XMPP; the room let the occupant in again, so it was lifted.
+                self.ctx.bot().unban(&portal.room_id, &ghost, None).await?;
+            }
             self.ctx
                 .ensure_ghost(
                     &ghost,
@@ -1107,11 +1283,80 @@ impl Inner {
                 )
                 .await?;
             self.ctx.intent(&ghost).ensure_joined(&portal.room_id).await?;
+            self.ghost_power(&portal.room_id, &ghost, &pr).await;
+            self.ghost_presence(&ghost, &pr).await;
         }
         Ok(())
     }
 
+    /// Gives an occupant's ghost the power level of its affiliation and role (see
+    /// [`power_of`]) when it differs. Best effort: a bot without the power to do so is logged.
+    async fn ghost_power(&self, room_id: &str, ghost: &str, pr: &MucPresence) {
+        let level = power_of(pr.affiliation.as_deref(), pr.role.as_deref());
+        let bot = self.ctx.bot();
+        let current = match bot.power_levels(room_id).await {
+            Ok(pl) => pl["users"]
+                .get(ghost)
+                .and_then(Value::as_i64)
+                .unwrap_or_else(|| pl["users_default"].as_i64().unwrap_or(0)),
+            Err(e) => {
+                tracing::warn!(room_id, error = %e, "cannot read the power levels");
+                return;
+            }
+        };
+        if current == level {
+            return;
+        }
+        if let Err(e) = bot.set_user_power_level(room_id, ghost, level).await {
+            tracing::warn!(room_id, ghost, level, error = %e, "could not set a ghost's power level");
+        }
+    }
+
+    /// An occupant's availability as its ghost's Matrix presence (see [`presence_of`]), sent
+    /// when it changes. Best effort: a homeserver with presence disabled refuses, which is
+    /// logged.
+    async fn ghost_presence(&self, ghost: &str, pr: &MucPresence) {
+        let (presence, status) = presence_of(pr);
+        let key = format!("{presence:?}|{status:?}");
+        if self.state().presences.get(ghost) == Some(&key) {
+            return;
+        }
+        match self.ctx.intent(ghost).set_presence(presence, status.as_deref()).await {
+            Ok(()) => {
+                self.state().presences.insert(ghost.to_owned(), key);
+            }
+            Err(e) => tracing::debug!(ghost, error = %e, "could not set a ghost's presence"),
+        }
+    }
+
     fn on_iq(&self, iq: &Iq) {
+        // Answers to the bridge's own requests (room moderation).
+        let answer = match iq {
+            Iq::Result { from, id, .. } => Some((from, id, Ok(()))),
+            Iq::Error { from, id, error, .. } => {
+                let text = error.texts.values().next().cloned();
+                // The condition's element name (`not-allowed`), as the room sent it.
+                let cond = xmpp_parsers::minidom::Element::from(error.defined_condition.clone())
+                    .name()
+                    .to_owned();
+                Some((
+                    from,
+                    id,
+                    Err(text.map_or_else(|| cond.clone(), |t| format!("{t} ({cond})"))),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((from, id, result)) = answer {
+            let mut st = self.state();
+            let expected = st.iqs.get(id).is_some_and(|(room, _)| {
+                from.as_ref().is_some_and(|f| f.to_bare().to_string() == *room)
+            });
+            if expected && let Some((_, tx)) = st.iqs.remove(id) {
+                let _ = tx.send(result);
+            }
+            return;
+        }
         let (from, to, id) = match &iq {
             Iq::Get { from, to, id, .. } | Iq::Set { from, to, id, .. } => {
                 (from.clone(), to.clone(), id.clone())
@@ -1231,6 +1476,12 @@ impl Bridge for XmppBridge {
         let bot = FullJid::new(&format!("{}@{component}/{RESOURCE}", cfg.bot_localpart))
             .map_err(|e| BridgeError::Permanent(format!("bot JID: {e}")))?;
         let ping_to = component.split_once('.').map_or(component.as_str(), |(_, d)| d).to_owned();
+        let files = Fetcher::new(
+            cfg.files.max_bytes,
+            Duration::from_secs(cfg.files.timeout_secs),
+            cfg.files.allow_private_addresses,
+        )
+        .map_err(|e| BridgeError::Permanent(format!("HTTP client for files: {e}")))?;
         let (xmpp, events) = conn::spawn(
             ConnConfig {
                 jid: component.clone(),
@@ -1248,6 +1499,7 @@ impl Bridge for XmppBridge {
             ctx,
             ids,
             xmpp,
+            files,
             component,
             bot,
             state: Mutex::default(),
@@ -1295,7 +1547,7 @@ impl Bridge for XmppBridge {
         if self.inner.ctx.permission(&event.sender) < PermissionLevel::Relay {
             return Ok(());
         }
-        let text = self.inner.xmpp_text(msg);
+        let (text, oob) = self.inner.xmpp_content(msg);
         if text.trim().is_empty() {
             return Ok(());
         }
@@ -1315,6 +1567,10 @@ impl Bridge for XmppBridge {
                     if let Some((sid, to, fallback)) = &reply {
                         stanzas::add_reply(&mut m, to.as_deref(), sid, fallback);
                     }
+                    if let Some((url, name)) = &oob {
+                        stanzas::add_oob(&mut m, url, Some(name));
+                    }
+                    stanzas::add_markable(&mut m);
                     Some(m)
                 },
                 &id,
@@ -1334,44 +1590,32 @@ impl Bridge for XmppBridge {
     }
 
     async fn on_ephemeral(&self, event: &EphemeralEvent) -> Result<(), BridgeError> {
-        let EphemeralEvent::Typing { room_id, user_ids } = event else { return Ok(()) };
-        let b = &self.inner;
-        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
-        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
-        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
-        // Only occupants already in the room on this connection say they are typing.
-        let changes: Vec<(String, &str)> = {
-            let mut st = b.state();
-            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
-            let mut out = Vec::new();
-            for (mxid, p) in &r.puppets {
-                if p.joined != Some(generation) {
-                    continue;
-                }
-                let now = user_ids.contains(mxid);
-                let before = r.typing.contains(mxid);
-                if now && !before {
-                    out.push((mxid.clone(), "composing"));
-                } else if before && !now {
-                    out.push((mxid.clone(), "paused"));
-                }
+        match event {
+            EphemeralEvent::Typing { room_id, user_ids } => self.typing(room_id, user_ids).await,
+            EphemeralEvent::Receipt { room_id, event_id, user_id, .. } => {
+                self.receipt(room_id, event_id, user_id).await
             }
-            r.typing = user_ids
-                .iter()
-                .filter(|u| r.puppets.get(*u).is_some_and(|p| p.joined == Some(generation)))
-                .cloned()
-                .collect();
-            out
-        };
-        for (mxid, state) in changes {
-            if let Some(m) =
-                b.puppet_jid(&mxid).and_then(|jid| stanzas::chat_state(&jid, &xroom, state))
-            {
-                // Best effort: a lost typing notification is not worth a retry.
-                let _ = b.xmpp.send_for(m, generation);
+            EphemeralEvent::Presence { user_id, presence, status_msg } => {
+                self.presence(user_id, presence, status_msg.as_deref());
+                Ok(())
             }
         }
-        Ok(())
+    }
+
+    async fn on_room_state(
+        &self,
+        room: &RoomContext,
+        event: &MatrixEvent,
+    ) -> Result<(), BridgeError> {
+        if event.event_type != "m.room.power_levels" || event.state_key.as_deref() != Some("") {
+            return Ok(());
+        }
+        let Some((portal, xroom)) =
+            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
+        else {
+            return Ok(());
+        };
+        self.matrix_power(&portal.room_id, &xroom, event).await
     }
 
     async fn on_reaction(
@@ -1495,7 +1739,7 @@ impl Bridge for XmppBridge {
         event: &MatrixEvent,
         user_id: &str,
         membership: &str,
-        _prev: Option<&str>,
+        prev: Option<&str>,
     ) -> Result<(), BridgeError> {
         if room.portal.is_none() {
             if membership == "invite"
@@ -1529,6 +1773,17 @@ impl Bridge for XmppBridge {
             return Ok(());
         };
         let b = &self.inner;
+        if matches!(membership, "leave" | "ban")
+            && prev != Some("ban")
+            && event.sender != user_id
+            && !b.ctx.is_bridge_user(&event.sender)
+            && let Some((groom, nick)) = b.ids.occupant_of_ghost(user_id)
+            && groom.bare() == xroom.bare()
+        {
+            return self
+                .matrix_removal(&portal.room_id, &xroom, event, &nick, membership == "ban")
+                .await;
+        }
         if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
             return Ok(());
         }
@@ -1575,6 +1830,246 @@ impl Bridge for XmppBridge {
 }
 
 impl XmppBridge {
+    /// Matrix typing (the room's whole list of typing users) → XEP-0085 chat states of the
+    /// users' occupants: `composing` when one starts, `paused` when one stops.
+    async fn typing(&self, room_id: &str, user_ids: &[String]) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
+        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        // Only occupants already in the room on this connection say they are typing.
+        let changes: Vec<(String, &str)> = {
+            let mut st = b.state();
+            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
+            let mut out = Vec::new();
+            for (mxid, p) in &r.puppets {
+                if p.joined != Some(generation) {
+                    continue;
+                }
+                let now = user_ids.contains(mxid);
+                let before = r.typing.contains(mxid);
+                if now && !before {
+                    out.push((mxid.clone(), "composing"));
+                } else if before && !now {
+                    out.push((mxid.clone(), "paused"));
+                }
+            }
+            r.typing = user_ids
+                .iter()
+                .filter(|u| r.puppets.get(*u).is_some_and(|p| p.joined == Some(generation)))
+                .cloned()
+                .collect();
+            out
+        };
+        for (mxid, state) in changes {
+            if let Some(m) =
+                b.puppet_jid(&mxid).and_then(|jid| stanzas::chat_state(&jid, &xroom, state))
+            {
+                // Best effort: a lost typing notification is not worth a retry.
+                let _ = b.xmpp.send_for(m, generation);
+            }
+        }
+        Ok(())
+    }
+
+    /// A Matrix user kicked or banned the ghost of the occupant `nick` (Matrix already checked
+    /// their power to): the occupant is kicked (role `none`) or banned (affiliation `outcast`,
+    /// by the real JID, which the room must show) on XMPP, by the user's own occupant when it
+    /// is in the room, else by the bot. A refusal is told in the room.
+    async fn matrix_removal(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        nick: &str,
+        ban: bool,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let what = if ban { "ban" } else { "kick" };
+        let reason = event.content.get("reason").and_then(Value::as_str);
+        let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
+        let (puppet, real) = {
+            let st = b.state();
+            let r = st.rooms.get(&xroom.bare());
+            (
+                r.and_then(|r| r.puppets.get(&event.sender))
+                    .is_some_and(|p| p.joined == Some(generation)),
+                r.and_then(|r| r.real_jids.get(nick).cloned()),
+            )
+        };
+        let from = if puppet { b.puppet_jid(&event.sender) } else { None };
+        let from = from.unwrap_or_else(|| b.bot.clone());
+        let who = if ban {
+            let Some(real) = &real else {
+                b.ctx
+                    .notice(
+                        room_id,
+                        &format!(
+                            "Could not ban {nick} on XMPP: the room does not show their address."
+                        ),
+                    )
+                    .await;
+                return Ok(());
+            };
+            ("jid", real.as_str())
+        } else {
+            ("nick", nick)
+        };
+        let change = if ban { ("affiliation", "outcast") } else { ("role", "none") };
+        match b.admin_request(xroom, &from, who, change, reason, generation).await? {
+            Ok(()) => {
+                tracing::info!(
+                    room = xroom.bare(),
+                    nick,
+                    what,
+                    by = event.sender,
+                    "removed an occupant"
+                );
+            }
+            Err(why) => {
+                b.ctx.notice(room_id, &format!("Could not {what} {nick} on XMPP: {why}")).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Matrix power levels → the roles of the Matrix users' occupants: a user whose level
+    /// reaches 50 becomes a `moderator`, one who drops below it a `participant` again (only
+    /// users whose level crossed 50 in this change, or, without the previous content, who
+    /// reached it). The bot asks the room, so it must be an admin or owner there (it is in rooms
+    /// it created); a refusal is told in a notice. Ghosts' levels are not sent back.
+    async fn matrix_power(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        let level = |c: &Value, u: &str| {
+            c["users"]
+                .get(u)
+                .and_then(Value::as_i64)
+                .unwrap_or_else(|| c["users_default"].as_i64().unwrap_or(0))
+        };
+        let prev = event.unsigned.get("prev_content").filter(|p| p.is_object());
+        let puppets: Vec<(String, String)> = b
+            .state()
+            .rooms
+            .get(&xroom.bare())
+            .map(|r| {
+                r.puppets
+                    .iter()
+                    .filter(|(_, p)| p.joined == Some(generation))
+                    .map(|(m, p)| (m.clone(), p.nick.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (mxid, nick) in puppets {
+            let now = level(&event.content, &mxid) >= 50;
+            match prev.map(|p| level(p, &mxid) >= 50) {
+                Some(before) if before == now => continue,
+                None if !now => continue,
+                _ => {}
+            }
+            let role = if now { "moderator" } else { "participant" };
+            let result = b
+                .admin_request(xroom, &b.bot, ("nick", &nick), ("role", role), None, generation)
+                .await?;
+            if let Err(why) = result {
+                b.ctx
+                    .notice(room_id, &format!("Could not make {nick} a {role} on XMPP: {why}"))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A Matrix user's presence → the `<show/>` (online: none; unavailable: `away`; offline:
+    /// `xa`) and status of their occupants already in rooms on this connection. Occupants stay
+    /// in their rooms when the user goes offline.
+    fn presence(&self, user_id: &str, presence: &str, status: Option<&str>) {
+        let b = &self.inner;
+        if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
+            return;
+        }
+        let (Some(generation), Some(jid)) = (b.xmpp.generation(), b.puppet_jid(user_id)) else {
+            return;
+        };
+        let show = match presence {
+            "online" => None,
+            "unavailable" => Some(Show::Away),
+            _ => Some(Show::Xa),
+        };
+        let occupants: Vec<FullJid> = b
+            .state()
+            .rooms
+            .iter()
+            .filter_map(|(room, r)| {
+                let p = r.puppets.get(user_id).filter(|p| p.joined == Some(generation))?;
+                stanzas::occupant(&RoomJid::parse(room)?, &p.nick)
+            })
+            .collect();
+        for to in occupants {
+            let p = stanzas::occupant_presence(&jid, &to, show.clone(), status);
+            // Best effort, like typing.
+            let _ = b.xmpp.send_for(p, generation);
+        }
+    }
+
+    /// A Matrix read receipt → a XEP-0333 displayed marker from the reader's occupant, for a
+    /// message from XMPP that asked for markers and has a stanza-id. Only occupants already in
+    /// the room on this connection send markers; a repeat of the last marker is not sent again.
+    async fn receipt(
+        &self,
+        room_id: &str,
+        event_id: &str,
+        user_id: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let Some(portal) = b.ctx.store().portal_by_room(room_id).await? else { return Ok(()) };
+        let Some(xroom) = Inner::room_of(&portal) else { return Ok(()) };
+        let Some(generation) = b.xmpp.generation() else { return Ok(()) };
+        let joined = |b: &Inner| {
+            b.state()
+                .rooms
+                .get(&xroom.bare())
+                .and_then(|r| r.puppets.get(user_id))
+                .is_some_and(|p| p.joined == Some(generation))
+        };
+        if !joined(b) {
+            return Ok(());
+        }
+        let store = b.ctx.store();
+        if store.kv_get(&format!("xmpp.markable:{event_id}")).await?.is_none() {
+            return Ok(());
+        }
+        let Some(sid) = store.kv_get(&format!("xmpp.ev:{event_id}")).await? else {
+            return Ok(());
+        };
+        {
+            let mut st = b.state();
+            let Some(r) = st.rooms.get_mut(&xroom.bare()) else { return Ok(()) };
+            if r.marked.get(user_id) == Some(&sid) {
+                return Ok(());
+            }
+            r.marked.insert(user_id.to_owned(), sid.clone());
+        }
+        if let Some(m) =
+            b.puppet_jid(user_id).and_then(|jid| stanzas::displayed(&jid, &xroom, &sid))
+        {
+            // Best effort, like typing: a lost marker is not worth a retry.
+            let _ = b.xmpp.send_for(m, generation);
+        }
+        Ok(())
+    }
+
     /// A Matrix user invited the ghost of an XMPP user (a bare JID) to a room: it becomes their
     /// direct chat with that user.
     async fn ghost_invited(
@@ -1613,14 +2108,17 @@ impl XmppBridge {
         if event.sender != mxid {
             return Ok(());
         }
-        let text = b.xmpp_text(msg);
+        let (text, oob) = b.xmpp_content(msg);
         if text.trim().is_empty() {
             return Ok(());
         }
         let (Some(from), Ok(to)) = (b.puppet_jid(&mxid), Jid::new(&jid)) else {
             return Err(BridgeError::Permanent(format!("cannot address {jid} from {mxid}")));
         };
-        let m = stanzas::chat(&from, to, &event.event_id, &text);
+        let mut m = stanzas::chat(&from, to, &event.event_id, &text);
+        if let Some((url, name)) = &oob {
+            stanzas::add_oob(&mut m, url, Some(name));
+        }
         b.xmpp.send(m).map_err(|e| send_err(&e))
     }
 
@@ -1666,8 +2164,92 @@ impl XmppBridge {
     }
 }
 
+/// The Matrix power level of an occupant: owners 100; admins and moderators 50; everyone else
+/// 0.
+fn power_of(affiliation: Option<&str>, role: Option<&str>) -> i64 {
+    match (affiliation, role) {
+        (Some("owner"), _) => 100,
+        (Some("admin"), _) | (_, Some("moderator")) => 50,
+        _ => 0,
+    }
+}
+
+/// The Matrix presence of an occupant: available (or `chat`) → online; `away`, `xa` and `dnd`
+/// → unavailable (`dnd` says so in the status message when there is none); gone → offline.
+fn presence_of(pr: &MucPresence) -> (MatrixPresence, Option<String>) {
+    if pr.unavailable {
+        return (MatrixPresence::Offline, None);
+    }
+    match pr.show.as_deref() {
+        Some("away" | "xa") => (MatrixPresence::Unavailable, pr.status.clone()),
+        Some("dnd") => (
+            MatrixPresence::Unavailable,
+            Some(pr.status.clone().unwrap_or_else(|| "Do not disturb".to_owned())),
+        ),
+        _ => (MatrixPresence::Online, pr.status.clone()),
+    }
+}
+
+/// A byte count for people: `512 bytes`, `1.5 MiB`.
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    #[allow(clippy::cast_precision_loss)] // Display only.
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affiliations_and_roles_map_to_power_levels() {
+        assert_eq!(power_of(Some("owner"), Some("moderator")), 100);
+        assert_eq!(power_of(Some("admin"), Some("moderator")), 50);
+        assert_eq!(power_of(Some("member"), Some("moderator")), 50);
+        assert_eq!(power_of(Some("member"), Some("participant")), 0);
+        assert_eq!(power_of(None, None), 0);
+    }
+
+    #[test]
+    fn shows_map_to_matrix_presence() {
+        let pr = |show: Option<&str>, status: Option<&str>, unavailable: bool| MucPresence {
+            show: show.map(str::to_owned),
+            status: status.map(str::to_owned),
+            unavailable,
+            ..MucPresence::default()
+        };
+        let p = |m: &MucPresence| {
+            let (p, s) = presence_of(m);
+            (format!("{p:?}"), s)
+        };
+        assert_eq!(p(&pr(None, Some("hi"), false)), ("Online".into(), Some("hi".into())));
+        assert_eq!(p(&pr(Some("chat"), None, false)), ("Online".into(), None));
+        assert_eq!(
+            p(&pr(Some("xa"), Some("gone"), false)),
+            ("Unavailable".into(), Some("gone".into()))
+        );
+        assert_eq!(
+            p(&pr(Some("dnd"), None, false)),
+            ("Unavailable".into(), Some("Do not disturb".into()))
+        );
+        assert_eq!(p(&pr(Some("away"), Some("x"), true)), ("Offline".into(), None));
+        assert_eq!(human_size(512), "512 bytes");
+        assert_eq!(human_size(100_000), "97.7 KiB");
+        assert_eq!(human_size(50 * 1024 * 1024), "50.0 MiB");
+    }
 }

@@ -35,6 +35,35 @@ pub struct XmppConfig {
     /// Reconnection and keepalive.
     #[serde(default)]
     pub connection: ConnectionConfig,
+    /// Files sent from XMPP (XEP-0066 out-of-band URLs, as XEP-0363 uploads send them).
+    #[serde(default)]
+    pub files: FilesConfig,
+}
+
+/// How files sent from XMPP are downloaded before they are uploaded to the homeserver.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest file bridged, in bytes; larger ones are posted as a link with a note.
+    #[serde(default = "default_file_max")]
+    pub max_bytes: u64,
+    /// Seconds a download may take.
+    #[serde(default = "default_file_timeout")]
+    pub timeout_secs: u64,
+    /// Whether URLs on loopback, private or link-local addresses may be fetched. Off by default:
+    /// any occupant can send a URL, and the bridge must not become a way into the local network.
+    #[serde(default)]
+    pub allow_private_addresses: bool,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_file_max(),
+            timeout_secs: default_file_timeout(),
+            allow_private_addresses: false,
+        }
+    }
 }
 
 /// The component login.
@@ -93,6 +122,12 @@ impl Default for ConnectionConfig {
     }
 }
 
+fn default_file_max() -> u64 {
+    50 * 1024 * 1024
+}
+fn default_file_timeout() -> u64 {
+    60
+}
 fn default_alias_template() -> String {
     "xmpp_{room}_{service}".to_owned()
 }
@@ -212,6 +247,12 @@ impl BridgeConfig for XmppConfig {
             errors
                 .push(ConfigError::invalid("bridge.connection.write_queue", "must be at least 1"));
         }
+        if self.files.max_bytes == 0 {
+            errors.push(ConfigError::invalid("bridge.files.max_bytes", "must be at least 1"));
+        }
+        if self.files.timeout_secs == 0 {
+            errors.push(ConfigError::invalid("bridge.files.timeout_secs", "must be at least 1"));
+        }
         errors
     }
 }
@@ -257,6 +298,7 @@ mod tests {
             ),
             ("reconnect_min_ms: 1000", "reconnect_min_ms: 0", "bridge.connection.reconnect_min_ms"),
             ("write_queue: 1024", "write_queue: 0", "bridge.connection.write_queue"),
+            ("max_bytes: 52428800", "max_bytes: 0", "bridge.files.max_bytes"),
             ("bot_localpart: bridge", "bot_localpart: Bridge!", "bridge.bot_localpart"),
             ("  bot_nick: MatrixBridge", "  bot_nick: MatrixBridge\n  colour: red", "colour"),
         ] {

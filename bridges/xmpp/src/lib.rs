@@ -5,5 +5,6 @@
 pub mod bridge;
 pub mod config;
 pub mod conn;
+pub mod files;
 pub mod ids;
 pub mod stanzas;

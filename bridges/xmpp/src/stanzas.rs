@@ -10,7 +10,7 @@ use xmpp_parsers::{
     minidom::{Element, rxml::xml_ncname},
     muc::{Muc, muc::History},
     ns,
-    presence::{Presence, Type as PresenceType},
+    presence::{Presence, Show, Type as PresenceType},
     stanza_error::{DefinedCondition, ErrorType, StanzaError},
     stanza_id::OriginId,
 };
@@ -21,6 +21,8 @@ use crate::ids::RoomJid;
 pub const NS_RETRACT: &str = "urn:xmpp:message-retract:1";
 /// XEP-0045 room owner.
 pub const NS_MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+/// XEP-0045 moderation and administration.
+pub const NS_MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
 /// XEP-0428 fallback indication.
 pub const NS_FALLBACK: &str = "urn:xmpp:fallback:0";
 
@@ -31,6 +33,12 @@ pub const NS_REACTIONS: &str = "urn:xmpp:reactions:0";
 
 /// XEP-0085 chat states.
 pub const NS_CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+
+/// XEP-0333 displayed markers.
+pub const NS_MARKERS: &str = "urn:xmpp:chat-markers:0";
+
+/// XEP-0066 out-of-band data (files; also what XEP-0363 uploads are shared with).
+pub const NS_OOB: &str = "jabber:x:oob";
 
 /// The features the component really implements (disco#info).
 pub const FEATURES: &[&str] = &[
@@ -46,6 +54,8 @@ pub const FEATURES: &[&str] = &[
     NS_FALLBACK,
     NS_REACTIONS,
     NS_CHATSTATES,
+    NS_OOB,
+    NS_MARKERS,
 ];
 
 /// Removes what XML 1.0 cannot carry (C0 controls other than tab, LF, CR; U+FFFE/U+FFFF;
@@ -66,6 +76,21 @@ pub fn occupant(room: &RoomJid, nick: &str) -> Option<FullJid> {
 pub fn join(from: &FullJid, to: &FullJid) -> Presence {
     let mut p = Presence::available().with_from(from.clone()).with_to(to.clone());
     p.add_payload(Muc::new().with_history(History::new().with_maxstanzas(0)));
+    p
+}
+
+/// An occupant's new availability in a room it is in (`show` none means available).
+pub fn occupant_presence(
+    from: &FullJid,
+    to: &FullJid,
+    show: Option<Show>,
+    status: Option<&str>,
+) -> Presence {
+    let mut p = Presence::available().with_from(from.clone()).with_to(to.clone());
+    p.show = show;
+    if let Some(s) = status.map(xml_safe).filter(|s| !s.trim().is_empty()) {
+        p.set_status("", s);
+    }
     p
 }
 
@@ -121,6 +146,27 @@ pub fn add_reply(m: &mut Message, to: Option<&str>, id: &str, fallback: &str) {
     );
 }
 
+/// Attaches a file link (XEP-0066 `<x xmlns='jabber:x:oob'><url/><desc/></x>`). Clients show
+/// the file inline when the body is exactly the URL, so callers send the URL as the body.
+pub fn add_oob(m: &mut Message, url: &str, desc: Option<&str>) {
+    let mut x = Element::builder("x", NS_OOB)
+        .append(Element::builder("url", NS_OOB).append(xml_safe(url)).build());
+    if let Some(d) = desc.filter(|d| !d.trim().is_empty()) {
+        x = x.append(Element::builder("desc", NS_OOB).append(xml_safe(d)).build());
+    }
+    m.payloads.push(x.build());
+}
+
+/// The URL of the first XEP-0066 out-of-band file of a message.
+pub fn oob_url(m: &Message) -> Option<String> {
+    m.payloads
+        .iter()
+        .filter(|p| p.is("x", NS_OOB))
+        .find_map(|p| p.get_child("url", NS_OOB))
+        .map(|u| u.text().trim().to_owned())
+        .filter(|u| !u.is_empty())
+}
+
 /// The quote put before a reply's text for clients without XEP-0461: `> nick: first line`.
 pub fn reply_fallback(nick: &str, quoted: Option<&str>) -> String {
     match quoted.and_then(|q| q.lines().find(|l| !l.trim().is_empty())) {
@@ -173,6 +219,21 @@ pub fn chat_state(from: &FullJid, room: &RoomJid, state: &str) -> Option<Message
     Some(m)
 }
 
+/// Asks for read markers (XEP-0333 `<markable/>`) on a message.
+pub fn add_markable(m: &mut Message) {
+    m.payloads.push(Element::builder("markable", NS_MARKERS).build());
+}
+
+/// A bodyless displayed marker (XEP-0333) for the message the room knows as `id`.
+pub fn displayed(from: &FullJid, room: &RoomJid, id: &str) -> Option<Message> {
+    let to = Jid::new(&room.bare()).ok()?;
+    let mut m = Message::groupchat(to);
+    m.from = Some(from.clone().into());
+    m.payloads
+        .push(Element::builder("displayed", NS_MARKERS).attr(xml_ncname!("id").into(), id).build());
+    Some(m)
+}
+
 /// A retraction (XEP-0424) of the message the MUC knows as `stanza_id`, with a fallback body.
 pub fn retraction(from: &FullJid, room: &RoomJid, id: &str, stanza_id: &str) -> Option<Message> {
     let to = Jid::new(&room.bare()).ok()?;
@@ -208,6 +269,33 @@ pub fn instant_room(from: &FullJid, room: &RoomJid, id: &str) -> Option<xmpp_par
     })
 }
 
+/// A change to one occupant or user of a room (XEP-0045 §8, §9): `who` is `("nick", nick)` or
+/// `("jid", bare JID)`, `change` is `("role", "none")` for a kick or `("affiliation",
+/// "outcast")` for a ban.
+pub fn muc_admin(
+    from: &FullJid,
+    room: &RoomJid,
+    id: &str,
+    who: (&str, &str),
+    change: (&str, &str),
+    reason: Option<&str>,
+) -> Option<xmpp_parsers::iq::Iq> {
+    let attr = |name: &str| xmpp_parsers::minidom::rxml::NcName::try_from(name).ok();
+    let mut item = Element::builder("item", NS_MUC_ADMIN)
+        .attr(attr(who.0)?, who.1)
+        .attr(attr(change.0)?, change.1);
+    if let Some(r) = reason.map(xml_safe).filter(|r| !r.trim().is_empty()) {
+        item = item.append(Element::builder("reason", NS_MUC_ADMIN).append(r).build());
+    }
+    let query = Element::builder("query", NS_MUC_ADMIN).append(item.build()).build();
+    Some(xmpp_parsers::iq::Iq::Set {
+        from: Some(from.clone().into()),
+        to: Some(Jid::new(&room.bare()).ok()?),
+        id: id.to_owned(),
+        payload: query,
+    })
+}
+
 /// A groupchat message as the bridge reads it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MucMessage {
@@ -235,6 +323,12 @@ pub struct MucMessage {
     pub reactions: Option<(String, Vec<String>)>,
     /// XEP-0085: the chat state (`composing`, `paused`, `active`, `inactive`, `gone`).
     pub chat_state: Option<String>,
+    /// XEP-0066: the URL of a file shared out of band (the first one).
+    pub oob_url: Option<String>,
+    /// XEP-0333: the sender asks for markers (`<markable/>`).
+    pub markable: bool,
+    /// XEP-0333: the id of the message the sender has displayed (read).
+    pub displayed: Option<String>,
 }
 
 /// Removes the code-point range `start..end` (a XEP-0428 fallback) from `body`.
@@ -251,6 +345,7 @@ pub fn read_muc_message(m: &Message, room: &RoomJid) -> Option<MucMessage> {
         id: m.id.as_ref().map(|i| i.0.clone()),
         body: m.get_best_body_cloned(vec![]).map(|(_, b)| b),
         subject: m.get_best_subject_cloned(vec![]).map(|(_, s)| s),
+        oob_url: oob_url(m),
         ..MucMessage::default()
     };
     let room_bare = room.bare();
@@ -270,6 +365,10 @@ pub fn read_muc_message(m: &Message, room: &RoomJid) -> Option<MucMessage> {
             out.retracts = p.attr("id").map(str::to_owned);
         } else if p.ns() == NS_CHATSTATES {
             out.chat_state = Some(p.name().to_owned());
+        } else if p.is("markable", NS_MARKERS) {
+            out.markable = true;
+        } else if p.is("displayed", NS_MARKERS) {
+            out.displayed = p.attr("id").map(str::to_owned);
         } else if p.is("reply", NS_REPLY)
             && let Some(id) = p.attr("id")
         {
@@ -325,6 +424,18 @@ pub struct MucPresence {
     pub real_jid: Option<String>,
     /// The new nick (status 303).
     pub new_nick: Option<String>,
+    /// `<show/>`: `away`, `chat`, `dnd` or `xa` (none means available).
+    pub show: Option<String>,
+    /// `<status/>` text.
+    pub status: Option<String>,
+    /// The occupant's affiliation (`owner`, `admin`, `member`, `outcast`, `none`).
+    pub affiliation: Option<String>,
+    /// The occupant's role (`moderator`, `participant`, `visitor`, `none`).
+    pub role: Option<String>,
+    /// Why the occupant was removed (kick or ban), and by whom (the actor's nick).
+    pub reason: Option<String>,
+    /// The nick of who removed the occupant, when the room tells.
+    pub actor: Option<String>,
 }
 
 impl MucPresence {
@@ -340,6 +451,16 @@ pub fn read_muc_presence(p: &Presence) -> Option<MucPresence> {
     let mut out = MucPresence {
         nick,
         unavailable: p.type_ == PresenceType::Unavailable,
+        show: p.show.as_ref().map(|s| {
+            match s {
+                Show::Away => "away",
+                Show::Chat => "chat",
+                Show::Dnd => "dnd",
+                Show::Xa => "xa",
+            }
+            .to_owned()
+        }),
+        status: p.statuses.values().map(|s| s.trim()).find(|s| !s.is_empty()).map(str::to_owned),
         ..MucPresence::default()
     };
     if p.type_ == PresenceType::Error {
@@ -360,6 +481,16 @@ pub fn read_muc_presence(p: &Presence) -> Option<MucPresence> {
             } else if c.name() == "item" {
                 out.real_jid = c.attr("jid").map(str::to_owned);
                 out.new_nick = c.attr("nick").map(str::to_owned);
+                out.affiliation = c.attr("affiliation").map(str::to_owned);
+                out.role = c.attr("role").map(str::to_owned);
+                out.reason = c
+                    .get_child("reason", ns::MUC_USER)
+                    .map(|r| r.text().trim().to_owned())
+                    .filter(|r| !r.is_empty());
+                out.actor = c
+                    .get_child("actor", ns::MUC_USER)
+                    .and_then(|a| a.attr("nick"))
+                    .map(str::to_owned);
             }
         }
     }
@@ -469,6 +600,48 @@ mod tests {
     }
 
     #[test]
+    fn reads_show_status_affiliation_role_and_kicks() {
+        let el: Element = "<presence xmlns='jabber:component:accept' from='test@conference.localhost/Bob' to='bridge@matrix.localhost/trestle'>\
+            <show>dnd</show><status> busy </status>\
+            <x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='admin' role='moderator'/></x></presence>"
+            .parse()
+            .unwrap();
+        let p = read_muc_presence(&Presence::try_from(el).unwrap()).unwrap();
+        assert_eq!(p.show.as_deref(), Some("dnd"));
+        assert_eq!(p.status.as_deref(), Some("busy"));
+        assert_eq!(
+            (p.affiliation.as_deref(), p.role.as_deref()),
+            (Some("admin"), Some("moderator"))
+        );
+        let el: Element = "<presence xmlns='jabber:component:accept' type='unavailable' from='test@conference.localhost/Bob' to='bridge@matrix.localhost/trestle'>\
+            <x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='none'>\
+            <actor nick='Alice'/><reason>spam &amp; more</reason></item><status code='307'/></x></presence>"
+            .parse()
+            .unwrap();
+        let p = read_muc_presence(&Presence::try_from(el).unwrap()).unwrap();
+        assert!(p.unavailable && p.codes.contains(&307));
+        assert_eq!(p.reason.as_deref(), Some("spam & more"));
+        assert_eq!(p.actor.as_deref(), Some("Alice"));
+        let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
+        let to = occupant(&room(), "alice").unwrap();
+        let s = xml(occupant_presence(&from, &to, Some(Show::Away), Some("lunch <1>")));
+        assert!(s.contains(">away</show>") && s.contains("lunch &lt;1&gt;"), "{s}");
+    }
+
+    #[test]
+    fn muc_admin_items_escape_the_reason() {
+        let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
+        let iq = muc_admin(&from, &room(), "k1", ("nick", "Bob"), ("role", "none"), Some("<spam>"))
+            .unwrap();
+        let s = xml(iq);
+        assert!(
+            s.contains(NS_MUC_ADMIN) && s.contains("role=\"none\"") || s.contains("role='none'"),
+            "{s}"
+        );
+        assert!(s.contains("&lt;spam&gt;") && s.contains("Bob"), "{s}");
+    }
+
+    #[test]
     fn join_asks_for_no_history() {
         let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
         let to = occupant(&room(), "Alice").unwrap();
@@ -527,6 +700,35 @@ mod tests {
         m.from = Some(Jid::new("test@conference.localhost/alice").unwrap());
         let r = read_muc_message(&m, &room()).unwrap();
         assert_eq!(r.chat_state.as_deref(), Some("composing"));
+    }
+
+    #[test]
+    fn oob_files_are_built_and_read() {
+        let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
+        let url = "https://b.example/media/x/y/1/s/cat%20<1>.png";
+        let mut m = groupchat(&from, &room(), "ev4", url, None).unwrap();
+        add_oob(&mut m, url, Some("cat <1>.png"));
+        let s = xml(m.clone());
+        assert!(s.contains(NS_OOB) && s.contains("cat &lt;1&gt;.png"), "{s}");
+        m.from = Some(Jid::new("test@conference.localhost/alice").unwrap());
+        let r = read_muc_message(&m, &room()).unwrap();
+        assert_eq!(r.oob_url.as_deref(), Some(url));
+        assert_eq!(r.body.as_deref(), Some(url));
+    }
+
+    #[test]
+    fn markers_are_built_and_read() {
+        let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
+        let mut m = displayed(&from, &room(), "s1").unwrap();
+        assert!(m.bodies.is_empty());
+        m.from = Some(Jid::new("test@conference.localhost/alice").unwrap());
+        let r = read_muc_message(&m, &room()).unwrap();
+        assert_eq!(r.displayed.as_deref(), Some("s1"));
+        assert!(!r.markable);
+        let mut m = groupchat(&from, &room(), "ev5", "read me", None).unwrap();
+        add_markable(&mut m);
+        m.from = Some(Jid::new("test@conference.localhost/alice").unwrap());
+        assert!(read_muc_message(&m, &room()).unwrap().markable);
     }
 
     #[test]
