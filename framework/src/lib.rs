@@ -24,6 +24,7 @@ pub mod commands;
 pub mod config;
 pub mod context;
 pub mod event;
+pub mod fetch;
 pub mod inbound;
 pub mod media;
 pub mod metrics;

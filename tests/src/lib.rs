@@ -506,52 +506,6 @@ impl MatrixUser {
         .await
     }
 
-    /// Uploads media (`POST /_matrix/media/v3/upload`); returns the `mxc://` URI.
-    pub async fn upload(
-        &self,
-        data: Vec<u8>,
-        content_type: &str,
-        filename: &str,
-    ) -> anyhow::Result<String> {
-        let root = self.base.trim_end_matches("/_matrix/client/v3");
-        let resp = self
-            .http
-            .post(format!("{root}/_matrix/media/v3/upload?filename={}", enc(filename)))
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(data)
-            .send()
-            .await?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("upload -> {status}: {v}");
-        }
-        Ok(v["content_uri"].as_str().context("no content_uri")?.to_owned())
-    }
-
-    /// Downloads media by `mxc://` URI (authenticated media); returns the bytes and the
-    /// content type.
-    pub async fn download(&self, mxc: &str) -> anyhow::Result<(Vec<u8>, Option<String>)> {
-        let rest = mxc.strip_prefix("mxc://").context("not an mxc URI")?;
-        let root = self.base.trim_end_matches("/_matrix/client/v3");
-        let resp = self
-            .http
-            .get(format!("{root}/_matrix/client/v1/media/download/{rest}"))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            bail!("download of {mxc} -> {}", resp.status());
-        }
-        let ct = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        Ok((resp.bytes().await?.to_vec(), ct))
-    }
-
     /// A user's profile.
     pub async fn profile(&self, user_id: &str) -> anyhow::Result<Value> {
         self.get(&format!("/profile/{}", enc(user_id))).await

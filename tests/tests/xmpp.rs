@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use trestle_e2e::{
-    BridgeProcess, MatrixUser, Synapse, binary, free_port,
+    BridgeProcess, Deployment, MatrixUser, Synapse, binary,
     prosody::{COMPONENT, MUC, Prosody, SECRET, XmppClient, payload, stanza},
 };
 
@@ -24,41 +24,23 @@ struct Env {
 async fn start() -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-xmpp-").tempdir()?;
     let prosody = Prosody::start(&[("xalice", "secret-pass"), ("xbob", "secret-pass")]).await?;
-    let port = free_port();
-    let config = dir.path().join("xmpp.yaml");
-    let reg = dir.path().join("xmpp-registration.yaml");
-    let write = |hs: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "homeserver: {{ url: \"{hs}\", domain: localhost }}\n\
-                 appservice: {{ id: xmpp, listen: \"127.0.0.1:{port}\", url: \"http://127.0.0.1:{port}\", \
-                 bot_localpart: xmppbot, registration: \"{}\" }}\n\
-                 database: {{ path: \"{}\" }}\n\
-                 logging: {{ level: \"info,trestle=debug,trestle_xmpp=debug\" }}\n\
-                 permissions: {{ \"*\": user }}\n\
-                 media_proxy: {{ public_url: \"http://127.0.0.1:{port}/media\" }}\n\
-                 bridge:\n  component:\n    jid: {COMPONENT}\n    secret: {SECRET}\n    host: 127.0.0.1\n    port: {}\n\
-                 \x20 muc_services: [{MUC}]\n  connection:\n    reconnect_min_ms: 200\n    reconnect_max_ms: 2000\n\
-                 \x20 files:\n    max_bytes: {FILE_LIMIT}\n    allow_private_addresses: true\n",
-                reg.display(),
-                dir.path().join("xmpp.db").display(),
-                prosody.component_port()
-            ),
+    let d = Deployment::new(dir.path(), "xmpp");
+    let config = |hs: &str| {
+        format!(
+            "{}database: {{ path: \"{}\" }}\n\
+             logging: {{ level: \"info,trestle=debug,trestle_xmpp=debug\" }}\n\
+             permissions: {{ \"*\": user }}\n\
+             media_proxy: {{ public_url: \"http://127.0.0.1:{}/media\" }}\n\
+             bridge:\n  component:\n    jid: {COMPONENT}\n    secret: {SECRET}\n    host: 127.0.0.1\n    port: {}\n\
+             \x20 muc_services: [{MUC}]\n  connection:\n    reconnect_min_ms: 200\n    reconnect_max_ms: 2000\n\
+             \x20 files:\n    max_bytes: {FILE_LIMIT}\n    allow_private_addresses: true\n",
+            d.base_config(hs),
+            d.database().display(),
+            d.port,
+            prosody.component_port()
         )
     };
-    write("http://127.0.0.1:1")?;
-    let bin = binary("trestle-xmpp")?;
-    BridgeProcess::generate_registration(&bin, &config, &reg)?;
-    let synapse = Synapse::start(&[&reg]).await?;
-    write(&synapse.url())?;
-    let bridge = BridgeProcess::start(
-        &bin,
-        &config,
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("bridge.log"),
-    )
-    .await?;
+    let (synapse, bridge) = d.start(&binary("trestle-xmpp")?, &config).await?;
     Ok(Env { synapse, prosody, bridge, _dir: dir })
 }
 
@@ -888,7 +870,7 @@ async fn files_body(env: &mut Env) -> anyhow::Result<()> {
     // Matrix → XMPP: an m.file goes as a signed media link, in the body and as XEP-0066 OOB;
     // fetching it returns the same bytes.
     let data = b"%PDF-1.4 not really a PDF \x00\x01\x02".to_vec();
-    let mxc = alice.upload(data.clone(), "application/pdf", "report.pdf").await?;
+    let mxc = alice.upload(data.clone(), "application/pdf").await?;
     alice
         .send(
             &room,

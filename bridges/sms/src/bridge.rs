@@ -11,6 +11,7 @@ use trestle::{
     config::Config,
     context::Context,
     event::{MatrixEvent, Message, MessageType},
+    fetch::{FetchError, Fetcher, file_content},
     registration::{Namespace, Namespaces},
     store::{MessageMapping, Portal},
     util::keyed::KeyedLocks,
@@ -105,8 +106,9 @@ pub struct Inner {
     gateway: Arc<dyn Gateway>,
     limiter: RateLimiter,
     metrics: SmsMetrics,
-    /// Downloads inbound MMS media.
-    http: reqwest::Client,
+    /// Downloads inbound MMS media. Private addresses are allowed: the URLs come from the
+    /// authenticated gateway, which may well run on the local network.
+    files: Fetcher,
     /// Inbound messages are handled one at a time per conversation (in order, and a retried
     /// callback racing the original still creates nothing twice); conversations run in
     /// parallel, so one slow media download holds up only its own conversation.
@@ -375,14 +377,11 @@ impl Inner {
         if self.ctx.store().kv_get(&done_key).await?.is_some() {
             return Ok(());
         }
-        let limit = self.cfg().max_media_bytes;
-        let fetched = match mms::parse_url(&media.url) {
-            Ok(url) => {
-                let credentials = self.gateway.media_credentials(&url);
-                mms::download(&self.http, url, credentials, limit, &media.content_type).await
-            }
-            Err(e) => Err(e),
-        };
+        let credentials =
+            url::Url::parse(&media.url).ok().and_then(|u| self.gateway.media_credentials(&u));
+        let credentials = credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        let announced = Some(media.content_type.as_str()).filter(|t| !t.is_empty());
+        let fetched = self.files.fetch(&media.url, credentials, announced).await;
         let outcome = match fetched {
             Ok(file) => {
                 let name = mms::filename(gateway_id, n, &file.mimetype);
@@ -392,7 +391,7 @@ impl Inner {
                     .intent(ghost)
                     .upload_media(file.data, &file.mimetype, Some(&name))
                     .await?;
-                let content = mms::content(&mxc, &name, &file.mimetype, size);
+                let content = file_content(&mxc, &name, &file.mimetype, size, None);
                 self.post_inbound(room_id, ghost, &remote_id, content).await?;
                 self.metrics.media.with_label_values(&["bridged"]).inc();
                 "done"
@@ -408,7 +407,7 @@ impl Inner {
                     .notice(room_id, &format!("{kind} from {theirs} could not be bridged: {e}."))
                     .await;
                 let reason = match e {
-                    mms::MediaError::TooLarge { .. } => "too_large",
+                    FetchError::TooLarge { .. } => "too_large",
                     _ => "failed",
                 };
                 self.metrics.media.with_label_values(&[reason]).inc();
@@ -765,9 +764,7 @@ impl Bridge for SmsBridge {
             ctx: ctx.clone(),
             gateway: Arc::clone(&gateway),
             limiter,
-            http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(60))
-                .build()
+            files: Fetcher::new(cfg.max_media_bytes, std::time::Duration::from_secs(60), true)
                 .map_err(|e| BridgeError::Permanent(format!("cannot build an HTTP client: {e}")))?,
             inbound_locks: KeyedLocks::new(),
             report_lock: tokio::sync::Mutex::new(()),

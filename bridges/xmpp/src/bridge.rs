@@ -16,6 +16,7 @@ use trestle::{
     config::{Config, PermissionLevel},
     context::Context,
     event::{EphemeralEvent, MatrixEvent, Message, MessageType},
+    fetch::{FetchError, Fetcher, file_content},
     registration::{Namespace, Namespaces},
     store::{MessageMapping, Portal},
     util::{
@@ -38,7 +39,6 @@ use xmpp_parsers::{
 use crate::{
     config::XmppConfig,
     conn::{self, ConnConfig, ConnError, ConnEvent, XmppSender},
-    files::{FetchError, Fetcher, msgtype_of},
     ids::{Ids, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
     stanzas::{self, MucPresence},
 };
@@ -468,7 +468,7 @@ impl Inner {
         url: &str,
         caption: Option<&str>,
     ) -> Result<(Value, String), BridgeError> {
-        let why = match self.files.fetch(url).await {
+        let why = match self.files.fetch(url, None, None).await {
             Ok(f) => {
                 let size = f.data.len();
                 let intent = self.ctx.intent(ghost);
@@ -486,17 +486,11 @@ impl Inner {
                         ));
                     }
                 };
+                let content = file_content(&mxc, &f.filename, &f.mimetype, size, caption);
                 let body = caption.unwrap_or(&f.filename).to_owned();
-                let content = json!({
-                    "msgtype": msgtype_of(&f.mimetype),
-                    "body": body,
-                    "filename": f.filename,
-                    "url": mxc,
-                    "info": {"mimetype": f.mimetype, "size": size},
-                });
                 return Ok((content, body));
             }
-            Err(FetchError::TooLarge { limit }) => {
+            Err(FetchError::TooLarge { limit, .. }) => {
                 format!("is too large to bridge (the limit is {})", human_size(limit))
             }
             Err(e) => format!("could not be bridged: {e}"),

@@ -5,6 +5,5 @@
 pub mod bridge;
 pub mod config;
 pub mod conn;
-pub mod files;
 pub mod ids;
 pub mod stanzas;
