@@ -40,6 +40,8 @@ struct Env {
 /// Synapse, alice and the bridge, with `gateway` as the config's `bridge.gateway` section
 /// (indented by four spaces) and the webhook listener on `hook_port`.
 struct Launched {
+    /// Where the bridge's webhooks are.
+    hooks: String,
     synapse: Synapse,
     alice: MatrixUser,
     bridge: BridgeProcess,
@@ -71,7 +73,7 @@ async fn launch(gateway: &str, hook_port: u16) -> anyhow::Result<Launched> {
     let synapse = d.start_synapse(&bin, &config).await?;
     let alice = MatrixUser::register(&synapse.url(), "alice").await?;
     let bridge = d.start_bridge(&bin, &synapse, &config).await?;
-    Ok(Launched { synapse, alice, bridge, dir })
+    Ok(Launched { hooks, synapse, alice, bridge, dir })
 }
 
 async fn start() -> anyhow::Result<Option<Env>> {
@@ -459,6 +461,22 @@ const REST_AUTH: &str = "Basic QUMxMjM6dHctdG9rZW4=";
 /// A fake Twilio Messages API: records each send and answers with sid `SM<n>`. It also hosts
 /// inbound MMS media behind its Basic auth, as Twilio can: `…/Media/png` ([`PNG`]) and
 /// `…/Media/big` (larger than [`MAX_MEDIA`]); each download is counted in the third value.
+/// A bridge on the REST (Twilio-style) gateway, against [`fake_rest_api`]: the bridge, the
+/// API's URL, what it was sent and how many media downloads it served.
+async fn launch_rest() -> anyhow::Result<(
+    Launched,
+    String,
+    std::sync::Arc<std::sync::Mutex<Sent>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    let (api, sent, downloads) = fake_rest_api().await?;
+    let gateway = format!(
+        "    type: twilio\n    api_url: \"{api}\"\n    account_sid: AC123\n    auth_token: tw-token\n"
+    );
+    let l = launch(&gateway, free_port()).await?;
+    Ok((l, api, sent, downloads))
+}
+
 async fn fake_rest_api() -> anyhow::Result<(
     String,
     std::sync::Arc<std::sync::Mutex<Sent>>,
@@ -530,13 +548,8 @@ fn form_get<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
 #[tokio::test]
 async fn rest_gateway_end_to_end() -> anyhow::Result<()> {
     use trestle_sms::gateway::twilio::signature;
-    let (api, sent, _) = fake_rest_api().await?;
-    let hook_port = free_port();
-    let hooks = format!("http://127.0.0.1:{hook_port}");
-    let gateway = format!(
-        "    type: twilio\n    api_url: \"{api}\"\n    account_sid: AC123\n    auth_token: tw-token\n"
-    );
-    let l = launch(&gateway, hook_port).await?;
+    let (l, _, sent, _) = launch_rest().await?;
+    let hooks = l.hooks.clone();
     let alice = &l.alice;
     let http = reqwest::Client::new();
     let params = |v: &[(&str, &str)]| -> Vec<(String, String)> {
@@ -759,13 +772,8 @@ async fn ghost_media(alice: &MatrixUser, room: &str, msgtype: &str) -> anyhow::R
 #[tokio::test]
 async fn rest_gateway_mms_both_ways() -> anyhow::Result<()> {
     use trestle_sms::gateway::twilio::signature;
-    let (api, sent, downloads) = fake_rest_api().await?;
-    let hook_port = free_port();
-    let hooks = format!("http://127.0.0.1:{hook_port}");
-    let gateway = format!(
-        "    type: twilio\n    api_url: \"{api}\"\n    account_sid: AC123\n    auth_token: tw-token\n"
-    );
-    let l = launch(&gateway, hook_port).await?;
+    let (l, api, sent, downloads) = launch_rest().await?;
+    let hooks = l.hooks.clone();
     let alice = &l.alice;
     let http = reqwest::Client::new();
     let webhook = |v: &[(&str, &str)]| {

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use trestle::{
-    bridge::{Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext},
+    bridge::{
+        Bridge, BridgeError, BridgeInfo, GhostProfile, PortalSpec, RoomContext, retry_remote,
+    },
     client::{CreateRoom, Presence as MatrixPresence, RoomPreset},
     config::{Config, PermissionLevel},
     context::Context,
@@ -175,6 +177,11 @@ impl Inner {
 
     fn room_of(portal: &Portal) -> Option<RoomJid> {
         RoomJid::parse(portal.metadata.get("room")?.as_str()?)
+    }
+
+    /// The room's portal and its chat, when the room is a chat's portal.
+    fn muc_portal(room: &RoomContext) -> Option<(&Portal, RoomJid)> {
+        room.portal.as_ref().and_then(|p| Some((p, Self::room_of(p)?)))
     }
 
     fn puppet_jid(&self, mxid: &str) -> Option<FullJid> {
@@ -1414,18 +1421,8 @@ impl Inner {
 /// Handles the connection's events in order; failures are retried a few times.
 async fn xmpp_loop(b: Arc<Inner>, mut events: mpsc::Receiver<ConnEvent>) {
     while let Some(ev) = events.recv().await {
-        for attempt in 1..=3u64 {
-            match b.handle(&ev).await {
-                Ok(()) => break,
-                Err(err) if attempt < 3 && err.is_retryable() => {
-                    tracing::warn!(error = %err, attempt, "handling an XMPP stanza failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "could not bridge an XMPP stanza");
-                    break;
-                }
-            }
+        if let Err(err) = retry_remote(|| b.handle(&ev)).await {
+            tracing::error!(error = %err, "could not bridge an XMPP stanza");
         }
     }
 }
@@ -1533,11 +1530,7 @@ impl Bridge for XmppBridge {
         if room.portal.is_none() {
             return self.dm_message(event, msg).await;
         }
-        let Some((portal, xroom)) =
-            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
-        else {
-            return Ok(());
-        };
+        let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         if self.inner.ctx.permission(&event.sender) < PermissionLevel::Relay {
             return Ok(());
         }
@@ -1604,11 +1597,7 @@ impl Bridge for XmppBridge {
         if event.event_type != "m.room.power_levels" || event.state_key.as_deref() != Some("") {
             return Ok(());
         }
-        let Some((portal, xroom)) =
-            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
-        else {
-            return Ok(());
-        };
+        let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         self.matrix_power(&portal.room_id, &xroom, event).await
     }
 
@@ -1619,11 +1608,7 @@ impl Bridge for XmppBridge {
         target: &str,
         key: &str,
     ) -> Result<(), BridgeError> {
-        let Some((portal, xroom)) =
-            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
-        else {
-            return Ok(());
-        };
+        let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         let b = &self.inner;
         if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
             return Ok(());
@@ -1662,11 +1647,7 @@ impl Bridge for XmppBridge {
         target: &str,
         new: &Message,
     ) -> Result<(), BridgeError> {
-        let Some((portal, xroom)) =
-            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
-        else {
-            return Ok(());
-        };
+        let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         let Some(map) = self.inner.ctx.store().message_by_event(&portal.room_id, target).await?
         else {
             return Ok(());
@@ -1696,11 +1677,7 @@ impl Bridge for XmppBridge {
         target: &str,
         _reason: Option<&str>,
     ) -> Result<(), BridgeError> {
-        let Some((portal, xroom)) =
-            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
-        else {
-            return Ok(());
-        };
+        let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         if let Some(v) = self.inner.ctx.store().kv_get(&format!("xmpp.rev:{target}")).await? {
             return self.unreact(&portal.room_id, &xroom, event, target, &v).await;
         }
@@ -1761,11 +1738,7 @@ impl Bridge for XmppBridge {
             }
             return Ok(());
         }
-        let Some((portal, xroom)) =
-            room.portal.as_ref().and_then(|p| Some((p, Inner::room_of(p)?)))
-        else {
-            return Ok(());
-        };
+        let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         let b = &self.inner;
         if matches!(membership, "leave" | "ban")
             && prev != Some("ban")
