@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 pub mod ircd;
 pub mod kannel;
+pub mod netsmpp;
 pub mod prosody;
 pub mod smsc;
 pub mod synapse;

@@ -649,6 +649,56 @@ async fn ghost_read_receipt(alice: &MatrixUser, room: &str, event_id: &str) {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// The SMPP client against a third-party implementation of the protocol (Net::SMPP): bind,
+/// an MO, an MT with its delivery receipt, and a throttled submit sent again once.
+#[tokio::test]
+async fn smpp_interoperates_with_net_smpp() -> anyhow::Result<()> {
+    use trestle_e2e::netsmpp::NetSmppSmsc;
+    if !NetSmppSmsc::available() {
+        eprintln!("skipping: Net::SMPP (libnet-smpp-perl) is not installed");
+        return Ok(());
+    }
+    let smsc = NetSmppSmsc::start("pw-net").await?;
+    let gateway = format!(
+        "    type: smpp\n    address: \"{}\"\n    system_id: bridge\n    password: pw-net\n\
+         \x20   enquire_link_interval_secs: 1\n    throttle_pause_ms: 200\n",
+        smsc.address()
+    );
+    let l = launch(&gateway, free_port()).await?;
+    let alice = &l.alice;
+    smsc.wait_bound(T).await.map_err(|e| anyhow::anyhow!("{e}\n{}", smsc.log()))?;
+
+    // MO: deliver_sm → a portal, the ghost says the text; the ESME answered ESME_ROK.
+    let seq = smsc.mo(&PHONE[1..], &OURS[1..], "hello from Net::SMPP").await?;
+    assert_eq!(smsc.wait_resp(seq, T).await?, 0, "deliver_sm_resp status");
+    let room = accept_invite(alice).await?;
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == "hello from Net::SMPP")
+        .await?;
+
+    // MT: submit_sm as Net::SMPP decodes it; its receipt → a read receipt from the ghost.
+    let event_id = alice.send_text(&room, "hi Net::SMPP").await?;
+    let s = smsc.wait_submits(1, T).await.map_err(|e| anyhow::anyhow!("{e}\n{}", smsc.log()))?;
+    assert_eq!((s[0].source.0, s[0].source.1.as_str()), (1, &OURS[1..]));
+    assert_eq!((s[0].dest.0, s[0].dest.1.as_str()), (1, &PHONE[1..]));
+    assert_eq!((s[0].data_coding, s[0].registered_delivery), (0, 1));
+    assert_eq!(s[0].short_message, b"hi Net::SMPP");
+    let seq = smsc.receipt(&PHONE[1..], &OURS[1..], &s[0].message_id, "DELIVRD").await?;
+    assert_eq!(smsc.wait_resp(seq, T).await?, 0);
+    ghost_read_receipt(alice, &room, &event_id).await;
+
+    // ESME_RTHROTTLED once, then accepted: sent once.
+    smsc.throttle_next(1).await?;
+    alice.send_text(&room, "after a throttle").await?;
+    let s = smsc.wait_submits(2, T).await?;
+    assert_eq!(s[1].short_message, b"after a throttle");
+    assert_eq!(smsc.throttled().await?, 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(smsc.submits().await?.len(), 2, "the throttled message was sent once");
+    let _ = (&l.synapse, &l.dir, &l.bridge);
+    Ok(())
+}
+
 #[tokio::test]
 async fn smpp_gateway_end_to_end() -> anyhow::Result<()> {
     use trestle_e2e::smsc::Smsc;
