@@ -10,9 +10,11 @@
 # unbind are answered. The test drives it over the control port, one command per line, each
 # answered by lines ending with "END":
 #   mo FROM TO HEXTEXT          deliver_sm (GSM default alphabet)  → "ok SEQ"
+#   mo_payload FROM TO HEXTEXT  the same, the text in the message_payload TLV
 #   receipt FROM TO MSGID STAT  deliver_sm delivery receipt         → "ok SEQ"
 #   throttle N                  answer the next N submit_sm with ESME_RTHROTTLED
 #   submits                     "submit MSGID SRC_TON SRC DST_TON DST DCS ESM REG HEXTEXT" each
+#                               (HEXTEXT "p:…" when the text came in message_payload)
 #   status                      "bound 0|1", "throttled N", "resp SEQ STATUS" for answered deliver_sm
 use strict;
 use warnings;
@@ -66,9 +68,12 @@ sub on_pdu {
         }
         my $id = sprintf('NS%04d', $next_id++);
         $esme->submit_sm_resp(seq => $pdu->{seq}, message_id => $id);
+        my $text = unpack('H*', $pdu->{short_message});
+        $text = 'p:' . unpack('H*', $pdu->{message_payload})
+            if $text eq '' && defined $pdu->{message_payload};
         push @submits, join(' ', 'submit', $id, $pdu->{source_addr_ton}, $pdu->{source_addr},
             $pdu->{dest_addr_ton}, $pdu->{destination_addr}, $pdu->{data_coding},
-            $pdu->{esm_class}, $pdu->{registered_delivery}, unpack('H*', $pdu->{short_message}));
+            $pdu->{esm_class}, $pdu->{registered_delivery}, $text);
         print "$submits[-1]\n";
     } elsif ($cmd == Net::SMPP::CMD_deliver_sm_resp) {
         push @resps, "resp $pdu->{seq} $pdu->{status}";
@@ -94,6 +99,8 @@ sub on_command {
     my $c = shift(@w) // '';
     if ($c eq 'mo' && @w == 3) {
         return deliver($w[0], $w[1], 0, pack('H*', $w[2]));
+    } elsif ($c eq 'mo_payload' && @w == 3) {
+        return deliver($w[0], $w[1], 0, '', message_payload => pack('H*', $w[2]));
     } elsif ($c eq 'receipt' && @w == 4) {
         my ($from, $to, $id, $stat) = @w;
         my $text = "id:$id sub:001 dlvrd:001 submit date:2612031200 done date:2612031201 "

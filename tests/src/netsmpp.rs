@@ -94,6 +94,13 @@ impl NetSmppSmsc {
         self.sent(&self.command(&format!("mo {from} {to} {hex}")).await?)
     }
 
+    /// Sends an MO `deliver_sm` with the text in the `message_payload` TLV (short_message empty),
+    /// as SMSCs do for long messages without concatenation.
+    pub async fn mo_payload(&self, from: &str, to: &str, text: &str) -> anyhow::Result<u32> {
+        let hex: String = text.bytes().map(|b| format!("{b:02x}")).collect();
+        self.sent(&self.command(&format!("mo_payload {from} {to} {hex}")).await?)
+    }
+
     /// Sends a delivery receipt for `message_id` with `stat` (`DELIVRD`, `UNDELIV`, …).
     pub async fn receipt(
         &self,
@@ -140,12 +147,16 @@ impl NetSmppSmsc {
     }
 
     /// Every `submit_sm` accepted so far.
-    pub async fn submits(&self) -> anyhow::Result<Vec<Submit>> {
+    pub async fn submits(&self) -> anyhow::Result<Vec<PeerSubmit>> {
         self.command("submits").await?.iter().map(|l| parse_submit(l)).collect()
     }
 
     /// Waits until at least `n` `submit_sm` were accepted; returns them all.
-    pub async fn wait_submits(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Submit>> {
+    pub async fn wait_submits(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<PeerSubmit>> {
         wait_for(&format!("{n} submit_sm at Net::SMPP"), timeout, || async {
             self.submits().await.ok().filter(|s| s.len() >= n)
         })
@@ -153,19 +164,33 @@ impl NetSmppSmsc {
     }
 }
 
-/// `submit MSGID SRC_TON SRC DST_TON DST DCS ESM REG HEXTEXT`.
-fn parse_submit(line: &str) -> anyhow::Result<Submit> {
+/// A `submit_sm` at Net::SMPP: what [`Submit`] holds (`short_message` is the user data, from
+/// the `message_payload` TLV when `payload`).
+#[derive(Debug, Clone)]
+pub struct PeerSubmit {
+    /// The submit.
+    pub submit: Submit,
+    /// Whether the text came in `message_payload`.
+    pub payload: bool,
+}
+
+/// `submit MSGID SRC_TON SRC DST_TON DST DCS ESM REG HEXTEXT` (HEXTEXT `p:…` for a payload).
+fn parse_submit(line: &str) -> anyhow::Result<PeerSubmit> {
     let w: Vec<&str> = line.split(' ').collect();
     let [_, id, src_ton, src, dst_ton, dst, dcs, esm, reg, rest @ ..] = w.as_slice() else {
         bail!("malformed submit line {line:?}");
     };
     let hex = rest.first().copied().unwrap_or_default();
+    let (hex, payload) = match hex.strip_prefix("p:") {
+        Some(h) => (h, true),
+        None => (hex, false),
+    };
     let short_message = (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
         .collect::<Result<Vec<u8>, _>>()
         .with_context(|| format!("bad hex in {line:?}"))?;
-    Ok(Submit {
+    let submit = Submit {
         source: (src_ton.parse()?, (*src).to_owned()),
         dest: (dst_ton.parse()?, (*dst).to_owned()),
         esm_class: esm.parse()?,
@@ -173,5 +198,6 @@ fn parse_submit(line: &str) -> anyhow::Result<Submit> {
         data_coding: dcs.parse()?,
         short_message,
         message_id: (*id).to_owned(),
-    })
+    };
+    Ok(PeerSubmit { submit, payload })
 }

@@ -650,7 +650,8 @@ async fn ghost_read_receipt(alice: &MatrixUser, room: &str, event_id: &str) {
 }
 
 /// The SMPP client against a third-party implementation of the protocol (Net::SMPP): bind,
-/// an MO, an MT with its delivery receipt, and a throttled submit sent again once.
+/// an MO, an MT with its delivery receipt, a throttled submit sent again once, and long
+/// messages both ways in `message_payload`.
 #[tokio::test]
 async fn smpp_interoperates_with_net_smpp() -> anyhow::Result<()> {
     use trestle_e2e::netsmpp::NetSmppSmsc;
@@ -661,7 +662,7 @@ async fn smpp_interoperates_with_net_smpp() -> anyhow::Result<()> {
     let smsc = NetSmppSmsc::start("pw-net").await?;
     let gateway = format!(
         "    type: smpp\n    address: \"{}\"\n    system_id: bridge\n    password: pw-net\n\
-         \x20   enquire_link_interval_secs: 1\n    throttle_pause_ms: 200\n",
+         \x20   enquire_link_interval_secs: 1\n    throttle_pause_ms: 200\n    long_messages: message_payload\n",
         smsc.address()
     );
     let l = launch(&gateway, free_port()).await?;
@@ -679,6 +680,7 @@ async fn smpp_interoperates_with_net_smpp() -> anyhow::Result<()> {
     // MT: submit_sm as Net::SMPP decodes it; its receipt → a read receipt from the ghost.
     let event_id = alice.send_text(&room, "hi Net::SMPP").await?;
     let s = smsc.wait_submits(1, T).await.map_err(|e| anyhow::anyhow!("{e}\n{}", smsc.log()))?;
+    let s: Vec<_> = s.into_iter().map(|p| p.submit).collect();
     assert_eq!((s[0].source.0, s[0].source.1.as_str()), (1, &OURS[1..]));
     assert_eq!((s[0].dest.0, s[0].dest.1.as_str()), (1, &PHONE[1..]));
     assert_eq!((s[0].data_coding, s[0].registered_delivery), (0, 1));
@@ -691,10 +693,26 @@ async fn smpp_interoperates_with_net_smpp() -> anyhow::Result<()> {
     smsc.throttle_next(1).await?;
     alice.send_text(&room, "after a throttle").await?;
     let s = smsc.wait_submits(2, T).await?;
-    assert_eq!(s[1].short_message, b"after a throttle");
+    assert_eq!(
+        (s[1].submit.short_message.as_slice(), s[1].payload),
+        (&b"after a throttle"[..], false)
+    );
     assert_eq!(smsc.throttled().await?, 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(smsc.submits().await?.len(), 2, "the throttled message was sent once");
+
+    // Long messages in message_payload (as configured): one submit_sm holding the whole text,
+    // and an MO whose text comes in the TLV.
+    let long = "a long message ".repeat(20);
+    alice.send_text(&room, long.trim_end()).await?;
+    let s = smsc.wait_submits(3, T).await?;
+    assert!(s[2].payload, "not in message_payload: {:?}", s[2]);
+    assert_eq!(s[2].submit.short_message, long.trim_end().as_bytes());
+    let seq = smsc.mo_payload(&PHONE[1..], &OURS[1..], long.trim_end()).await?;
+    assert_eq!(smsc.wait_resp(seq, T).await?, 0);
+    alice
+        .wait_for_message(&room, T, |e| e["sender"] == GHOST && body(e) == long.trim_end())
+        .await?;
     let _ = (&l.synapse, &l.dir, &l.bridge);
     Ok(())
 }

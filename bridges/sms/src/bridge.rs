@@ -704,6 +704,7 @@ fn build_gateway(cfg: &SmsConfig) -> Arc<dyn Gateway> {
                 reconnect_max: secs(s.reconnect_max_secs),
                 throttle_retries: s.throttle_retries,
                 throttle_pause: std::time::Duration::from_millis(s.throttle_pause_ms),
+                long_messages: s.long_messages,
             }))
         }
     }

@@ -122,6 +122,10 @@ pub struct SmppConfig {
     /// First pause before such a retry, in milliseconds (doubled each time).
     #[serde(default = "default_throttle_pause")]
     pub throttle_pause_ms: u64,
+    /// How a message longer than one SMS is submitted: `udh` (one submit_sm per part with a
+    /// concatenation header) or `message_payload` (one submit_sm, the SMSC splits it).
+    #[serde(default)]
+    pub long_messages: crate::gateway::smpp::LongMessages,
 }
 
 impl std::fmt::Debug for SmppConfig {

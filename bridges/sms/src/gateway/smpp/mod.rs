@@ -70,6 +70,20 @@ pub struct SmppSettings {
     pub throttle_retries: u32,
     /// First pause before retrying a throttled `submit_sm` (doubled each time).
     pub throttle_pause: Duration,
+    /// How a message longer than one SMS travels.
+    pub long_messages: LongMessages,
+}
+
+/// How a message longer than one SMS is submitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LongMessages {
+    /// One `submit_sm` per part, with a concatenation user data header (works everywhere).
+    #[default]
+    Udh,
+    /// One `submit_sm` carrying the whole text in the `message_payload` TLV; the SMSC splits it
+    /// (for SMSCs that prefer it; one message id, one receipt).
+    MessagePayload,
 }
 
 impl std::fmt::Debug for SmppSettings {
@@ -262,36 +276,44 @@ impl Smpp {
     }
 }
 
-/// The short messages for `sms`: one per part, each with its UDH when there are several.
-pub fn build_submits(sms: &OutboundSms, reference: u8) -> Vec<ShortMessage> {
+/// The short messages for `sms`: one per part, each with its UDH when there are several; or,
+/// with [`LongMessages::MessagePayload`], one whose `message_payload` holds every part.
+pub fn build_submits(sms: &OutboundSms, reference: u8, long: LongMessages) -> Vec<ShortMessage> {
     let total = u8::try_from(sms.parts.len()).unwrap_or(u8::MAX);
     let data_coding = match sms.encoding {
         Encoding::Gsm7 => 0,
         Encoding::Ucs2 => 8,
     };
+    let encode = |part: &str| match sms.encoding {
+        Encoding::Gsm7 => gsm7_encode(part).unwrap_or_else(|| ucs2_encode(part)),
+        Encoding::Ucs2 => ucs2_encode(part),
+    };
+    let message = |esm_class, short_message, tlvs| ShortMessage {
+        source: pdu::Address::from_number(&sms.from),
+        dest: pdu::Address::from_number(&sms.to),
+        esm_class,
+        registered_delivery: 1,
+        data_coding,
+        short_message,
+        tlvs,
+        ..Default::default()
+    };
+    if total > 1 && long == LongMessages::MessagePayload {
+        let payload = encode(&sms.parts.concat());
+        return vec![message(0, Vec::new(), vec![(pdu::tag::MESSAGE_PAYLOAD, payload)])];
+    }
     sms.parts
         .iter()
         .take(usize::from(u8::MAX))
         .enumerate()
         .map(|(i, part)| {
-            let text = match sms.encoding {
-                Encoding::Gsm7 => gsm7_encode(part).unwrap_or_else(|| ucs2_encode(part)),
-                Encoding::Ucs2 => ucs2_encode(part),
-            };
-            let (esm_class, short_message) = if total > 1 {
+            let text = encode(part);
+            if total > 1 {
                 let seq = u8::try_from(i + 1).unwrap_or(u8::MAX);
-                (pdu::ESM_UDHI, [&pdu::concat_udh(reference, total, seq)[..], &text].concat())
+                let udh = pdu::concat_udh(reference, total, seq);
+                message(pdu::ESM_UDHI, [&udh[..], &text].concat(), Vec::new())
             } else {
-                (0, text)
-            };
-            ShortMessage {
-                source: pdu::Address::from_number(&sms.from),
-                dest: pdu::Address::from_number(&sms.to),
-                esm_class,
-                registered_delivery: 1,
-                data_coding,
-                short_message,
-                ..Default::default()
+                message(0, text, Vec::new())
             }
         })
         .collect()
@@ -398,7 +420,7 @@ impl Gateway for Smpp {
 
     async fn send(&self, sms: &OutboundSms) -> Result<String, GatewayError> {
         let reference = self.reference.fetch_add(1, Ordering::Relaxed);
-        let submits = build_submits(sms, reference);
+        let submits = build_submits(sms, reference, self.settings.long_messages);
         let total = u8::try_from(submits.len()).unwrap_or(u8::MAX);
         if total <= 1 {
             let sm = submits.first().ok_or_else(|| GatewayError::Rejected("empty".into()))?;
@@ -712,7 +734,7 @@ mod tests {
 
     #[test]
     fn submits_single_and_concatenated() {
-        let one = build_submits(&sms("Hi {you}"), 5);
+        let one = build_submits(&sms("Hi {you}"), 5, LongMessages::Udh);
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].data_coding, 0);
         assert_eq!(one[0].esm_class, 0);
@@ -720,7 +742,7 @@ mod tests {
         assert_eq!(one[0].short_message, b"Hi \x1b\x28you\x1b\x29");
         assert_eq!((one[0].dest.ton, one[0].dest.addr.as_str()), (1, "447700900123"));
 
-        let long = build_submits(&sms(&"я".repeat(100)), 9);
+        let long = build_submits(&sms(&"я".repeat(100)), 9, LongMessages::Udh);
         assert_eq!(long.len(), 2);
         for (i, sm) in long.iter().enumerate() {
             assert_eq!(sm.data_coding, 8);
@@ -731,8 +753,20 @@ mod tests {
             // Each part fits one short_message.
             assert!(sm.short_message.len() <= 140);
         }
-        let gsm = build_submits(&sms(&"x".repeat(200)), 1);
+        let gsm = build_submits(&sms(&"x".repeat(200)), 1, LongMessages::Udh);
         assert_eq!(gsm.iter().map(|s| s.short_message.len()).collect::<Vec<_>>(), [159, 53]);
+
+        // message_payload: one submit_sm, empty short_message, the whole text in the TLV, which
+        // survives encoding and is what the receiving side reads as the user data.
+        let payload = build_submits(&sms(&"я".repeat(100)), 9, LongMessages::MessagePayload);
+        assert_eq!(payload.len(), 1);
+        let sm = ShortMessage::decode(&payload[0].encode()).unwrap();
+        assert_eq!((sm.esm_class, sm.data_coding, sm.short_message.len()), (0, 8, 0));
+        assert_eq!(sm.split_udh(), (None, &ucs2_encode(&"я".repeat(100))[..]));
+        assert_eq!(decode_text(8, sm.user_data()), "я".repeat(100));
+        // A single part stays in short_message whatever the setting.
+        let one = build_submits(&sms("short"), 1, LongMessages::MessagePayload);
+        assert_eq!((one[0].short_message.as_slice(), one[0].tlvs.len()), (&b"short"[..], 0));
     }
 
     #[test]
@@ -777,6 +811,7 @@ mod tests {
             reconnect_max: Duration::from_secs(2),
             throttle_retries: 1,
             throttle_pause: Duration::from_millis(10),
+            long_messages: LongMessages::Udh,
         });
         let mut pending = Pending::new();
         let part = |seq: u8, text: &[u8]| ShortMessage {
@@ -921,6 +956,7 @@ mod tests {
             reconnect_max: Duration::from_millis(100),
             throttle_retries: 0,
             throttle_pause: Duration::from_millis(10),
+            long_messages: LongMessages::Udh,
         }
     }
 

@@ -34,6 +34,7 @@ pub mod status {
 /// TLV tags used here.
 pub mod tag {
     pub const RECEIPTED_MESSAGE_ID: u16 = 0x001E;
+    pub const MESSAGE_PAYLOAD: u16 = 0x0424;
     pub const MESSAGE_STATE: u16 = 0x0427;
 }
 
@@ -340,6 +341,15 @@ impl ShortMessage {
         })
     }
 
+    /// The message's user data: the `message_payload` TLV when short_message is empty (how
+    /// long messages travel without concatenation), else short_message.
+    pub fn user_data(&self) -> &[u8] {
+        match self.tlv(tag::MESSAGE_PAYLOAD) {
+            Some(payload) if self.short_message.is_empty() => payload,
+            _ => &self.short_message,
+        }
+    }
+
     /// A TLV's value.
     pub fn tlv(&self, tag: u16) -> Option<&[u8]> {
         self.tlvs.iter().find(|(t, _)| *t == tag).map(|(_, v)| v.as_slice())
@@ -348,7 +358,7 @@ impl ShortMessage {
     /// The user data header (if `esm_class` says there is one and it is well formed) and the
     /// text bytes after it.
     pub fn split_udh(&self) -> (Option<&[u8]>, &[u8]) {
-        let sm = &self.short_message;
+        let sm = self.user_data();
         if self.esm_class & ESM_UDHI != 0
             && let Some(&udhl) = sm.first()
             && sm.len() > usize::from(udhl)
