@@ -6,7 +6,7 @@
 //! typed stanzas use the component namespace, so they cannot serve a c2s client here.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::{Arc, Mutex},
     time::Duration,
@@ -46,6 +46,10 @@ impl Prosody {
         let (c2s_port, s2s_port, component_port) = (free_port(), free_port(), free_port());
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data)?;
+        // XEP-0425 moderation comes with Debian's prosody-modules (installed by install-deps).
+        let moderation = Path::new(MUC_MODERATION).exists();
+        let muc_modules =
+            if moderation { r#""muc_mam"; "muc_moderation""# } else { r#""muc_mam""# };
         let config = format!(
             r#"run_as_root = true
 daemonize = false
@@ -68,7 +72,7 @@ modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "version"; "posix" }
 modules_disabled = {{ "tls"; "s2s" }}
 VirtualHost "localhost"
 Component "{MUC}" "muc"
-    modules_enabled = {{ "muc_mam" }}
+    modules_enabled = {{ {muc_modules} }}
     muc_log_by_default = true
     muc_room_default_change_subject = true
 Component "{COMPONENT}"
@@ -151,6 +155,10 @@ Component "{COMPONENT}"
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 }
+
+/// Where Debian's prosody-modules puts XEP-0425 message moderation.
+pub const MUC_MODERATION: &str =
+    "/usr/lib/prosody/modules/mod_muc_moderation/mod_muc_moderation.lua";
 
 /// The client namespace.
 const NS_CLIENT: &str = "jabber:client";

@@ -1279,3 +1279,111 @@ async fn harness_client_logs_in_to_prosody() -> anyhow::Result<()> {
     assert_eq!(client.jid, "xbob@localhost");
     Ok(())
 }
+
+#[tokio::test]
+async fn xmpp_moderation_redacts_in_matrix() -> anyhow::Result<()> {
+    if !std::path::Path::new(trestle_e2e::prosody::MUC_MODERATION).exists() {
+        eprintln!("skipping: Prosody's mod_muc_moderation (prosody-modules) is not installed");
+        return Ok(());
+    }
+    let mut env = start().await?;
+    let r = xmpp_moderation_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+/// A moderation request (XEP-0425 0.2, as Prosody's mod_muc_moderation takes it) from `xmpp`.
+fn moderate(xmpp: &XmppClient, room: &str, stanza_id: &str, reason: &str) -> anyhow::Result<()> {
+    let mut moderate = payload("moderate", "urn:xmpp:message-moderate:0", &[]);
+    moderate.append_child(payload("retract", "urn:xmpp:message-retract:0", &[]));
+    moderate.append_child(
+        tokio_xmpp::minidom::Element::builder("reason", "urn:xmpp:message-moderate:0")
+            .append(reason)
+            .build(),
+    );
+    let mut apply_to = payload("apply-to", "urn:xmpp:fasten:0", &[("id", stanza_id)]);
+    apply_to.append_child(moderate);
+    xmpp.send(
+        stanza("iq", &[("type", "set"), ("id", "mod-1"), ("to", &format!("{room}@{MUC}"))])
+            .append(apply_to)
+            .build(),
+    )
+}
+
+async fn xmpp_moderation_body(env: &mut Env) -> anyhow::Result<()> {
+    // The XMPP user who creates the room owns it, so may moderate.
+    let owner = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    owner.join("mda", "XAlice").await?;
+    let bob = XmppClient::connect(env.prosody.c2s_port(), "xbob", "secret-pass").await?;
+    bob.join("mda", "XBob").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join(&format!("#xmpp_mda_{MUC}:localhost")).await?;
+    let bob_ghost = "@xmpp_mda=40conference.localhost/_x_bob:localhost";
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bob.say("mda", "spam-1", "buy cheap watches")?;
+    let event = alice
+        .wait_for_message(&room, T, |e| e["sender"] == bob_ghost && body(e) == "buy cheap watches")
+        .await?;
+    let event_id = event["event_id"].as_str().unwrap_or_default().to_owned();
+    let seen = owner.wait_message(T, |m| m.body == "buy cheap watches").await?;
+    let sid = seen.stanza_id.clone().expect("the room's stanza-id");
+
+    // The owner moderates it: the Matrix event is redacted, with who and why.
+    moderate(&owner, "mda", &sid, "spam")?;
+    let redacted = trestle_e2e::wait_for("the moderated message redacted", T, || async {
+        let e = alice.get(&format!("/rooms/{room}/event/{event_id}")).await.ok()?;
+        e["unsigned"]["redacted_because"].is_object().then_some(e)
+    })
+    .await?;
+    assert_eq!(redacted["content"], json!({}), "{redacted}");
+    let reason = redacted["unsigned"]["redacted_because"]["content"]["reason"].as_str();
+    assert_eq!(reason, Some("moderated by XAlice on XMPP: spam"), "{redacted}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn matrix_redaction_of_others_moderates_on_xmpp() -> anyhow::Result<()> {
+    if !std::path::Path::new(trestle_e2e::prosody::MUC_MODERATION).exists() {
+        eprintln!("skipping: Prosody's mod_muc_moderation (prosody-modules) is not installed");
+        return Ok(());
+    }
+    let mut env = start().await?;
+    let r = matrix_moderation_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_moderation_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "mdb").await?;
+    let ghost = "@xmpp_mdb=40conference.localhost/_x_alice:localhost";
+    xmpp.say("mdb", "rude-1", "something rude")?;
+    let event = alice
+        .wait_for_message(&room, T, |e| e["sender"] == ghost && body(e) == "something rude")
+        .await?;
+    let event_id = event["event_id"].as_str().unwrap_or_default().to_owned();
+    let seen = xmpp.wait_message(T, |m| m.body == "something rude").await?;
+    let sid = seen.stanza_id.clone().expect("the room's stanza-id");
+
+    // The bot makes alice an admin on Matrix (the bridge ignores the bot's own changes); she
+    // gives bob 50, which makes his occupant a moderator on XMPP.
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 100).await?;
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    bob.join(&room).await?;
+    let bob_occupant = format!("from=\"mdb@{MUC}/bob\"");
+    xmpp.wait_presence(T, |p| p.contains(&bob_occupant)).await?;
+    let mut pl = alice.state(&room, "m.room.power_levels", "").await?.unwrap_or_default();
+    pl["users"][bob.user_id.as_str()] = json!(50);
+    alice.put(&format!("/rooms/{room}/state/m.room.power_levels/"), pl).await?;
+    xmpp.wait_presence(T, |p| p.contains(&bob_occupant) && p.contains("role=\"moderator\""))
+        .await?;
+
+    // Bob redacts the XMPP user's message: the room retracts it for everyone, naming his
+    // occupant and his reason.
+    let txn = format!("r{}", rand::random::<u64>());
+    bob.put(&format!("/rooms/{room}/redact/{event_id}/{txn}"), json!({"reason": "not here"}))
+        .await?;
+    let announcement = xmpp
+        .wait_stanza(T, |s| s.contains("urn:xmpp:message-moderate:0") && s.contains(&sid))
+        .await?;
+    assert!(announcement.contains(&format!("by=\"mdb@{MUC}/bob\"")), "{announcement}");
+    assert!(announcement.contains("not here"), "{announcement}");
+    Ok(())
+}

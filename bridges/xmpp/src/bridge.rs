@@ -558,6 +558,18 @@ impl Inner {
         let Some(iq) = stanzas::muc_admin(from, room, &id, who, change, reason) else {
             return Err(BridgeError::Permanent(format!("cannot address {} in the room", who.1)));
         };
+        self.room_request(room, id, iq, generation).await
+    }
+
+    /// Sends `iq` (with id `id`) to `room` on connection `generation` and waits for the room's
+    /// answer: `Ok(Err(why))` when the room refuses or does not answer in time.
+    async fn room_request(
+        &self,
+        room: &RoomJid,
+        id: String,
+        iq: Iq,
+        generation: u64,
+    ) -> Result<Result<(), String>, BridgeError> {
         let (tx, rx) = oneshot::channel();
         self.state().iqs.insert(id.clone(), (room.bare(), tx));
         if let Err(e) = self.xmpp.send_for(iq, generation) {
@@ -571,6 +583,33 @@ impl Inner {
                 Ok(Err("no answer from the room".to_owned()))
             }
         }
+    }
+
+    /// A moderator retracted a message (XEP-0425): its Matrix event is redacted by the bot,
+    /// with who and why as the reason.
+    async fn xmpp_moderated(
+        &self,
+        room: &RoomJid,
+        moderated: &stanzas::Moderated,
+    ) -> Result<(), BridgeError> {
+        let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? else {
+            return Ok(());
+        };
+        let key = room.bare();
+        let sid = &moderated.stanza_id;
+        let Some(event) = self.ctx.store().kv_get(&format!("xmpp.sid:{key}:{sid}")).await? else {
+            tracing::info!(room = key, sid, "a moderated message that was never bridged");
+            return Ok(());
+        };
+        let by = moderated.by.as_deref().and_then(|b| b.strip_prefix(&format!("{key}/")));
+        let reason = match (by, moderated.reason.as_deref()) {
+            (Some(nick), Some(why)) => format!("moderated by {nick} on XMPP: {why}"),
+            (Some(nick), None) => format!("moderated by {nick} on XMPP"),
+            (None, Some(why)) => format!("moderated on XMPP: {why}"),
+            (None, None) => "moderated on XMPP".to_owned(),
+        };
+        self.ctx.bot().redact(&portal.room_id, &event, Some(&reason)).await?;
+        Ok(())
     }
 
     /// The Matrix event of the message the room knows as `id`: by the room's stanza-id, or else
@@ -831,6 +870,15 @@ impl Inner {
             self.reject_message(m, DefinedCondition::NotAcceptable, "not from a bridged room");
             return Ok(());
         };
+        // From the room itself (not an occupant): a moderator's retraction, or nothing for us.
+        if from.resource().is_none() {
+            return match stanzas::read_moderation(m) {
+                Some(moderated) if recipient.is_none() => {
+                    self.xmpp_moderated(&room, &moderated).await
+                }
+                _ => Ok(()),
+            };
+        }
         let Some(msg) = stanzas::read_muc_message(m, &room) else {
             // A groupchat message without a nick is the room itself (e.g. a status message).
             return Ok(());
@@ -1675,7 +1723,7 @@ impl Bridge for XmppBridge {
         room: &RoomContext,
         event: &MatrixEvent,
         target: &str,
-        _reason: Option<&str>,
+        reason: Option<&str>,
     ) -> Result<(), BridgeError> {
         let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         if let Some(v) = self.inner.ctx.store().kv_get(&format!("xmpp.rev:{target}")).await? {
@@ -1685,12 +1733,13 @@ impl Bridge for XmppBridge {
         else {
             return Ok(());
         };
-        if map.sender != event.sender {
-            return Ok(());
-        }
         let Some(sid) = self.inner.ctx.store().kv_get(&format!("xmpp.ev:{target}")).await? else {
             return Ok(());
         };
+        if map.sender != event.sender {
+            // Someone else's message, redacted with the power to: a moderation on XMPP.
+            return self.matrix_moderation(&portal.room_id, &xroom, event, &sid, reason).await;
+        }
         let id = event.event_id.clone();
         self.inner
             .send_groupchat(
@@ -1834,6 +1883,54 @@ impl XmppBridge {
             {
                 // Best effort: a lost typing notification is not worth a retry.
                 let _ = b.xmpp.send_for(m, generation);
+            }
+        }
+        Ok(())
+    }
+
+    /// A Matrix user redacted someone else's message (Matrix already checked their power to): a
+    /// moderation request (XEP-0425) to the room from the user's own occupant, which must be a
+    /// moderator there (a Matrix power level of 50 makes it one). A refusal is told in the room.
+    async fn matrix_moderation(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        stanza_id: &str,
+        reason: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
+        let joined = b
+            .state()
+            .rooms
+            .get(&xroom.bare())
+            .and_then(|r| r.puppets.get(&event.sender))
+            .is_some_and(|p| p.joined == Some(generation));
+        let Some(from) = b.puppet_jid(&event.sender).filter(|_| joined) else {
+            b.ctx.notice(room_id, "Not removed on XMPP: you are not in the chat there.").await;
+            return Ok(());
+        };
+        let id = format!("moderate-{}", rand::random::<u64>());
+        let Some(iq) = stanzas::moderation(&from, xroom, &id, stanza_id, reason) else {
+            return Err(BridgeError::Permanent(format!("cannot address {}", xroom.bare())));
+        };
+        match b.room_request(xroom, id, iq, generation).await? {
+            Ok(()) => {
+                tracing::info!(
+                    room = xroom.bare(),
+                    stanza_id,
+                    by = event.sender,
+                    "moderated a message"
+                );
+            }
+            Err(why) => {
+                b.ctx
+                    .notice(room_id, &format!("Could not remove the message on XMPP: {why}"))
+                    .await;
             }
         }
         Ok(())

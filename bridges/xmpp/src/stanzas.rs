@@ -19,6 +19,14 @@ use crate::ids::RoomJid;
 
 /// XEP-0424 message retraction.
 pub const NS_RETRACT: &str = "urn:xmpp:message-retract:1";
+/// XEP-0424 message retraction as XEP-0425 version 0.2 (Prosody's `mod_muc_moderation`) uses it.
+pub const NS_RETRACT_0: &str = "urn:xmpp:message-retract:0";
+/// XEP-0425 message moderation, version 0.2 (what Prosody's `mod_muc_moderation` speaks).
+pub const NS_MODERATE_0: &str = "urn:xmpp:message-moderate:0";
+/// XEP-0425 message moderation, version 0.3 and later.
+pub const NS_MODERATE: &str = "urn:xmpp:message-moderate:1";
+/// XEP-0422 message fastening (carries XEP-0425 version 0.2).
+pub const NS_FASTEN: &str = "urn:xmpp:fasten:0";
 /// XEP-0045 room owner.
 pub const NS_MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 /// XEP-0045 moderation and administration.
@@ -293,6 +301,72 @@ pub fn muc_admin(
         to: Some(Jid::new(&room.bare()).ok()?),
         id: id.to_owned(),
         payload: query,
+    })
+}
+
+/// A moderation request (XEP-0425, version 0.2 as Prosody's `mod_muc_moderation` speaks it):
+/// `from`, a moderator's occupant, asks `room` to retract the message it knows as `stanza_id`.
+pub fn moderation(
+    from: &FullJid,
+    room: &RoomJid,
+    id: &str,
+    stanza_id: &str,
+    reason: Option<&str>,
+) -> Option<xmpp_parsers::iq::Iq> {
+    let mut moderate = Element::builder("moderate", NS_MODERATE_0)
+        .append(Element::builder("retract", NS_RETRACT_0).build());
+    if let Some(r) = reason.map(xml_safe).filter(|r| !r.trim().is_empty()) {
+        moderate = moderate.append(Element::builder("reason", NS_MODERATE_0).append(r).build());
+    }
+    let apply_to = Element::builder("apply-to", NS_FASTEN)
+        .attr(xml_ncname!("id").into(), stanza_id)
+        .append(moderate.build())
+        .build();
+    Some(xmpp_parsers::iq::Iq::Set {
+        from: Some(from.clone().into()),
+        to: Some(Jid::new(&room.bare()).ok()?),
+        id: id.to_owned(),
+        payload: apply_to,
+    })
+}
+
+/// A room's announcement that a moderator retracted a message (XEP-0425).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moderated {
+    /// The room's stanza-id of the retracted message.
+    pub stanza_id: String,
+    /// The moderator's occupant JID, when given.
+    pub by: Option<String>,
+    /// The reason, when given.
+    pub reason: Option<String>,
+}
+
+/// Reads a moderation announcement (the caller checked it comes from the room itself, not an
+/// occupant): version 0.2 (`<apply-to><moderated><retract/></moderated></apply-to>`) or 0.3+
+/// (`<retract id><moderated/></retract>`). Moderations that do not retract are ignored.
+pub fn read_moderation(m: &Message) -> Option<Moderated> {
+    let reason = |e: &Element, ns: &str| {
+        e.get_child("reason", ns).map(|r| r.text()).filter(|r| !r.trim().is_empty())
+    };
+    m.payloads.iter().find_map(|p| {
+        if p.is("apply-to", NS_FASTEN) {
+            let moderated = p.get_child("moderated", NS_MODERATE_0)?;
+            moderated.get_child("retract", NS_RETRACT_0)?;
+            Some(Moderated {
+                stanza_id: p.attr("id")?.to_owned(),
+                by: moderated.attr("by").map(str::to_owned),
+                reason: reason(moderated, NS_MODERATE_0),
+            })
+        } else if p.is("retract", NS_RETRACT) {
+            let moderated = p.get_child("moderated", NS_MODERATE)?;
+            Some(Moderated {
+                stanza_id: p.attr("id")?.to_owned(),
+                by: moderated.attr("by").map(str::to_owned),
+                reason: reason(p, NS_RETRACT),
+            })
+        } else {
+            None
+        }
     })
 }
 
@@ -736,5 +810,50 @@ mod tests {
         let from = FullJid::new("a@matrix.localhost/trestle").unwrap();
         let s = xml(retraction(&from, &room(), "r1", "s1").unwrap());
         assert!(s.contains(NS_RETRACT) && s.contains("s1") && s.contains(NS_FALLBACK), "{s}");
+    }
+
+    #[test]
+    fn moderation_requests_and_announcements() {
+        let from = FullJid::new("bob@matrix.localhost/trestle").unwrap();
+        let iq = moderation(&from, &room(), "m1", "sid-9", Some("spam <b>")).unwrap();
+        let s = xml(iq);
+        for part in [NS_FASTEN, NS_MODERATE_0, NS_RETRACT_0, "id='sid-9'", "spam &lt;b&gt;"] {
+            assert!(s.contains(part), "{part} missing in {s}");
+        }
+        let parse = |x: &str| {
+            let e: Element = x.parse().unwrap();
+            read_moderation(&Message::try_from(e).unwrap())
+        };
+        // Version 0.2, as Prosody's mod_muc_moderation announces it.
+        let v0 = parse(
+            "<message xmlns='jabber:component:accept' from='test@conference.localhost' type='groupchat'>\
+             <apply-to xmlns='urn:xmpp:fasten:0' id='s1'><moderated xmlns='urn:xmpp:message-moderate:0' \
+             by='test@conference.localhost/mod'><retract xmlns='urn:xmpp:message-retract:0'/>\
+             <reason>spam</reason></moderated></apply-to></message>",
+        );
+        assert_eq!(
+            v0,
+            Some(Moderated {
+                stanza_id: "s1".into(),
+                by: Some("test@conference.localhost/mod".into()),
+                reason: Some("spam".into()),
+            })
+        );
+        // Version 0.3 and later.
+        let v1 = parse(
+            "<message xmlns='jabber:component:accept' from='test@conference.localhost' type='groupchat'>\
+             <retract xmlns='urn:xmpp:message-retract:1' id='s2'><moderated \
+             xmlns='urn:xmpp:message-moderate:1' by='test@conference.localhost/mod'/></retract></message>",
+        );
+        assert_eq!(v1.map(|m| (m.stanza_id, m.reason)), Some(("s2".into(), None)));
+        // A plain retraction by its sender is not a moderation; a moderation without
+        // retraction is ignored.
+        let plain = "<message xmlns='jabber:component:accept' type='groupchat'>\
+             <retract xmlns='urn:xmpp:message-retract:1' id='s3'/></message>";
+        assert_eq!(parse(plain), None);
+        let no_retract = "<message xmlns='jabber:component:accept' type='groupchat'><apply-to \
+             xmlns='urn:xmpp:fasten:0' id='s4'><moderated xmlns='urn:xmpp:message-moderate:0'/>\
+             </apply-to></message>";
+        assert_eq!(parse(no_retract), None);
     }
 }
