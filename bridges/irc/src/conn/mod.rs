@@ -8,7 +8,9 @@
 //!   shared by every connection to a network ([`ConnectPacer`]), and a rejoin of every channel;
 //! - token-bucket flood control on a bounded outgoing queue (back-pressure, never unbounded
 //!   memory); PONG bypasses it;
-//! - nothing with CR, LF or NUL is ever written ([`line::IrcLine::to_wire`]).
+//! - nothing with CR, LF or NUL is ever written ([`line::IrcLine::to_wire`]), tags included;
+//! - with `echo-message`, the server's echo of a message sent with an [`EchoRef`] comes back
+//!   as [`ConnEvent::Echo`] (with the server's `msgid`), never as an ordinary line.
 
 pub mod isupport;
 pub mod line;
@@ -44,7 +46,47 @@ pub const WANTED_CAPS: &[&str] = &[
     "cap-notify",
     "batch",
     "labeled-response",
+    "echo-message",
 ];
+
+/// Echoes awaited at most per connection; the oldest is forgotten beyond (a server that drops
+/// a message, `+m` say, never echoes it).
+const ECHO_PENDING_MAX: usize = 512;
+
+/// What a message sent to IRC stands for, reported back with its echo: the bridge uses it to
+/// learn the `msgid` the server gave the message. Opaque to the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoRef {
+    /// The Matrix room.
+    pub room_id: String,
+    /// The Matrix event the message carries.
+    pub event_id: String,
+    /// The Matrix sender.
+    pub sender: String,
+    /// Which line of the event (one event can need several).
+    pub part: u32,
+}
+
+/// Extras of an outgoing message: client tags for its first line, and what its lines stand
+/// for (each next line gets the next `part`).
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    /// Tags of the first line only (`+draft/reply`, …).
+    pub tags: Vec<(String, Option<String>)>,
+    /// Reported with the echo of each line.
+    pub echo: Option<EchoRef>,
+}
+
+impl Outgoing {
+    /// Tags and echo reference for the next line.
+    fn next_line(&mut self) -> (Vec<(String, Option<String>)>, Option<EchoRef>) {
+        let echo = self.echo.clone();
+        if let Some(e) = &mut self.echo {
+            e.part += 1;
+        }
+        (std::mem::take(&mut self.tags), echo)
+    }
+}
 
 /// Settings of one connection.
 #[derive(Clone)]
@@ -104,6 +146,13 @@ pub enum ConnEvent {
     },
     /// A line from the server (PINGs and registration traffic are handled inside).
     Line(IrcLine),
+    /// The server's echo (`echo-message`) of a line sent with an [`EchoRef`].
+    Echo {
+        /// What the line was sent for.
+        sent: EchoRef,
+        /// The echo, with the server's tags (`msgid`, `time`).
+        line: IrcLine,
+    },
     /// The connection dropped; it reconnects by itself unless it was told to quit.
     Disconnected {
         /// Why.
@@ -124,6 +173,32 @@ pub struct ConnState {
     pub channels: BTreeMap<String, (String, Option<String>)>,
     /// Whether registration completed on the current socket.
     pub registered: bool,
+    /// Messages sent with an [`EchoRef`] whose echo is awaited, oldest first.
+    echo_pending: std::collections::VecDeque<(EchoKey, EchoRef)>,
+}
+
+/// What identifies an echo: command, folded target and text.
+type EchoKey = (String, String, String);
+
+impl ConnState {
+    fn echo_key(&self, line: &IrcLine) -> EchoKey {
+        (
+            line.command.clone(),
+            self.isupport.casemapping.fold(line.param(0)),
+            line.param(1).to_owned(),
+        )
+    }
+
+    /// The reference of an awaited echo, if `line` is one (our own message, echo-message on).
+    fn take_echo(&mut self, line: &IrcLine) -> Option<EchoRef> {
+        let ours = line.nick().is_some_and(|n| self.isupport.casemapping.eq(n, &self.nick));
+        if !ours || !self.caps.contains("echo-message") || self.echo_pending.is_empty() {
+            return None;
+        }
+        let key = self.echo_key(line);
+        let i = self.echo_pending.iter().position(|(k, _)| *k == key)?;
+        self.echo_pending.remove(i).map(|(_, r)| r)
+    }
 }
 
 /// Limits how fast connections to one server are opened (token bucket), so that a restart or a
@@ -207,6 +282,27 @@ impl IrcConnection {
         self.tx.send(line).await.map_err(|_| SendError::Closed)
     }
 
+    /// Queues a message (PRIVMSG, NOTICE); with `echo`, and `echo-message` enabled, its echo
+    /// comes back as [`ConnEvent::Echo`].
+    pub async fn send_message(
+        &self,
+        line: IrcLine,
+        echo: Option<EchoRef>,
+    ) -> Result<(), SendError> {
+        line.to_wire()?;
+        if let Some(echo) = echo {
+            let mut st = self.lock();
+            if st.caps.contains("echo-message") {
+                let key = st.echo_key(&line);
+                if st.echo_pending.len() >= ECHO_PENDING_MAX {
+                    st.echo_pending.pop_front();
+                }
+                st.echo_pending.push_back((key, echo));
+            }
+        }
+        self.send(line).await
+    }
+
     /// Our current nick.
     pub fn nick(&self) -> String {
         self.lock().nick.clone()
@@ -283,23 +379,56 @@ impl IrcConnection {
         target: &str,
         text: &str,
     ) -> Result<usize, SendError> {
+        self.send_text_with(command, target, text, &mut Outgoing::default()).await
+    }
+
+    /// [`send_text`](Self::send_text) with tags on the first line and echo references.
+    pub async fn send_text_with(
+        &self,
+        command: &str,
+        target: &str,
+        text: &str,
+        out: &mut Outgoing,
+    ) -> Result<usize, SendError> {
         let budget = self.text_budget(target);
         let parts =
             trestle::util::split::split_text(text, trestle::util::split::Budget::bytes(budget));
         for p in &parts {
-            self.send(IrcLine::new(command, &[target, p])).await?;
+            self.send_line_with(IrcLine::new(command, &[target, p]), out).await?;
         }
         Ok(parts.len())
     }
 
     /// Sends a CTCP ACTION (`/me`).
     pub async fn send_action(&self, target: &str, text: &str) -> Result<(), SendError> {
+        self.send_action_with(target, text, &mut Outgoing::default()).await
+    }
+
+    /// [`send_action`](Self::send_action) with tags on the first line and echo references.
+    pub async fn send_action_with(
+        &self,
+        target: &str,
+        text: &str,
+        out: &mut Outgoing,
+    ) -> Result<(), SendError> {
         let budget = self.text_budget(target).saturating_sub(9);
         for p in trestle::util::split::split_text(text, trestle::util::split::Budget::bytes(budget))
         {
-            self.send(IrcLine::new("PRIVMSG", &[target, &format!("\x01ACTION {p}\x01")])).await?;
+            let line = IrcLine::new("PRIVMSG", &[target, &format!("\x01ACTION {p}\x01")]);
+            self.send_line_with(line, out).await?;
         }
         Ok(())
+    }
+
+    /// Sends one line of a message with the next tags and echo reference of `out`.
+    pub async fn send_line_with(
+        &self,
+        mut line: IrcLine,
+        out: &mut Outgoing,
+    ) -> Result<(), SendError> {
+        let (tags, echo) = out.next_line();
+        line.tags = tags;
+        self.send_message(line, echo).await
     }
 
     /// Quits for good (no reconnect).
@@ -599,6 +728,15 @@ async fn session(
                         lock().nick = nick.clone();
                     }
                     "ERROR" => return format!("server error: {}", line.param(0)),
+                    "PRIVMSG" | "NOTICE" => {
+                        let sent = lock().take_echo(&line);
+                        if let Some(sent) = sent {
+                            if events.send(ConnEvent::Echo { sent, line }).await.is_err() {
+                                return "closed".to_owned();
+                            }
+                            continue;
+                        }
+                    }
                     _ => {}
                 }
                 if events.send(ConnEvent::Line(line)).await.is_err() {
