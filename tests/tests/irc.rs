@@ -889,5 +889,32 @@ async fn ircv3_replies_and_reactions_through_puppets() -> anyhow::Result<()> {
         .await?;
     let their_msgid = theirs.tag("msgid").unwrap_or_default().to_owned();
     assert_eq!(tag.tag("+draft/reply"), Some(their_msgid.as_str()));
+
+    // Private messages: msgids map in the DM room too.
+    irc.privmsg(&puppet, "psst, a secret").await?;
+    let psst = irc
+        .wait_for(t, |l| {
+            l.command == "PRIVMSG" && l.params.get(1).is_some_and(|m| m == "psst, a secret")
+        })
+        .await?;
+    let psst_msgid = psst.tag("msgid").unwrap_or_default().to_owned();
+    let dm = alice.wait_for_invite(t).await?;
+    alice.join(&dm).await?;
+    let secret = alice.wait_for_message(&dm, t, |e| body(e) == "psst, a secret").await?;
+    irc.raw(&format!("@+draft/react=👀;+draft/reply={psst_msgid} TAGMSG {puppet}\r\n")).await?;
+    let re = alice.wait_for_message(&dm, t, |e| e["type"] == "m.reaction").await?;
+    assert_eq!(re["content"]["m.relates_to"]["event_id"], event_id(&secret).as_str());
+    assert_eq!(re["content"]["m.relates_to"]["key"], "👀");
+    alice
+        .send(
+            &dm,
+            "m.room.message",
+            serde_json::json!({"msgtype": "m.text", "body": "safe with me",
+                "m.relates_to": {"m.in_reply_to": {"event_id": event_id(&secret)}}}),
+        )
+        .await?;
+    let l = irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m == "safe with me")).await?;
+    assert_eq!(l.params[0], "irccarol");
+    assert_eq!(l.tag("+draft/reply"), Some(psst_msgid.as_str()));
     Ok(())
 }

@@ -608,8 +608,21 @@ impl Inner {
         let me = net.bot.nick();
         let cm = net.bot.isupport().casemapping;
         let from_me = line.nick().is_some_and(|n| cm.eq(n, &me));
-        // What our puppets do on IRC is what Matrix users did: never bridged back.
-        if line.command != "KICK" && line.nick().is_some_and(|n| net.is_puppet_nick(n)) {
+        // What our puppets do on IRC is what Matrix users did: never bridged back. The msgid of
+        // a puppet's channel message is learnt here, from the bot's copy: it comes before any
+        // IRC reply to it (one connection, in order), which the puppet's echo would not.
+        if line.command != "KICK"
+            && let Some(nick) = line.nick()
+            && net.is_puppet_nick(nick)
+        {
+            let sent = net
+                .puppets
+                .user_of(&net.fold(nick))
+                .and_then(|user| net.puppets.get(&user))
+                .and_then(|p| p.conn.claim_echo(&line));
+            if let Some(sent) = sent {
+                self.echoed(&sent, &line).await;
+            }
             return Ok(());
         }
         match line.command.as_str() {
@@ -1084,6 +1097,7 @@ impl Bridge for IrcBridge {
                 flood_burst: n.flood_burst,
                 flood_penalty: Duration::from_millis(n.flood_penalty_ms),
                 queue_capacity: 1024,
+                channel_echoes: true,
             };
             let (bot, events) =
                 IrcConnection::spawn(conn.clone(), Arc::clone(&pacer), ctx.shutdown());

@@ -104,6 +104,13 @@ impl Inner {
 
     /// The server echoed a message we sent for a Matrix event: its msgid now maps to it.
     pub(super) async fn echoed(&self, sent: &EchoRef, line: &IrcLine) {
+        tracing::debug!(
+            room_id = sent.room_id,
+            event_id = sent.event_id,
+            part = sent.part,
+            msgid = line.tag("msgid"),
+            "echo of a sent message"
+        );
         let r = self
             .map_irc_message(&sent.room_id, line, &sent.event_id, &sent.sender, sent.part)
             .await;

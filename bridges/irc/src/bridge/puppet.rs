@@ -185,6 +185,8 @@ impl Inner {
             }
         }
         cfg.queue_capacity = 256;
+        // The bot, in every portal's channel, maps this puppet's channel messages.
+        cfg.channel_echoes = false;
         if let Some(prefix) = net.ipv6_prefix {
             cfg.bind = Some(IpAddr::V6(crate::addr::address_for(prefix, user_id)));
         }
@@ -517,6 +519,22 @@ impl Inner {
         Ok(())
     }
 
+    /// An IRC user reacted (`TAGMSG`) privately to a puppet: a reaction in their DM room.
+    async fn irc_direct_reaction(
+        &self,
+        net: &Network,
+        p: &Puppet,
+        line: &IrcLine,
+    ) -> Result<(), BridgeError> {
+        let Some(nick) = line.nick() else { return Ok(()) };
+        let remote_id = dm_remote_id(net, &p.user_id, nick);
+        let Some(portal) = self.ctx.store().portal_by_remote(&remote_id).await? else {
+            return Ok(());
+        };
+        let ghost = net.ghost_user_id(nick, self.ctx.domain());
+        self.irc_reaction(net, &portal.room_id, &ghost, line).await
+    }
+
     /// A Matrix user invited a ghost: the room becomes their DM with that nick.
     pub(super) async fn matrix_direct(
         &self,
@@ -602,7 +620,7 @@ async fn puppet_loop(
                     {
                         net.puppets.add_nick(net.fold(line.param(0)), &p.user_id);
                     }
-                    "PRIVMSG" | "NOTICE" if cm.eq(line.param(0), &me) => {
+                    "PRIVMSG" | "NOTICE" | "TAGMSG" if cm.eq(line.param(0), &me) => {
                         let from = line.nick().unwrap_or_default();
                         if from.is_empty()
                             || cm.eq(from, &net.bot.nick())
@@ -612,7 +630,12 @@ async fn puppet_loop(
                             continue;
                         }
                         p.touch();
-                        if let Err(e) = b.irc_direct(&net, &p, &line).await {
+                        let r = if line.command == "TAGMSG" {
+                            b.irc_direct_reaction(&net, &p, &line).await
+                        } else {
+                            b.irc_direct(&net, &p, &line).await
+                        };
+                        if let Err(e) = r {
                             tracing::error!(network = net.id, user_id = p.user_id, error = %e, "could not bridge a private message");
                         }
                     }

@@ -121,6 +121,10 @@ pub struct ConnConfig {
     pub flood_penalty: Duration,
     /// Outgoing queue capacity.
     pub queue_capacity: usize,
+    /// Whether echoes of our channel messages come back as [`ConnEvent::Echo`]. Off where
+    /// another connection in the same channels claims them ([`IrcConnection::claim_echo`]), in
+    /// order with the channel's other traffic (the bridge's bot, for its puppets).
+    pub channel_echoes: bool,
 }
 
 impl std::fmt::Debug for ConnConfig {
@@ -283,7 +287,9 @@ impl IrcConnection {
     }
 
     /// Queues a message (PRIVMSG, NOTICE); with `echo`, and `echo-message` enabled, its echo
-    /// comes back as [`ConnEvent::Echo`].
+    /// comes back as [`ConnEvent::Echo`]. Before registration (a new connection's first
+    /// message waits in the queue) the echo is awaited until the server's capabilities are
+    /// known.
     pub async fn send_message(
         &self,
         line: IrcLine,
@@ -292,7 +298,7 @@ impl IrcConnection {
         line.to_wire()?;
         if let Some(echo) = echo {
             let mut st = self.lock();
-            if st.caps.contains("echo-message") {
+            if st.caps.contains("echo-message") || !st.registered {
                 let key = st.echo_key(&line);
                 if st.echo_pending.len() >= ECHO_PENDING_MAX {
                     st.echo_pending.pop_front();
@@ -301,6 +307,13 @@ impl IrcConnection {
             }
         }
         self.send(line).await
+    }
+
+    /// Claims the awaited echo `line` stands for, if any: for a copy of our own message seen
+    /// on another connection (the bot in a channel sees a puppet's message there). A claimed
+    /// echo is not reported again.
+    pub fn claim_echo(&self, line: &IrcLine) -> Option<EchoRef> {
+        self.lock().take_echo(line)
     }
 
     /// Our current nick.
@@ -708,6 +721,9 @@ async fn session(
                             let mut st = lock();
                             st.nick = nick.clone();
                             st.registered = true;
+                            if !st.caps.contains("echo-message") {
+                                st.echo_pending.clear();
+                            }
                             st.channels.values().cloned().collect()
                         };
                         tracing::info!(host = config.host, nick, "IRC connection registered");
@@ -729,7 +745,14 @@ async fn session(
                     }
                     "ERROR" => return format!("server error: {}", line.param(0)),
                     "PRIVMSG" | "NOTICE" => {
-                        let sent = lock().take_echo(&line);
+                        let sent = {
+                            let mut st = lock();
+                            if config.channel_echoes || !st.isupport.is_channel(line.param(0)) {
+                                st.take_echo(&line)
+                            } else {
+                                None
+                            }
+                        };
                         if let Some(sent) = sent {
                             if events.send(ConnEvent::Echo { sent, line }).await.is_err() {
                                 return "closed".to_owned();
