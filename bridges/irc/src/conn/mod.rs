@@ -825,6 +825,37 @@ mod tests {
     }
 
     #[test]
+    fn echoes_match_what_was_sent_once() {
+        let mut st = ConnState { nick: "Me".into(), ..ConnState::default() };
+        let sent = IrcLine::new("PRIVMSG", &["#Chan", "hello"]);
+        let r =
+            EchoRef { room_id: "!r".into(), event_id: "$e".into(), sender: "@a:x".into(), part: 0 };
+        let key = st.echo_key(&sent);
+        st.echo_pending.push_back((key, r.clone()));
+        let echo = IrcLine::parse("@msgid=1 :me!u@h PRIVMSG #CHAN :hello").unwrap();
+        // Not without echo-message.
+        assert_eq!(st.take_echo(&echo), None);
+        st.caps.insert("echo-message".into());
+        // Someone else's identical line is not our echo; other text is not this echo.
+        assert_eq!(st.take_echo(&IrcLine::parse(":other!u@h PRIVMSG #chan :hello").unwrap()), None);
+        assert_eq!(st.take_echo(&IrcLine::parse(":me!u@h PRIVMSG #chan :hello!").unwrap()), None);
+        assert_eq!(st.take_echo(&echo), Some(r));
+        assert_eq!(st.take_echo(&echo), None);
+    }
+
+    #[test]
+    fn outgoing_tags_go_on_the_first_line_only() {
+        let r =
+            EchoRef { room_id: "!r".into(), event_id: "$e".into(), sender: "@a:x".into(), part: 0 };
+        let mut out =
+            Outgoing { tags: vec![("+draft/reply".into(), Some("m1".into()))], echo: Some(r) };
+        let (tags, echo) = out.next_line();
+        assert_eq!((tags.len(), echo.map(|e| e.part)), (1, Some(0)));
+        let (tags, echo) = out.next_line();
+        assert_eq!((tags.len(), echo.map(|e| e.part)), (0, Some(1)));
+    }
+
+    #[test]
     fn backoff_bounds() {
         for n in 1..20 {
             let d = reconnect_delay(n).as_millis() as u64;
