@@ -810,6 +810,25 @@ async fn ircv3_replies_reactions_and_server_time_relay() -> anyhow::Result<()> {
     let r = alice.wait_for_message(&room, t, |e| body(e) == "thanks for that").await?;
     assert_eq!(in_reply_to(&r), answer, "{r}");
 
+    // An edit's line maps to the message edited: a reply to it answers that message.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            serde_json::json!({
+                "msgtype": "m.text", "body": "* the better answer",
+                "m.new_content": {"msgtype": "m.text", "body": "the better answer"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": answer}
+            }),
+        )
+        .await?;
+    let l = irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m.contains("better"))).await?;
+    assert_eq!(l.params[1], "<alice> * the better answer");
+    let e_msgid = l.tag("msgid").unwrap_or_default().to_owned();
+    irc.raw(&format!("@+draft/reply={e_msgid} PRIVMSG #v3 :better indeed\r\n")).await?;
+    let r = alice.wait_for_message(&room, t, |e| body(e) == "better indeed").await?;
+    assert_eq!(in_reply_to(&r), answer, "{r}");
+
     // IRC reaction (TAGMSG) → m.reaction of the ghost on the mapped event.
     irc.raw(&format!("@+draft/react=🎉;+draft/reply={a_msgid} TAGMSG #v3\r\n")).await?;
     let re = alice.wait_for_message(&room, t, |e| e["type"] == "m.reaction").await?;
@@ -863,6 +882,7 @@ async fn ircv3_replies_and_reactions_through_puppets() -> anyhow::Result<()> {
         irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m == "hello from my puppet")).await?;
     let puppet = l.nick.clone().unwrap_or_default();
     assert_ne!(puppet, "MatrixBridge");
+    assert!(l.tag("msgid").is_some(), "{}", l.raw);
     let msgid = l.tag("msgid").unwrap_or_default().to_owned();
 
     irc.raw(&format!("@+reply={msgid} PRIVMSG #pv3 :{puppet}: hi back\r\n")).await?;
@@ -916,5 +936,19 @@ async fn ircv3_replies_and_reactions_through_puppets() -> anyhow::Result<()> {
     let l = irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m == "safe with me")).await?;
     assert_eq!(l.params[0], "irccarol");
     assert_eq!(l.tag("+draft/reply"), Some(psst_msgid.as_str()));
+
+    // The puppet's own messages (and their echoes) never come back as a ghost's.
+    for r in [&room, &dm] {
+        let events = alice.messages(r, 100).await?;
+        let back: Vec<&Value> = events
+            .iter()
+            .filter(|e| {
+                e["type"] == "m.room.message"
+                    && e["sender"] != "@alice:localhost"
+                    && ["hello from my puppet", "safe with me"].contains(&body(e))
+            })
+            .collect();
+        assert!(back.is_empty(), "bridged back: {back:?}");
+    }
     Ok(())
 }

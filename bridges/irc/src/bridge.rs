@@ -506,14 +506,16 @@ impl Inner {
     /// network runs puppets and the sender may have one, else relayed by the bot. A reply to a
     /// message with a known IRC msgid carries `+draft/reply`; otherwise it carries a short
     /// quote of what it answers: `<alice> "the quote…" <- the reply`. With `echo-message`,
-    /// the msgids of the lines sent are learnt from their echoes.
+    /// the msgids of the lines sent are learnt from their echoes, and mapped to the message
+    /// (for an edit, `edit_of`, to the message edited).
     async fn matrix_message(
         self: &Arc<Self>,
         room: &RoomContext,
         event: &MatrixEvent,
         msg: &Message,
-        edit: bool,
+        edit_of: Option<&str>,
     ) -> Result<(), BridgeError> {
+        let edit = edit_of.is_some();
         let Some((net, target)) = room.portal.as_ref().and_then(|p| self.target_of(p)) else {
             return Ok(());
         };
@@ -526,7 +528,7 @@ impl Inner {
             tags: Vec::new(),
             echo: Some(EchoRef {
                 room_id: event.room_id.clone(),
-                event_id: event.event_id.clone(),
+                event_id: edit_of.unwrap_or(&event.event_id).to_owned(),
                 sender: event.sender.clone(),
                 part: 0,
             }),
@@ -1260,17 +1262,17 @@ impl Bridge for IrcBridge {
         event: &MatrixEvent,
         msg: &Message,
     ) -> Result<(), BridgeError> {
-        self.inner.matrix_message(room, event, msg, false).await
+        self.inner.matrix_message(room, event, msg, None).await
     }
 
     async fn on_edit(
         &self,
         room: &RoomContext,
         event: &MatrixEvent,
-        _target: &str,
+        target: &str,
         new: &Message,
     ) -> Result<(), BridgeError> {
-        self.inner.matrix_message(room, event, new, true).await
+        self.inner.matrix_message(room, event, new, Some(target)).await
     }
 
     async fn on_reaction(
@@ -1302,7 +1304,7 @@ impl Bridge for IrcBridge {
         let Some(msg) = Message::from_content(&json!({"msgtype": "m.emote", "body": body})) else {
             return Ok(());
         };
-        self.inner.matrix_message(room, event, &msg, false).await
+        self.inner.matrix_message(room, event, &msg, None).await
     }
 
     async fn on_redaction(
@@ -1324,7 +1326,7 @@ impl Bridge for IrcBridge {
         let Some(msg) = Message::from_content(&json!({"msgtype": "m.emote", "body": body})) else {
             return Ok(());
         };
-        self.inner.matrix_message(room, event, &msg, false).await
+        self.inner.matrix_message(room, event, &msg, None).await
     }
 
     async fn on_membership(
