@@ -590,6 +590,8 @@ async fn session(
             return e;
         }
     }
+    // Capabilities are negotiated again on every socket: a restarted server may offer others.
+    lock().caps.clear();
     let mut offered: Vec<String> = Vec::new();
     let mut cap_done = false;
     let mut registered = false;
