@@ -1,4 +1,5 @@
-//! A real IRC server (ngIRCd from Debian) on a free port, and a raw IRC test client.
+//! A real IRC server on a free port (ngIRCd, or InspIRCd 3 for IRCv3 message tags, both from
+//! Debian), and a raw IRC test client.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -11,13 +12,52 @@ use tokio::{
 
 use crate::{ChildGuard, free_port};
 
-/// A running ngIRCd.
+/// Which server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrcdKind {
+    /// ngIRCd: plain RFC IRC, no message tags.
+    NgIrcd,
+    /// InspIRCd 3 with the IRCv3 modules: `message-tags` (client tags, `TAGMSG`), `msgid`,
+    /// `server-time`, `echo-message`, `batch`.
+    InspIrcd,
+}
+
+/// A running IRC server, killed on drop.
 #[derive(Debug)]
 pub struct Ircd {
     child: Option<ChildGuard>,
     port: u16,
     dir: tempfile::TempDir,
+    kind: IrcdKind,
 }
+
+/// InspIRCd 3 configuration: one loopback listener, limits high enough for many test clients
+/// from one address, no DNS or ident lookups, and the IRCv3 modules.
+const INSPIRCD_CONF: &str = r#"<config format="xml">
+<server name="irc.inspircd.test" description="Trestle test server" network="TrestleTest">
+<admin name="Trestle" nick="trestle" email="trestle@localhost">
+<bind address="127.0.0.1" port="{port}" type="clients">
+<connect allow="*" timeout="60" pingfreq="120" threshold="1000" commandrate="1000000"
+         fakelag="off" hardsendq="1048576" softsendq="1048576" recvq="65536" localmax="1000"
+         globalmax="1000" maxchans="100" resolvehostnames="no" limit="5000">
+<files motd="{dir}/motd.txt">
+<channels users="100" opers="100">
+<dns server="127.0.0.1" timeout="1">
+<pid file="{dir}/inspircd.pid">
+<log method="file" type="* -USERINPUT -USEROUTPUT" level="default" target="{dir}/inspircd.log">
+<options prefixquit="Quit: " syntaxhints="no" announcets="yes" hostintopic="yes" defaultmodes="nt">
+<security hidesplits="no" maxtargets="20" userstats="Pu" runasuser="" runasgroup="">
+<performance netbuffersize="10240" somaxconn="128" softlimit="12800" quietbursts="yes">
+<limits maxnick="30" maxchan="64" maxmodes="20" maxident="11" maxhost="64" maxquit="255"
+        maxtopic="307" maxkick="255" maxreal="128" maxaway="200">
+<module name="cap">
+<module name="ircv3">
+<module name="ircv3_msgid">
+<module name="ircv3_ctctags">
+<module name="ircv3_servertime">
+<module name="ircv3_echomessage">
+<module name="ircv3_batch">
+"#;
 
 impl Ircd {
     /// Starts ngIRCd on a free port with no connection limits and no DNS/ident lookups.
@@ -40,6 +80,31 @@ impl Ircd {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("ngIRCd did not start")))
     }
 
+    /// Starts InspIRCd 3 on a free port (see [`IrcdKind::InspIrcd`]).
+    pub async fn start_inspircd() -> anyhow::Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start_inspircd().await {
+                Ok(this) => return Ok(this),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("InspIRCd did not start")))
+    }
+
+    async fn try_start_inspircd() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("trestle-inspircd-").tempdir()?;
+        let port = free_port();
+        let conf = INSPIRCD_CONF
+            .replace("{port}", &port.to_string())
+            .replace("{dir}", &dir.path().display().to_string());
+        std::fs::write(dir.path().join("inspircd.conf"), conf)?;
+        std::fs::write(dir.path().join("motd.txt"), "hello\n")?;
+        let mut this = Self { child: None, port, dir, kind: IrcdKind::InspIrcd };
+        this.launch().await?;
+        Ok(this)
+    }
+
     async fn try_start(ident: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-ircd-").tempdir()?;
         let port = free_port();
@@ -55,30 +120,44 @@ impl Ircd {
                 ident = if ident { "yes" } else { "no" }
             ),
         )?;
-        let mut this = Self { child: None, port, dir };
+        let mut this = Self { child: None, port, dir, kind: IrcdKind::NgIrcd };
         this.launch().await?;
         Ok(this)
     }
 
-    fn binary() -> PathBuf {
-        ["/usr/sbin/ngircd", "/usr/bin/ngircd"]
+    fn binary(name: &str) -> PathBuf {
+        ["/usr/sbin", "/usr/bin"]
             .iter()
-            .map(PathBuf::from)
+            .map(|d| PathBuf::from(d).join(name))
             .find(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from("ngircd"))
+            .unwrap_or_else(|| PathBuf::from(name))
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(Self::binary());
-        cmd.args(["-n", "-f"]).arg(self.dir.path().join("ngircd.conf"));
-        let log = self.dir.path().join("ngircd.log");
+        let (name, mut cmd, log, marker) = match self.kind {
+            IrcdKind::NgIrcd => {
+                let mut cmd = Command::new(Self::binary("ngircd"));
+                cmd.args(["-n", "-f"]).arg(self.dir.path().join("ngircd.conf"));
+                let marker = format!("Now listening on [127.0.0.1]:{}", self.port);
+                ("ngircd", cmd, self.dir.path().join("ngircd.log"), marker)
+            }
+            IrcdKind::InspIrcd => {
+                // In the foreground; `--runasroot` lets it start where tests run as root (it
+                // changes nothing otherwise). Its own log and its output share one file.
+                let mut cmd = Command::new(Self::binary("inspircd"));
+                cmd.args(["--nofork", "--runasroot", "--config"])
+                    .arg(self.dir.path().join("inspircd.conf"));
+                let marker = format!("Added a listener on 127.0.0.1:{}", self.port);
+                ("inspircd", cmd, self.dir.path().join("inspircd.log"), marker)
+            }
+        };
         // Ours is listening when its log says so (a connect alone could reach another test's
         // server that took the port); a restart appends to the same log, so count the lines.
-        let marker = format!("Now listening on [127.0.0.1]:{}", self.port);
         let listening =
             || std::fs::read_to_string(&log).map(|t| t.matches(&marker).count()).unwrap_or(0);
         let before = listening();
-        let mut child = ChildGuard::spawn("ngircd", cmd, &log)?;
+        cmd.current_dir(self.dir.path());
+        let mut child = ChildGuard::spawn(name, cmd, &log)?;
         for _ in 0..100 {
             if listening() > before && TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 self.child = Some(child);
@@ -89,7 +168,7 @@ impl Ircd {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("ngIRCd did not start: {}", child.log_tail(20))
+        bail!("{name} did not start: {}", child.log_tail(20))
     }
 
     /// The port.
@@ -116,6 +195,8 @@ impl Ircd {
 pub struct Line {
     /// The raw line.
     pub raw: String,
+    /// Message tags, values unescaped (only with the `message-tags` capability).
+    pub tags: Vec<(String, Option<String>)>,
     /// Source nick, if a user.
     pub nick: Option<String>,
     /// Command.
@@ -124,10 +205,48 @@ pub struct Line {
     pub params: Vec<String>,
 }
 
+impl Line {
+    /// A tag's value (`Some("")` for a tag without one).
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        self.tags.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_deref().unwrap_or(""))
+    }
+}
+
+/// Unescapes a tag value (message-tags: `\:` `\s` `\\` `\r` `\n`; other escaped characters
+/// stand for themselves, a lone trailing backslash is dropped).
+fn unescape_tag(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(':') => out.push(';'),
+            Some('s') => out.push(' '),
+            Some('r') => out.push('\r'),
+            Some('n') => out.push('\n'),
+            Some(c) => out.push(c),
+            None => {}
+        }
+    }
+    out
+}
+
 fn parse(raw: &str) -> Line {
     let mut rest = raw;
-    if rest.starts_with('@') {
-        rest = rest.split_once(' ').map_or("", |x| x.1);
+    let mut tags = Vec::new();
+    if let Some(r) = rest.strip_prefix('@') {
+        let (t, r) = r.split_once(' ').unwrap_or((r, ""));
+        for tag in t.split(';').filter(|t| !t.is_empty()) {
+            let (k, v) = match tag.split_once('=') {
+                Some((k, v)) => (k, Some(unescape_tag(v))),
+                None => (tag, None),
+            };
+            tags.push((k.to_owned(), v));
+        }
+        rest = r.trim_start_matches(' ');
     }
     let mut nick = None;
     if let Some(r) = rest.strip_prefix(':') {
@@ -146,7 +265,7 @@ fn parse(raw: &str) -> Line {
         params.push(p.to_owned());
         r = n;
     }
-    Line { raw: raw.to_owned(), nick, command: cmd.to_owned(), params }
+    Line { raw: raw.to_owned(), tags, nick, command: cmd.to_owned(), params }
 }
 
 /// A plain IRC client for tests (not ours: raw protocol over TCP). PINGs are answered while
@@ -164,6 +283,12 @@ pub struct IrcClient {
 impl IrcClient {
     /// Connects and registers as `nick`.
     pub async fn connect(port: u16, nick: &str) -> anyhow::Result<Self> {
+        Self::connect_with_caps(port, nick, &[]).await
+    }
+
+    /// Connects, requests the capabilities `caps` (`message-tags`, `server-time`,
+    /// `echo-message`, …) and registers as `nick`; fails unless the server grants them all.
+    pub async fn connect_with_caps(port: u16, nick: &str, caps: &[&str]) -> anyhow::Result<Self> {
         let stream = TcpStream::connect(("127.0.0.1", port)).await?;
         let (read, write) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -178,7 +303,23 @@ impl IrcClient {
         let mut c = Self { write, lines: rx, seen: Vec::new(), nick: nick.to_owned() };
         // Servers refuse some nick characters (`[`, `|`) in the user name.
         let user: String = nick.chars().filter(char::is_ascii_alphanumeric).collect();
+        if !caps.is_empty() {
+            c.raw(&format!("CAP LS 302\r\nCAP REQ :{}\r\n", caps.join(" "))).await?;
+        }
         c.raw(&format!("NICK {nick}\r\nUSER {user} 0 * :{nick}\r\n")).await?;
+        if !caps.is_empty() {
+            let reply = c
+                .wait_for(Duration::from_secs(10), |l| {
+                    l.command == "CAP"
+                        && matches!(l.params.get(1).map(String::as_str), Some("ACK" | "NAK"))
+                })
+                .await
+                .context("capability negotiation")?;
+            if reply.params[1] != "ACK" {
+                bail!("the server refused the capabilities {caps:?}: {}", reply.raw);
+            }
+            c.raw("CAP END\r\n").await?;
+        }
         c.wait_for(Duration::from_secs(10), |l| l.command == "001")
             .await
             .context("registration")?;

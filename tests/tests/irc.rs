@@ -1,5 +1,6 @@
-//! End-to-end tests of the IRC bridge: a real Synapse, a real IRC server (ngIRCd), a Matrix
-//! user on the client-server API and an IRC user on a raw TCP connection.
+//! End-to-end tests of the IRC bridge: a real Synapse, a real IRC server (ngIRCd; InspIRCd 3
+//! for IRCv3 message tags), a Matrix user on the client-server API and an IRC user on a raw TCP
+//! connection.
 
 use std::time::Duration;
 
@@ -26,8 +27,13 @@ async fn start_mode(mode: &str) -> anyhow::Result<Env> {
 
 /// `extra` is appended to the `bridge:` section; an `identd` in it makes ngIRCd ask it.
 async fn start_with(mode: &str, extra: &str) -> anyhow::Result<Env> {
-    let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
     let ircd = Ircd::start_with_ident(extra.contains("identd")).await?;
+    start_on(ircd, mode, extra).await
+}
+
+/// The bridge in `mode` on a server already running.
+async fn start_on(ircd: Ircd, mode: &str, extra: &str) -> anyhow::Result<Env> {
+    let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
     let d = Deployment::new(dir.path(), "irc");
     let config = |hs: &str| {
         format!(
@@ -723,5 +729,226 @@ async fn identd_answers_for_the_bridge_connections() -> anyhow::Result<()> {
     irc.raw("WHOIS watcher\r\n").await?;
     let me = irc.wait_for(t, |l| l.command == "311").await?;
     assert_eq!(me.params.get(2).map(String::as_str), Some("~watcher"), "{}", me.raw);
+    Ok(())
+}
+
+/// The capabilities the IRCv3 tests' IRC user asks for.
+const V3_CAPS: &[&str] = &["message-tags", "server-time", "echo-message"];
+
+fn event_id(e: &Value) -> String {
+    e["event_id"].as_str().unwrap_or_default().to_owned()
+}
+
+fn in_reply_to(e: &Value) -> &str {
+    e["content"]["m.relates_to"]["m.in_reply_to"]["event_id"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn harness_inspircd_relays_client_tags() -> anyhow::Result<()> {
+    let mut ircd = Ircd::start_inspircd().await?;
+    let mut a = IrcClient::connect_with_caps(ircd.port(), "a1", V3_CAPS).await?;
+    let mut b = IrcClient::connect_with_caps(ircd.port(), "b1", V3_CAPS).await?;
+    // A client without capabilities still works, and sees no tags.
+    let mut plain = IrcClient::connect(ircd.port(), "c1").await?;
+    for c in [&mut a, &mut b, &mut plain] {
+        c.join("#h").await?;
+    }
+    a.raw("@+draft/reply=x\\sy PRIVMSG #h :tagged\r\n").await?;
+    let echo = a.wait_for(Duration::from_secs(5), |l| l.command == "PRIVMSG").await?;
+    let got = b.wait_for(Duration::from_secs(5), |l| l.command == "PRIVMSG").await?;
+    assert_eq!(got.tag("+draft/reply"), Some("x y"));
+    assert!(got.tag("time").is_some(), "{}", got.raw);
+    assert_eq!(got.tag("msgid"), echo.tag("msgid"));
+    let untagged = plain.wait_for(Duration::from_secs(5), |l| l.command == "PRIVMSG").await?;
+    assert!(untagged.tags.is_empty(), "{}", untagged.raw);
+    ircd.stop();
+    Ok(())
+}
+
+/// Relay mode on InspIRCd: msgids map both ways, so replies and reactions travel as
+/// `+draft/reply` and `+draft/react`, and server-time is the events' timestamp.
+#[tokio::test]
+async fn ircv3_replies_reactions_and_server_time_relay() -> anyhow::Result<()> {
+    let env = start_on(Ircd::start_inspircd().await?, "relay", "").await?;
+    let t = Duration::from_secs(30);
+    let mut irc = IrcClient::connect_with_caps(env.ircd.port(), "ircbob", V3_CAPS).await?;
+    irc.join("#v3").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join("#irc_local_#v3:localhost").await?;
+    irc.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+
+    // IRC → Matrix: the event's timestamp is the server's time of the message.
+    irc.privmsg("#v3", "a question from IRC").await?;
+    let echo =
+        irc.wait_for(t, |l| l.command == "PRIVMSG" && l.nick.as_deref() == Some("ircbob")).await?;
+    let q_msgid = echo.tag("msgid").unwrap_or_default().to_owned();
+    assert!(!q_msgid.is_empty(), "no msgid: {}", echo.raw);
+    let q = alice.wait_for_message(&room, t, |e| body(e) == "a question from IRC").await?;
+    let time = echo.tag("time").unwrap_or_default();
+    let expected = trestle_irc::bridge::parse_server_time(time);
+    assert_eq!(q["origin_server_ts"].as_u64(), expected, "server-time {time}");
+
+    // Matrix reply → `+draft/reply` with the msgid, and no quote in the text.
+    let answer = alice
+        .send(
+            &room,
+            "m.room.message",
+            serde_json::json!({
+                "msgtype": "m.text",
+                "body": "> <@irc_local_ircbob:localhost> a question from IRC\n\nthe answer",
+                "m.relates_to": {"m.in_reply_to": {"event_id": event_id(&q)}}
+            }),
+        )
+        .await?;
+    let l = irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m.contains("the answer"))).await?;
+    assert_eq!(l.params[1], "<alice> the answer");
+    assert_eq!(l.tag("+draft/reply"), Some(q_msgid.as_str()), "{}", l.raw);
+    let a_msgid = l.tag("msgid").unwrap_or_default().to_owned();
+
+    // IRC reply to the bridged Matrix message → a Matrix reply to that event.
+    irc.raw(&format!("@+draft/reply={a_msgid} PRIVMSG #v3 :thanks for that\r\n")).await?;
+    let r = alice.wait_for_message(&room, t, |e| body(e) == "thanks for that").await?;
+    assert_eq!(in_reply_to(&r), answer, "{r}");
+
+    // An edit's line maps to the message edited: a reply to it answers that message.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            serde_json::json!({
+                "msgtype": "m.text", "body": "* the better answer",
+                "m.new_content": {"msgtype": "m.text", "body": "the better answer"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": answer}
+            }),
+        )
+        .await?;
+    let l = irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m.contains("better"))).await?;
+    assert_eq!(l.params[1], "<alice> * the better answer");
+    let e_msgid = l.tag("msgid").unwrap_or_default().to_owned();
+    irc.raw(&format!("@+draft/reply={e_msgid} PRIVMSG #v3 :better indeed\r\n")).await?;
+    let r = alice.wait_for_message(&room, t, |e| body(e) == "better indeed").await?;
+    assert_eq!(in_reply_to(&r), answer, "{r}");
+
+    // IRC reaction (TAGMSG) → m.reaction of the ghost on the mapped event.
+    irc.raw(&format!("@+draft/react=🎉;+draft/reply={a_msgid} TAGMSG #v3\r\n")).await?;
+    let re = alice.wait_for_message(&room, t, |e| e["type"] == "m.reaction").await?;
+    assert_eq!(re["sender"], "@irc_local_ircbob:localhost");
+    assert_eq!(re["content"]["m.relates_to"]["event_id"], answer.as_str());
+    assert_eq!(re["content"]["m.relates_to"]["key"], "🎉");
+    assert_eq!(re["content"]["m.relates_to"]["rel_type"], "m.annotation");
+
+    // Matrix reaction → TAGMSG with `+draft/react` and `+draft/reply`; a key with CR/LF is
+    // escaped inside the tag, never a new line.
+    for key in ["👍", "x\r\nQUIT :boom"] {
+        alice
+            .send(
+                &room,
+                "m.reaction",
+                serde_json::json!({"m.relates_to": {
+                    "rel_type": "m.annotation", "event_id": event_id(&q), "key": key}}),
+            )
+            .await?;
+        let l = irc
+            .wait_for(t, |l| l.command == "TAGMSG" && l.tag("+draft/react") == Some(key))
+            .await?;
+        assert_eq!(l.nick.as_deref(), Some("MatrixBridge"));
+        assert_eq!(l.tag("+draft/reply"), Some(q_msgid.as_str()));
+    }
+    assert!(!irc.seen.iter().any(|l| l.command == "QUIT"));
+
+    // Our own echoes are never bridged back.
+    alice.send_text(&room, "the last word").await?;
+    irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m == "<alice> the last word")).await?;
+    irc.privmsg("#v3", "after the last word").await?;
+    alice.wait_for_message(&room, t, |e| body(e) == "after the last word").await?;
+    let events = alice.messages(&room, 100).await?;
+    let echoed: Vec<&Value> = events.iter().filter(|e| body(e).contains("<alice>")).collect();
+    assert!(echoed.is_empty(), "echoes bridged back: {echoed:?}");
+    Ok(())
+}
+
+/// Puppet mode on InspIRCd: a puppet learns its messages' msgids from its own echoes, and
+/// reacts through its own connection.
+#[tokio::test]
+async fn ircv3_replies_and_reactions_through_puppets() -> anyhow::Result<()> {
+    let env = start_on(Ircd::start_inspircd().await?, "puppets", "").await?;
+    let t = Duration::from_secs(30);
+    let mut irc = IrcClient::connect_with_caps(env.ircd.port(), "irccarol", V3_CAPS).await?;
+    irc.join("#pv3").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join("#irc_local_#pv3:localhost").await?;
+    let said = alice.send_text(&room, "hello from my puppet").await?;
+    let l =
+        irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m == "hello from my puppet")).await?;
+    let puppet = l.nick.clone().unwrap_or_default();
+    assert_ne!(puppet, "MatrixBridge");
+    assert!(l.tag("msgid").is_some(), "{}", l.raw);
+    let msgid = l.tag("msgid").unwrap_or_default().to_owned();
+
+    irc.raw(&format!("@+reply={msgid} PRIVMSG #pv3 :{puppet}: hi back\r\n")).await?;
+    let r = alice.wait_for_message(&room, t, |e| body(e).ends_with("hi back")).await?;
+    assert_eq!(in_reply_to(&r), said, "{r}");
+
+    alice
+        .send(
+            &room,
+            "m.reaction",
+            serde_json::json!({"m.relates_to": {
+                "rel_type": "m.annotation", "event_id": event_id(&r), "key": "❤️"}}),
+        )
+        .await?;
+    let tag = irc.wait_for(t, |l| l.command == "TAGMSG").await?;
+    assert_eq!(tag.nick.as_deref(), Some(puppet.as_str()));
+    assert_eq!(tag.tag("+draft/react"), Some("❤️"));
+    let theirs = irc
+        .wait_for(t, |l| {
+            l.command == "PRIVMSG"
+                && l.nick.as_deref() == Some("irccarol")
+                && l.params.get(1).is_some_and(|m| m.ends_with("hi back"))
+        })
+        .await?;
+    let their_msgid = theirs.tag("msgid").unwrap_or_default().to_owned();
+    assert_eq!(tag.tag("+draft/reply"), Some(their_msgid.as_str()));
+
+    // Private messages: msgids map in the DM room too.
+    irc.privmsg(&puppet, "psst, a secret").await?;
+    let psst = irc
+        .wait_for(t, |l| {
+            l.command == "PRIVMSG" && l.params.get(1).is_some_and(|m| m == "psst, a secret")
+        })
+        .await?;
+    let psst_msgid = psst.tag("msgid").unwrap_or_default().to_owned();
+    let dm = alice.wait_for_invite(t).await?;
+    alice.join(&dm).await?;
+    let secret = alice.wait_for_message(&dm, t, |e| body(e) == "psst, a secret").await?;
+    irc.raw(&format!("@+draft/react=👀;+draft/reply={psst_msgid} TAGMSG {puppet}\r\n")).await?;
+    let re = alice.wait_for_message(&dm, t, |e| e["type"] == "m.reaction").await?;
+    assert_eq!(re["content"]["m.relates_to"]["event_id"], event_id(&secret).as_str());
+    assert_eq!(re["content"]["m.relates_to"]["key"], "👀");
+    alice
+        .send(
+            &dm,
+            "m.room.message",
+            serde_json::json!({"msgtype": "m.text", "body": "safe with me",
+                "m.relates_to": {"m.in_reply_to": {"event_id": event_id(&secret)}}}),
+        )
+        .await?;
+    let l = irc.wait_for(t, |l| l.params.get(1).is_some_and(|m| m == "safe with me")).await?;
+    assert_eq!(l.params[0], "irccarol");
+    assert_eq!(l.tag("+draft/reply"), Some(psst_msgid.as_str()));
+
+    // The puppet's own messages (and their echoes) never come back as a ghost's.
+    for r in [&room, &dm] {
+        let events = alice.messages(r, 100).await?;
+        let back: Vec<&Value> = events
+            .iter()
+            .filter(|e| {
+                e["type"] == "m.room.message"
+                    && e["sender"] != "@alice:localhost"
+                    && ["hello from my puppet", "safe with me"].contains(&body(e))
+            })
+            .collect();
+        assert!(back.is_empty(), "bridged back: {back:?}");
+    }
     Ok(())
 }

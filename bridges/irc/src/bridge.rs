@@ -29,11 +29,15 @@ use trestle::{
 
 use crate::{
     config::{BridgeMode, IrcConfig, MembershipSync, NetworkConfig},
-    conn::{ConnConfig, ConnEvent, ConnectPacer, IrcConnection, IrcLine, line::one_line},
+    conn::{
+        ConnConfig, ConnEvent, ConnectPacer, EchoRef, IrcConnection, IrcLine, Outgoing,
+        line::one_line,
+    },
     format::{irc_to_runs, runs_to_irc},
 };
 
 mod commands;
+mod ircv3;
 mod puppet;
 
 /// One IRC network.
@@ -87,6 +91,7 @@ fn is_split_reason(reason: &str) -> bool {
 }
 
 /// Where a portal's messages go on IRC.
+#[derive(Debug)]
 enum Target {
     /// A channel.
     Channel(String),
@@ -97,6 +102,25 @@ enum Target {
         /// The IRC nick.
         nick: String,
     },
+}
+
+/// How a Matrix user's message reaches IRC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Through the user's own connection (mode `puppets`).
+    Puppet,
+    /// Relayed by the bot with the user's name.
+    Relay,
+}
+
+impl Target {
+    /// The channel or nick to send to.
+    fn name(&self) -> &str {
+        match self {
+            Self::Channel(chan) => chan,
+            Self::Direct { nick, .. } => nick,
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -460,16 +484,40 @@ impl Inner {
         Some((name.clone(), quote))
     }
 
+    /// How `sender`'s messages reach `target`, or `None` where they may not.
+    fn route(&self, net: &Network, target: &Target, sender: &str) -> Option<Route> {
+        if net.excluded.iter().any(|r| r.is_match(sender)) {
+            return None;
+        }
+        let level = self.ctx.permission(sender);
+        match target {
+            Target::Channel(_)
+                if net.config.mode == BridgeMode::Puppets && level >= PermissionLevel::User =>
+            {
+                Some(Route::Puppet)
+            }
+            Target::Channel(_) if level >= PermissionLevel::Relay => Some(Route::Relay),
+            Target::Channel(_) => None,
+            Target::Direct { user, .. } => {
+                (sender == user && level >= PermissionLevel::User).then_some(Route::Puppet)
+            }
+        }
+    }
+
     /// A Matrix message (or edit) in a portal, to IRC: through the sender's puppet where the
-    /// network runs puppets and the sender may have one, else relayed by the bot. A reply
-    /// carries a short quote of what it answers: `<alice> "the quote…" <- the reply`.
+    /// network runs puppets and the sender may have one, else relayed by the bot. A reply to a
+    /// message with a known IRC msgid carries `+draft/reply`; otherwise it carries a short
+    /// quote of what it answers: `<alice> "the quote…" <- the reply`. With `echo-message`,
+    /// the msgids of the lines sent are learnt from their echoes, and mapped to the message
+    /// (for an edit, `edit_of`, to the message edited).
     async fn matrix_message(
         self: &Arc<Self>,
         room: &RoomContext,
         event: &MatrixEvent,
         msg: &Message,
-        edit: bool,
+        edit_of: Option<&str>,
     ) -> Result<(), BridgeError> {
+        let edit = edit_of.is_some();
         let Some((net, target)) = room.portal.as_ref().and_then(|p| self.target_of(p)) else {
             return Ok(());
         };
@@ -478,9 +526,27 @@ impl Inner {
             None => self.displayname(&event.sender).await,
         };
         self.remember_message(&event.room_id, &event.event_id, &name, &msg.body);
+        let mut out = Outgoing {
+            tags: Vec::new(),
+            echo: Some(EchoRef {
+                room_id: event.room_id.clone(),
+                event_id: edit_of.unwrap_or(&event.event_id).to_owned(),
+                sender: event.sender.clone(),
+                part: 0,
+            }),
+        };
+        let reply_to = msg.reply_to.as_deref().filter(|_| !edit);
+        let reply_msgid = match reply_to {
+            Some(r) => self.msgid_of_event(&net, &event.room_id, r).await?,
+            None => None,
+        };
         let quoted;
-        let msg = match msg.reply_to.as_deref().and_then(|r| self.recall(&event.room_id, r)) {
-            Some((who, quote)) if !edit => {
+        let msg = match (reply_msgid, reply_to.and_then(|r| self.recall(&event.room_id, r))) {
+            (Some(msgid), _) => {
+                out.tags.push((ircv3::REPLY_TAG.to_owned(), Some(msgid)));
+                msg
+            }
+            (None, Some((who, quote))) => {
                 let prefix = format!("<{who}> \"{quote}\" <- ");
                 let esc =
                     |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
@@ -490,28 +556,13 @@ impl Inner {
                 quoted = m;
                 &quoted
             }
-            _ => msg,
+            (None, None) => msg,
         };
-        if net.excluded.iter().any(|r| r.is_match(&event.sender)) {
-            return Ok(());
-        }
-        let level = self.ctx.permission(&event.sender);
-        match target {
-            Target::Channel(chan) => {
-                if net.config.mode == BridgeMode::Puppets && level >= PermissionLevel::User {
-                    self.puppet_say(&net, &chan, &event.room_id, &event.sender, msg, edit).await
-                } else if level >= PermissionLevel::Relay {
-                    self.relay(&net, &chan, &event.sender, msg, edit).await
-                } else {
-                    Ok(())
-                }
-            }
-            Target::Direct { user, nick } => {
-                if event.sender != user || level < PermissionLevel::User {
-                    return Ok(());
-                }
-                self.puppet_say(&net, &nick, &event.room_id, &event.sender, msg, edit).await
-            }
+        let dest = target.name().to_owned();
+        match self.route(&net, &target, &event.sender) {
+            Some(Route::Puppet) => self.puppet_say(&net, &dest, event, msg, edit, &mut out).await,
+            Some(Route::Relay) => self.relay(&net, &dest, &event.sender, msg, edit, &mut out).await,
+            None => Ok(()),
         }
     }
 
@@ -522,6 +573,7 @@ impl Inner {
         sender: &str,
         msg: &Message,
         edit: bool,
+        out: &mut Outgoing,
     ) -> Result<(), BridgeError> {
         let name = self.displayname(sender).await;
         let lines = self.irc_lines(net, msg).await;
@@ -542,7 +594,7 @@ impl Inner {
             let line = if edit { format!("* {line}") } else { line };
             for chunk in split_text(&line, Budget::bytes(budget)) {
                 net.bot
-                    .send(IrcLine::new(command, &[channel, &wrap(&chunk)]))
+                    .send_line_with(IrcLine::new(command, &[channel, &wrap(&chunk)]), out)
                     .await
                     .map_err(bridge_err)?;
             }
@@ -560,8 +612,21 @@ impl Inner {
         let me = net.bot.nick();
         let cm = net.bot.isupport().casemapping;
         let from_me = line.nick().is_some_and(|n| cm.eq(n, &me));
-        // What our puppets do on IRC is what Matrix users did: never bridged back.
-        if line.command != "KICK" && line.nick().is_some_and(|n| net.is_puppet_nick(n)) {
+        // What our puppets do on IRC is what Matrix users did: never bridged back. The msgid of
+        // a puppet's channel message is learnt here, from the bot's copy: it comes before any
+        // IRC reply to it (one connection, in order), which the puppet's echo would not.
+        if line.command != "KICK"
+            && let Some(nick) = line.nick()
+            && net.is_puppet_nick(nick)
+        {
+            let sent = net
+                .puppets
+                .user_of(&net.fold(nick))
+                .and_then(|user| net.puppets.get(&user))
+                .and_then(|p| p.conn.claim_echo(&line));
+            if let Some(sent) = sent {
+                self.echoed(&sent, &line).await;
+            }
             return Ok(());
         }
         match line.command.as_str() {
@@ -580,6 +645,7 @@ impl Inner {
                     return Ok(());
                 };
                 let content = self.with_mentions(net, content_from_irc(msgtype, text), text);
+                let content = self.with_irc_reply(&portal.room_id, &line, content).await?;
                 let ghost = net.ghost_user_id(nick, &domain);
                 self.ensure_nick_ghost(net, &ghost, nick).await?;
                 let cause = cause_of(net, &line);
@@ -591,6 +657,21 @@ impl Inner {
                     .send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, ts)
                     .await?;
                 self.remember_message(&portal.room_id, &event_id, nick, &plain);
+                self.map_irc_message(&portal.room_id, &line, &event_id, &ghost, 0).await?;
+            }
+            "TAGMSG" => {
+                let Some(nick) = line.nick() else { return Ok(()) };
+                if from_me || !net.is_channel(line.param(0)) {
+                    return Ok(());
+                }
+                let Some(portal) =
+                    self.ctx.store().portal_by_remote(&net.portal_id(line.param(0))).await?
+                else {
+                    return Ok(());
+                };
+                let ghost = net.ghost_user_id(nick, &domain);
+                self.ensure_nick_ghost(net, &ghost, nick).await?;
+                self.irc_reaction(net, &portal.room_id, &ghost, &line).await?;
             }
             "JOIN" => {
                 let Some(nick) = line.nick() else { return Ok(()) };
@@ -927,6 +1008,7 @@ async fn network_loop(b: Arc<Inner>, net: Arc<Network>, mut events: mpsc::Receiv
             ConnEvent::Disconnected { reason } => {
                 tracing::warn!(network = net.id, %reason, "bot disconnected; reconnecting")
             }
+            ConnEvent::Echo { sent, line } => b.echoed(&sent, &line).await,
             ConnEvent::Line(line) => {
                 let handled = retry_remote(|| b.irc_line(&net, line.clone())).await;
                 if let Err(e) = handled {
@@ -1010,6 +1092,7 @@ impl Bridge for IrcBridge {
                 flood_burst: n.flood_burst,
                 flood_penalty: Duration::from_millis(n.flood_penalty_ms),
                 queue_capacity: 1024,
+                channel_echoes: true,
             };
             let (bot, events) =
                 IrcConnection::spawn(conn.clone(), Arc::clone(&pacer), ctx.shutdown());
@@ -1172,17 +1255,17 @@ impl Bridge for IrcBridge {
         event: &MatrixEvent,
         msg: &Message,
     ) -> Result<(), BridgeError> {
-        self.inner.matrix_message(room, event, msg, false).await
+        self.inner.matrix_message(room, event, msg, None).await
     }
 
     async fn on_edit(
         &self,
         room: &RoomContext,
         event: &MatrixEvent,
-        _target: &str,
+        target: &str,
         new: &Message,
     ) -> Result<(), BridgeError> {
-        self.inner.matrix_message(room, event, new, true).await
+        self.inner.matrix_message(room, event, new, Some(target)).await
     }
 
     async fn on_reaction(
@@ -1192,14 +1275,29 @@ impl Bridge for IrcBridge {
         target: &str,
         key: &str,
     ) -> Result<(), BridgeError> {
-        // IRC has no reactions (ngIRCd and most servers lack `+draft/react`): an action line
-        // saying what was reacted to, for messages this bridge saw.
+        let b = &self.inner;
+        // With message tags: a `TAGMSG` with `+draft/react` on the message's msgid, from the
+        // connection the reacting user's messages go through.
+        if let Some((net, dest)) = room.portal.as_ref().and_then(|p| b.target_of(p))
+            && let Some(msgid) = b.msgid_of_event(&net, &event.room_id, target).await?
+        {
+            let line = ircv3::reaction_line(dest.name(), &msgid, key);
+            let conn = match b.route(&net, &dest, &event.sender) {
+                Some(Route::Puppet) => b.puppet_for(&net, dest.name(), event).await?.conn.clone(),
+                Some(Route::Relay) => net.bot.clone(),
+                None => return Ok(()),
+            };
+            conn.send(line).await.map_err(bridge_err)?;
+            return Ok(());
+        }
+        // Without (ngIRCd and many servers): an action line saying what was reacted to, for
+        // messages this bridge saw.
         let Some((who, quote)) = self.inner.recall(&event.room_id, target) else { return Ok(()) };
         let body = format!("reacted with {} to <{who}> \"{quote}\"", one_line(key));
         let Some(msg) = Message::from_content(&json!({"msgtype": "m.emote", "body": body})) else {
             return Ok(());
         };
-        self.inner.matrix_message(room, event, &msg, false).await
+        self.inner.matrix_message(room, event, &msg, None).await
     }
 
     async fn on_redaction(
@@ -1221,7 +1319,7 @@ impl Bridge for IrcBridge {
         let Some(msg) = Message::from_content(&json!({"msgtype": "m.emote", "body": body})) else {
             return Ok(());
         };
-        self.inner.matrix_message(room, event, &msg, false).await
+        self.inner.matrix_message(room, event, &msg, None).await
     }
 
     async fn on_membership(

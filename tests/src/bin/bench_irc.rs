@@ -93,6 +93,7 @@ async fn connections(n: usize, idle: u64) -> anyhow::Result<()> {
             flood_burst: 5,
             flood_penalty: Duration::from_millis(2000),
             queue_capacity: 256,
+            channel_echoes: true,
         };
         let (conn, mut events) = IrcConnection::spawn(cfg, Arc::clone(&pacer), &shutdown);
         conn.join(&format!("#c{}", i / 50), None).await?;

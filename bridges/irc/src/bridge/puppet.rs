@@ -21,12 +21,12 @@ use tokio::sync::mpsc;
 use trestle::{
     bridge::BridgeError,
     client::{CreateRoom, RoomPreset},
-    event::{Message, MessageType},
+    event::{MatrixEvent, Message, MessageType},
     store::{Portal, UserSettings},
 };
 
 use super::{Inner, Network, bridge_err, content_from_irc, now_ms};
-use crate::conn::{ConnEvent, IrcConnection, IrcLine};
+use crate::conn::{ConnEvent, IrcConnection, IrcLine, Outgoing};
 
 /// Settings are rewritten at most this often just to record activity.
 const TOUCH_SAVE_MS: i64 = 5 * 60 * 1000;
@@ -185,6 +185,8 @@ impl Inner {
             }
         }
         cfg.queue_capacity = 256;
+        // The bot, in every portal's channel, maps this puppet's channel messages.
+        cfg.channel_echoes = false;
         if let Some(prefix) = net.ipv6_prefix {
             cfg.bind = Some(IpAddr::V6(crate::addr::address_for(prefix, user_id)));
         }
@@ -367,29 +369,42 @@ impl Inner {
         }
     }
 
-    /// Sends a Matrix message through the sender's puppet to a channel or a nick.
+    /// The puppet of `event`'s sender, connected, and in `target` if it is a channel.
+    pub(super) async fn puppet_for(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        target: &str,
+        event: &MatrixEvent,
+    ) -> Result<Arc<Puppet>, BridgeError> {
+        let (room_id, sender) = (event.room_id.as_str(), event.sender.as_str());
+        if net.is_channel(target) {
+            return self.puppet_join(net, sender, target, room_id).await;
+        }
+        let p = self.puppet(net, sender).await?;
+        p.set_notify_room(room_id);
+        Ok(p)
+    }
+
+    /// Sends a Matrix message (`event`, or its edit) through the sender's puppet to a channel
+    /// or a nick, with the tags and echo references of `out`.
     pub(super) async fn puppet_say(
         self: &Arc<Self>,
         net: &Arc<Network>,
         target: &str,
-        room_id: &str,
-        sender: &str,
+        event: &MatrixEvent,
         msg: &Message,
         edit: bool,
+        out: &mut Outgoing,
     ) -> Result<(), BridgeError> {
-        let p = if net.is_channel(target) {
-            self.puppet_join(net, sender, target, room_id).await?
-        } else {
-            let p = self.puppet(net, sender).await?;
-            p.set_notify_room(room_id);
-            p
-        };
+        let p = self.puppet_for(net, target, event).await?;
         for line in self.irc_lines(net, msg).await {
             let line = if edit { format!("* {line}") } else { line };
             let sent = match msg.msgtype {
-                MessageType::Emote => p.conn.send_action(target, &line).await,
-                MessageType::Notice => p.conn.send_text("NOTICE", target, &line).await.map(drop),
-                _ => p.conn.send_text("PRIVMSG", target, &line).await.map(drop),
+                MessageType::Emote => p.conn.send_action_with(target, &line, out).await,
+                MessageType::Notice => {
+                    p.conn.send_text_with("NOTICE", target, &line, out).await.map(drop)
+                }
+                _ => p.conn.send_text_with("PRIVMSG", target, &line, out).await.map(drop),
             };
             sent.map_err(bridge_err)?;
         }
@@ -494,12 +509,30 @@ impl Inner {
             }
         };
 
-        let content = content_from_irc(msgtype, text);
+        let content = self.with_irc_reply(&room_id, line, content_from_irc(msgtype, text)).await?;
         let cause = super::cause_of(net, line);
         let ts = line.tag("time").and_then(super::parse_server_time);
         let txn = self.ctx.txn_id_for(&cause, 0);
-        self.ctx.send_as(&ghost, &room_id, "m.room.message", content, &txn, ts).await?;
+        let event_id =
+            self.ctx.send_as(&ghost, &room_id, "m.room.message", content, &txn, ts).await?;
+        self.map_irc_message(&room_id, line, &event_id, &ghost, 0).await?;
         Ok(())
+    }
+
+    /// An IRC user reacted (`TAGMSG`) privately to a puppet: a reaction in their DM room.
+    async fn irc_direct_reaction(
+        &self,
+        net: &Network,
+        p: &Puppet,
+        line: &IrcLine,
+    ) -> Result<(), BridgeError> {
+        let Some(nick) = line.nick() else { return Ok(()) };
+        let remote_id = dm_remote_id(net, &p.user_id, nick);
+        let Some(portal) = self.ctx.store().portal_by_remote(&remote_id).await? else {
+            return Ok(());
+        };
+        let ghost = net.ghost_user_id(nick, self.ctx.domain());
+        self.irc_reaction(net, &portal.room_id, &ghost, line).await
     }
 
     /// A Matrix user invited a ghost: the room becomes their DM with that nick.
@@ -574,6 +607,7 @@ async fn puppet_loop(
             ConnEvent::Disconnected { reason } => {
                 tracing::info!(network = net.id, user_id = p.user_id, %reason, "puppet disconnected; reconnecting");
             }
+            ConnEvent::Echo { sent, line } => b.echoed(&sent, &line).await,
             ConnEvent::Line(line) => {
                 let me = p.conn.nick();
                 let cm = p.conn.isupport().casemapping;
@@ -586,7 +620,7 @@ async fn puppet_loop(
                     {
                         net.puppets.add_nick(net.fold(line.param(0)), &p.user_id);
                     }
-                    "PRIVMSG" | "NOTICE" if cm.eq(line.param(0), &me) => {
+                    "PRIVMSG" | "NOTICE" | "TAGMSG" if cm.eq(line.param(0), &me) => {
                         let from = line.nick().unwrap_or_default();
                         if from.is_empty()
                             || cm.eq(from, &net.bot.nick())
@@ -596,7 +630,12 @@ async fn puppet_loop(
                             continue;
                         }
                         p.touch();
-                        if let Err(e) = b.irc_direct(&net, &p, &line).await {
+                        let r = if line.command == "TAGMSG" {
+                            b.irc_direct_reaction(&net, &p, &line).await
+                        } else {
+                            b.irc_direct(&net, &p, &line).await
+                        };
+                        if let Err(e) = r {
                             tracing::error!(network = net.id, user_id = p.user_id, error = %e, "could not bridge a private message");
                         }
                     }

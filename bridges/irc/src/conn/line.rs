@@ -20,7 +20,18 @@ pub enum LineError {
     /// The serialised line is longer than 512 bytes.
     #[error("line too long ({0} bytes)")]
     TooLong(usize),
+    /// A tag name is not `[+][vendor/]name` of letters, digits, `-` and `.`, or a value holds
+    /// NUL.
+    #[error("invalid message tag {0:?}")]
+    BadTag(String),
+    /// The serialised tags are longer than the 4094 bytes a client may send.
+    #[error("message tags too long ({0} bytes)")]
+    TagsTooLong(usize),
 }
+
+/// The most a client may send of `@tags ` (message-tags: 4094 bytes, the `@` and the space
+/// included).
+pub const CLIENT_TAGS_MAX: usize = 4094;
 
 /// Where a message came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,8 +139,52 @@ impl IrcLine {
         self.params.get(i).map(String::as_str).unwrap_or("")
     }
 
-    /// Serialises for sending (no tags, no source), refusing anything that could inject.
+    /// The same line with a tag added.
+    pub fn with_tag(mut self, name: &str, value: Option<&str>) -> Self {
+        self.tags.push((name.to_owned(), value.map(str::to_owned)));
+        self
+    }
+
+    /// Serialises for sending (tags escaped, no source), refusing anything that could inject:
+    /// a tag value cannot end the tags or the line (`;`, space, CR and LF are escaped), and a
+    /// tag name outside the grammar is an error.
     pub fn to_wire(&self) -> Result<String, LineError> {
+        let tags = self.tags_to_wire()?;
+        let body = self.body_to_wire()?;
+        Ok(tags + &body)
+    }
+
+    /// `@a=b;c ` or "" without tags.
+    fn tags_to_wire(&self) -> Result<String, LineError> {
+        if self.tags.is_empty() {
+            return Ok(String::new());
+        }
+        let mut out = String::from("@");
+        for (i, (name, value)) in self.tags.iter().enumerate() {
+            if !valid_tag_name(name) {
+                return Err(LineError::BadTag(name.clone()));
+            }
+            if i > 0 {
+                out.push(';');
+            }
+            out.push_str(name);
+            if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+                if v.contains('\0') {
+                    return Err(LineError::BadTag(name.clone()));
+                }
+                out.push('=');
+                out.push_str(&escape_tag_value(v));
+            }
+        }
+        out.push(' ');
+        if out.len() > CLIENT_TAGS_MAX {
+            return Err(LineError::TagsTooLong(out.len()));
+        }
+        Ok(out)
+    }
+
+    /// The line without its tags, with CRLF.
+    fn body_to_wire(&self) -> Result<String, LineError> {
         let cmd_ok = (!self.command.is_empty()
             && self.command.bytes().all(|b| b.is_ascii_alphabetic()))
             || (self.command.len() == 3 && self.command.bytes().all(|b| b.is_ascii_digit()));
@@ -156,6 +211,38 @@ impl IrcLine {
         out.push_str("\r\n");
         Ok(out)
     }
+}
+
+/// Whether `name` is a tag name: `[+][vendor/]key`, the key of letters, digits and `-`, the
+/// vendor a host name.
+fn valid_tag_name(name: &str) -> bool {
+    let name = name.strip_prefix('+').unwrap_or(name);
+    let (vendor, key) = match name.rsplit_once('/') {
+        Some((v, k)) => (Some(v), k),
+        None => (None, name),
+    };
+    let key_ok = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let vendor_ok = vendor.is_none_or(|v| {
+        !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    });
+    key_ok && vendor_ok
+}
+
+/// Escapes a tag value (message-tags): `;` → `\:`, space → `\s`, `\` → `\\`, CR → `\r`,
+/// LF → `\n`.
+pub fn escape_tag_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            ';' => out.push_str("\\:"),
+            ' ' => out.push_str("\\s"),
+            '\\' => out.push_str("\\\\"),
+            '\r' => out.push_str("\\r"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Replaces CR, LF and NUL in text that must stay on one line (topics, reasons, nicks).
@@ -210,5 +297,34 @@ mod tests {
         assert!(IrcLine::new("PRIV MSG", &[]).to_wire().is_err());
         assert!(IrcLine::new("PRIVMSG", &["#c", &"x".repeat(600)]).to_wire().is_err());
         assert_eq!(one_line("a\r\nb\0"), "a  b ");
+    }
+
+    #[test]
+    fn tags_are_escaped_and_checked() {
+        let l = IrcLine::new("TAGMSG", &["#c"])
+            .with_tag("+draft/react", Some("a; b\\c\r\nQUIT :x"))
+            .with_tag("+draft/reply", Some("id1"));
+        let wire = l.to_wire().unwrap();
+        assert_eq!(
+            wire,
+            "@+draft/react=a\\:\\sb\\\\c\\r\\nQUIT\\s:x;+draft/reply=id1 TAGMSG #c\r\n"
+        );
+        // What we send parses back to the same tags.
+        let back = IrcLine::parse(&wire).unwrap();
+        assert_eq!(back.tag("+draft/react"), Some("a; b\\c\r\nQUIT :x"));
+        assert_eq!(back.tag("+draft/reply"), Some("id1"));
+        assert_eq!(back.params, ["#c"]);
+        for bad in ["", "+", "a b", "a;b", "a=b", "x/", "/x", "a\r\n"] {
+            let l = IrcLine::new("TAGMSG", &["#c"]).with_tag(bad, Some("v"));
+            assert_eq!(l.to_wire(), Err(LineError::BadTag(bad.to_owned())), "{bad:?}");
+        }
+        let nul = IrcLine::new("TAGMSG", &["#c"]).with_tag("+x", Some("a\0b"));
+        assert!(matches!(nul.to_wire(), Err(LineError::BadTag(_))));
+        let long = IrcLine::new("TAGMSG", &["#c"]).with_tag("+x", Some(&"y".repeat(5000)));
+        assert!(matches!(long.to_wire(), Err(LineError::TagsTooLong(_))));
+        // Tags do not count towards the 512 bytes of the rest of the line.
+        let text = "z".repeat(490);
+        let l = IrcLine::new("PRIVMSG", &["#c", &text]).with_tag("+draft/reply", Some("m"));
+        assert!(l.to_wire().is_ok());
     }
 }

@@ -8,7 +8,9 @@
 //!   shared by every connection to a network ([`ConnectPacer`]), and a rejoin of every channel;
 //! - token-bucket flood control on a bounded outgoing queue (back-pressure, never unbounded
 //!   memory); PONG bypasses it;
-//! - nothing with CR, LF or NUL is ever written ([`line::IrcLine::to_wire`]).
+//! - nothing with CR, LF or NUL is ever written ([`line::IrcLine::to_wire`]), tags included;
+//! - with `echo-message`, the server's echo of a message sent with an [`EchoRef`] comes back
+//!   as [`ConnEvent::Echo`] (with the server's `msgid`), never as an ordinary line.
 
 pub mod isupport;
 pub mod line;
@@ -44,7 +46,47 @@ pub const WANTED_CAPS: &[&str] = &[
     "cap-notify",
     "batch",
     "labeled-response",
+    "echo-message",
 ];
+
+/// Echoes awaited at most per connection; the oldest is forgotten beyond (a server that drops
+/// a message, `+m` say, never echoes it).
+const ECHO_PENDING_MAX: usize = 512;
+
+/// What a message sent to IRC stands for, reported back with its echo: the bridge uses it to
+/// learn the `msgid` the server gave the message. Opaque to the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoRef {
+    /// The Matrix room.
+    pub room_id: String,
+    /// The Matrix event the message carries.
+    pub event_id: String,
+    /// The Matrix sender.
+    pub sender: String,
+    /// Which line of the event (one event can need several).
+    pub part: u32,
+}
+
+/// Extras of an outgoing message: client tags for its first line, and what its lines stand
+/// for (each next line gets the next `part`).
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    /// Tags of the first line only (`+draft/reply`, …).
+    pub tags: Vec<(String, Option<String>)>,
+    /// Reported with the echo of each line.
+    pub echo: Option<EchoRef>,
+}
+
+impl Outgoing {
+    /// Tags and echo reference for the next line.
+    fn next_line(&mut self) -> (Vec<(String, Option<String>)>, Option<EchoRef>) {
+        let echo = self.echo.clone();
+        if let Some(e) = &mut self.echo {
+            e.part += 1;
+        }
+        (std::mem::take(&mut self.tags), echo)
+    }
+}
 
 /// Settings of one connection.
 #[derive(Clone)]
@@ -79,6 +121,10 @@ pub struct ConnConfig {
     pub flood_penalty: Duration,
     /// Outgoing queue capacity.
     pub queue_capacity: usize,
+    /// Whether echoes of our channel messages come back as [`ConnEvent::Echo`]. Off where
+    /// another connection in the same channels claims them ([`IrcConnection::claim_echo`]), in
+    /// order with the channel's other traffic (the bridge's bot, for its puppets).
+    pub channel_echoes: bool,
 }
 
 impl std::fmt::Debug for ConnConfig {
@@ -104,6 +150,13 @@ pub enum ConnEvent {
     },
     /// A line from the server (PINGs and registration traffic are handled inside).
     Line(IrcLine),
+    /// The server's echo (`echo-message`) of a line sent with an [`EchoRef`].
+    Echo {
+        /// What the line was sent for.
+        sent: EchoRef,
+        /// The echo, with the server's tags (`msgid`, `time`).
+        line: IrcLine,
+    },
     /// The connection dropped; it reconnects by itself unless it was told to quit.
     Disconnected {
         /// Why.
@@ -124,6 +177,32 @@ pub struct ConnState {
     pub channels: BTreeMap<String, (String, Option<String>)>,
     /// Whether registration completed on the current socket.
     pub registered: bool,
+    /// Messages sent with an [`EchoRef`] whose echo is awaited, oldest first.
+    echo_pending: std::collections::VecDeque<(EchoKey, EchoRef)>,
+}
+
+/// What identifies an echo: command, folded target and text.
+type EchoKey = (String, String, String);
+
+impl ConnState {
+    fn echo_key(&self, line: &IrcLine) -> EchoKey {
+        (
+            line.command.clone(),
+            self.isupport.casemapping.fold(line.param(0)),
+            line.param(1).to_owned(),
+        )
+    }
+
+    /// The reference of an awaited echo, if `line` is one (our own message, echo-message on).
+    fn take_echo(&mut self, line: &IrcLine) -> Option<EchoRef> {
+        let ours = line.nick().is_some_and(|n| self.isupport.casemapping.eq(n, &self.nick));
+        if !ours || !self.caps.contains("echo-message") || self.echo_pending.is_empty() {
+            return None;
+        }
+        let key = self.echo_key(line);
+        let i = self.echo_pending.iter().position(|(k, _)| *k == key)?;
+        self.echo_pending.remove(i).map(|(_, r)| r)
+    }
 }
 
 /// Limits how fast connections to one server are opened (token bucket), so that a restart or a
@@ -207,6 +286,36 @@ impl IrcConnection {
         self.tx.send(line).await.map_err(|_| SendError::Closed)
     }
 
+    /// Queues a message (PRIVMSG, NOTICE); with `echo`, and `echo-message` enabled, its echo
+    /// comes back as [`ConnEvent::Echo`]. Before registration (a new connection's first
+    /// message waits in the queue) the echo is awaited until the server's capabilities are
+    /// known.
+    pub async fn send_message(
+        &self,
+        line: IrcLine,
+        echo: Option<EchoRef>,
+    ) -> Result<(), SendError> {
+        line.to_wire()?;
+        if let Some(echo) = echo {
+            let mut st = self.lock();
+            if st.caps.contains("echo-message") || !st.registered {
+                let key = st.echo_key(&line);
+                if st.echo_pending.len() >= ECHO_PENDING_MAX {
+                    st.echo_pending.pop_front();
+                }
+                st.echo_pending.push_back((key, echo));
+            }
+        }
+        self.send(line).await
+    }
+
+    /// Claims the awaited echo `line` stands for, if any: for a copy of our own message seen
+    /// on another connection (the bot in a channel sees a puppet's message there). A claimed
+    /// echo is not reported again.
+    pub fn claim_echo(&self, line: &IrcLine) -> Option<EchoRef> {
+        self.lock().take_echo(line)
+    }
+
     /// Our current nick.
     pub fn nick(&self) -> String {
         self.lock().nick.clone()
@@ -283,23 +392,56 @@ impl IrcConnection {
         target: &str,
         text: &str,
     ) -> Result<usize, SendError> {
+        self.send_text_with(command, target, text, &mut Outgoing::default()).await
+    }
+
+    /// [`send_text`](Self::send_text) with tags on the first line and echo references.
+    pub async fn send_text_with(
+        &self,
+        command: &str,
+        target: &str,
+        text: &str,
+        out: &mut Outgoing,
+    ) -> Result<usize, SendError> {
         let budget = self.text_budget(target);
         let parts =
             trestle::util::split::split_text(text, trestle::util::split::Budget::bytes(budget));
         for p in &parts {
-            self.send(IrcLine::new(command, &[target, p])).await?;
+            self.send_line_with(IrcLine::new(command, &[target, p]), out).await?;
         }
         Ok(parts.len())
     }
 
     /// Sends a CTCP ACTION (`/me`).
     pub async fn send_action(&self, target: &str, text: &str) -> Result<(), SendError> {
+        self.send_action_with(target, text, &mut Outgoing::default()).await
+    }
+
+    /// [`send_action`](Self::send_action) with tags on the first line and echo references.
+    pub async fn send_action_with(
+        &self,
+        target: &str,
+        text: &str,
+        out: &mut Outgoing,
+    ) -> Result<(), SendError> {
         let budget = self.text_budget(target).saturating_sub(9);
         for p in trestle::util::split::split_text(text, trestle::util::split::Budget::bytes(budget))
         {
-            self.send(IrcLine::new("PRIVMSG", &[target, &format!("\x01ACTION {p}\x01")])).await?;
+            let line = IrcLine::new("PRIVMSG", &[target, &format!("\x01ACTION {p}\x01")]);
+            self.send_line_with(line, out).await?;
         }
         Ok(())
+    }
+
+    /// Sends one line of a message with the next tags and echo reference of `out`.
+    pub async fn send_line_with(
+        &self,
+        mut line: IrcLine,
+        out: &mut Outgoing,
+    ) -> Result<(), SendError> {
+        let (tags, echo) = out.next_line();
+        line.tags = tags;
+        self.send_message(line, echo).await
     }
 
     /// Quits for good (no reconnect).
@@ -448,6 +590,8 @@ async fn session(
             return e;
         }
     }
+    // Capabilities are negotiated again on every socket: a restarted server may offer others.
+    lock().caps.clear();
     let mut offered: Vec<String> = Vec::new();
     let mut cap_done = false;
     let mut registered = false;
@@ -579,6 +723,9 @@ async fn session(
                             let mut st = lock();
                             st.nick = nick.clone();
                             st.registered = true;
+                            if !st.caps.contains("echo-message") {
+                                st.echo_pending.clear();
+                            }
                             st.channels.values().cloned().collect()
                         };
                         tracing::info!(host = config.host, nick, "IRC connection registered");
@@ -599,6 +746,22 @@ async fn session(
                         lock().nick = nick.clone();
                     }
                     "ERROR" => return format!("server error: {}", line.param(0)),
+                    "PRIVMSG" | "NOTICE" => {
+                        let sent = {
+                            let mut st = lock();
+                            if config.channel_echoes || !st.isupport.is_channel(line.param(0)) {
+                                st.take_echo(&line)
+                            } else {
+                                None
+                            }
+                        };
+                        if let Some(sent) = sent {
+                            if events.send(ConnEvent::Echo { sent, line }).await.is_err() {
+                                return "closed".to_owned();
+                            }
+                            continue;
+                        }
+                    }
                     _ => {}
                 }
                 if events.send(ConnEvent::Line(line)).await.is_err() {
@@ -661,6 +824,37 @@ mod tests {
         let exact = "a".repeat(400);
         assert_eq!(sasl_chunks(&exact), [exact.as_str(), "+"]);
         assert_eq!(sasl_chunks(&"b".repeat(401)).len(), 2);
+    }
+
+    #[test]
+    fn echoes_match_what_was_sent_once() {
+        let mut st = ConnState { nick: "Me".into(), ..ConnState::default() };
+        let sent = IrcLine::new("PRIVMSG", &["#Chan", "hello"]);
+        let r =
+            EchoRef { room_id: "!r".into(), event_id: "$e".into(), sender: "@a:x".into(), part: 0 };
+        let key = st.echo_key(&sent);
+        st.echo_pending.push_back((key, r.clone()));
+        let echo = IrcLine::parse("@msgid=1 :me!u@h PRIVMSG #CHAN :hello").unwrap();
+        // Not without echo-message.
+        assert_eq!(st.take_echo(&echo), None);
+        st.caps.insert("echo-message".into());
+        // Someone else's identical line is not our echo; other text is not this echo.
+        assert_eq!(st.take_echo(&IrcLine::parse(":other!u@h PRIVMSG #chan :hello").unwrap()), None);
+        assert_eq!(st.take_echo(&IrcLine::parse(":me!u@h PRIVMSG #chan :hello!").unwrap()), None);
+        assert_eq!(st.take_echo(&echo), Some(r));
+        assert_eq!(st.take_echo(&echo), None);
+    }
+
+    #[test]
+    fn outgoing_tags_go_on_the_first_line_only() {
+        let r =
+            EchoRef { room_id: "!r".into(), event_id: "$e".into(), sender: "@a:x".into(), part: 0 };
+        let mut out =
+            Outgoing { tags: vec![("+draft/reply".into(), Some("m1".into()))], echo: Some(r) };
+        let (tags, echo) = out.next_line();
+        assert_eq!((tags.len(), echo.map(|e| e.part)), (1, Some(0)));
+        let (tags, echo) = out.next_line();
+        assert_eq!((tags.len(), echo.map(|e| e.part)), (0, Some(1)));
     }
 
     #[test]

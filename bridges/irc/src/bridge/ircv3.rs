@@ -1,0 +1,172 @@
+//! IRCv3 message tags: message ids mapped to Matrix events, replies and reactions.
+//!
+//! Where the server grants `message-tags`, every message it relays carries a `msgid`:
+//!
+//! - an IRC message bridged to Matrix is recorded in the room's message map (msgid → event);
+//! - a Matrix message bridged to IRC learns its msgid from the server's echo (`echo-message`,
+//!   [`ConnEvent::Echo`](crate::conn::ConnEvent::Echo)) and is recorded the same way;
+//! - a Matrix reply to a mapped message is sent with `+draft/reply=<msgid>`, and an IRC message
+//!   with `+draft/reply` (or the ratified `+reply`) to a mapped msgid becomes a Matrix reply;
+//! - a Matrix reaction to a mapped message is a `TAGMSG` with `+draft/react` and
+//!   `+draft/reply`, and such a `TAGMSG` from IRC is a reaction of the sender's ghost.
+//!
+//! Mappings are scoped per room, so a msgid from one channel never resolves in another.
+
+use serde_json::{Value, json};
+use trestle::{bridge::BridgeError, store::MessageMapping};
+
+use super::{Inner, Network, now_ms};
+use crate::conn::{EchoRef, IrcLine};
+
+/// The reply tag we send: what deployed clients and servers implement (the specification's
+/// draft name; `+reply` is accepted as well).
+pub(super) const REPLY_TAG: &str = "+draft/reply";
+/// Reply tags we accept.
+const REPLY_TAGS: [&str; 2] = ["+draft/reply", "+reply"];
+/// The reaction tag (still a draft).
+pub(super) const REACT_TAG: &str = "+draft/react";
+
+/// The msgid an IRC line replies to, if it carries a reply tag.
+fn reply_msgid(line: &IrcLine) -> Option<&str> {
+    REPLY_TAGS.iter().find_map(|t| line.tag(t)).filter(|v| !v.is_empty())
+}
+
+impl Network {
+    /// Whether the network's server relays client tags (`message-tags`).
+    pub(super) fn has_tags(&self) -> bool {
+        self.bot.has_cap("message-tags")
+    }
+}
+
+impl Inner {
+    /// The Matrix event of an IRC msgid in a room (the first event of the message).
+    async fn event_of_msgid(
+        &self,
+        room_id: &str,
+        msgid: &str,
+    ) -> Result<Option<String>, BridgeError> {
+        let parts = self.ctx.store().messages_by_remote(room_id, msgid).await?;
+        Ok(parts.into_iter().next().map(|m| m.event_id))
+    }
+
+    /// The IRC msgid of a Matrix event in a room, where the network has message tags.
+    pub(super) async fn msgid_of_event(
+        &self,
+        net: &Network,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Option<String>, BridgeError> {
+        if !net.has_tags() {
+            return Ok(None);
+        }
+        Ok(self.ctx.store().message_by_event(room_id, event_id).await?.map(|m| m.remote_id))
+    }
+
+    /// Makes Matrix content for an IRC line a reply where the line's reply tag names a message
+    /// of this room that the bridge mapped.
+    pub(super) async fn with_irc_reply(
+        &self,
+        room_id: &str,
+        line: &IrcLine,
+        mut content: Value,
+    ) -> Result<Value, BridgeError> {
+        if let Some(msgid) = reply_msgid(line)
+            && let Some(event_id) = self.event_of_msgid(room_id, msgid).await?
+        {
+            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": event_id}});
+        }
+        Ok(content)
+    }
+
+    /// Records that the IRC message `line` (with a `msgid`) became `event_id` in `room_id`.
+    pub(super) async fn map_irc_message(
+        &self,
+        room_id: &str,
+        line: &IrcLine,
+        event_id: &str,
+        sender: &str,
+        part: u32,
+    ) -> Result<(), BridgeError> {
+        let Some(msgid) = line.tag("msgid").filter(|m| !m.is_empty()) else { return Ok(()) };
+        self.ctx
+            .store()
+            .insert_message(&MessageMapping {
+                room_id: room_id.to_owned(),
+                remote_id: msgid.to_owned(),
+                part,
+                event_id: event_id.to_owned(),
+                sender: sender.to_owned(),
+                timestamp: now_ms(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The server echoed a message we sent for a Matrix event: its msgid now maps to it.
+    pub(super) async fn echoed(&self, sent: &EchoRef, line: &IrcLine) {
+        tracing::debug!(
+            room_id = sent.room_id,
+            event_id = sent.event_id,
+            part = sent.part,
+            msgid = line.tag("msgid"),
+            "echo of a sent message"
+        );
+        let r = self
+            .map_irc_message(&sent.room_id, line, &sent.event_id, &sent.sender, sent.part)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(room_id = sent.room_id, event_id = sent.event_id, error = %e, "could not record the msgid of a sent message");
+        }
+    }
+
+    /// An IRC `TAGMSG` with `+draft/react` on a mapped message: a reaction of `ghost`.
+    pub(super) async fn irc_reaction(
+        &self,
+        net: &Network,
+        room_id: &str,
+        ghost: &str,
+        line: &IrcLine,
+    ) -> Result<(), BridgeError> {
+        let Some(key) = line.tag(REACT_TAG).filter(|k| !k.is_empty()) else { return Ok(()) };
+        let Some(msgid) = reply_msgid(line) else { return Ok(()) };
+        let Some(event_id) = self.event_of_msgid(room_id, msgid).await? else { return Ok(()) };
+        let content = json!({"m.relates_to": {
+            "rel_type": "m.annotation", "event_id": event_id, "key": key,
+        }});
+        let txn = self.ctx.txn_id_for(&super::cause_of(net, line), 0);
+        let ts = line.tag("time").and_then(super::parse_server_time);
+        self.ctx.send_as(ghost, room_id, "m.reaction", content, &txn, ts).await?;
+        Ok(())
+    }
+}
+
+/// The `TAGMSG` of a reaction with `key` to the IRC message `msgid`.
+pub(super) fn reaction_line(target: &str, msgid: &str, key: &str) -> IrcLine {
+    // NUL cannot be escaped in a tag value; everything else is (see `IrcLine::to_wire`).
+    let key: String = key.chars().filter(|c| *c != '\0').collect();
+    IrcLine::new("TAGMSG", &[target])
+        .with_tag(REACT_TAG, Some(&key))
+        .with_tag(REPLY_TAG, Some(msgid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_tags() {
+        let l = IrcLine::parse("@+reply=abc :n!u@h PRIVMSG #c :hi").unwrap();
+        assert_eq!(reply_msgid(&l), Some("abc"));
+        let l = IrcLine::parse("@+draft/reply=x\\sy :n!u@h PRIVMSG #c :hi").unwrap();
+        assert_eq!(reply_msgid(&l), Some("x y"));
+        let l = IrcLine::parse("@+draft/reply= :n!u@h PRIVMSG #c :hi").unwrap();
+        assert_eq!(reply_msgid(&l), None);
+    }
+
+    #[test]
+    fn reactions_cannot_inject() {
+        let wire = reaction_line("#c", "id;1", "👍\r\nQUIT :x\0").to_wire().unwrap();
+        assert_eq!(wire, "@+draft/react=👍\\r\\nQUIT\\s:x;+draft/reply=id\\:1 TAGMSG #c\r\n");
+        assert_eq!(wire.matches("\r\n").count(), 1);
+    }
+}
