@@ -717,6 +717,38 @@ async fn smpp_interoperates_with_net_smpp() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first part of a concatenated MO is answered as received, so the bridge must not lose it:
+/// killed (SIGKILL) and restarted before the second part, it still bridges the whole text.
+#[tokio::test]
+async fn smpp_concatenated_mo_survives_a_bridge_restart() -> anyhow::Result<()> {
+    use trestle_e2e::smsc::Smsc;
+    let smsc = Smsc::start("pw123").await?;
+    let gateway = format!(
+        "    type: smpp\n    address: \"{}\"\n    system_id: bridge\n    password: pw123\n\
+         \x20   enquire_link_interval_secs: 1\n    reconnect_min_secs: 1\n",
+        smsc.address()
+    );
+    let mut l = launch(&gateway, free_port()).await?;
+    smsc.wait_bound(T).await?;
+    let p1 = [&[5u8, 0, 3, 42, 2, 1][..], b"first half, "].concat();
+    assert_eq!(smsc.deliver(PHONE, OURS, 0x40, 0, &p1, &[], T).await?, 0);
+    let binds = smsc.binds().len();
+    l.bridge.restart().await?;
+    wait_for("the bridge to bind again", T, || async {
+        (smsc.binds().len() > binds).then_some(())
+    })
+    .await?;
+    let p2 = [&[5u8, 0, 3, 42, 2, 2][..], b"second half"].concat();
+    assert_eq!(smsc.deliver(PHONE, OURS, 0x40, 0, &p2, &[], T).await?, 0);
+    let room = accept_invite(&l.alice).await?;
+    l.alice
+        .wait_for_message(&room, T, |e| {
+            e["sender"] == GHOST && body(e) == "first half, second half"
+        })
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn smpp_gateway_end_to_end() -> anyhow::Result<()> {
     use trestle_e2e::smsc::Smsc;

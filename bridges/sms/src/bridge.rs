@@ -673,7 +673,8 @@ impl EventSink for Inner {
     }
 }
 
-fn build_gateway(cfg: &SmsConfig) -> Arc<dyn Gateway> {
+/// The configured gateway; `store` keeps what it must not lose over a restart.
+fn build_gateway(cfg: &SmsConfig, store: &Arc<dyn trestle::store::Store>) -> Arc<dyn Gateway> {
     match &cfg.gateway {
         GatewayConfig::Kannel(k) => Arc::new(Kannel::new(KannelSettings {
             sendsms_url: k.sendsms_url.clone(),
@@ -692,20 +693,23 @@ fn build_gateway(cfg: &SmsConfig) -> Arc<dyn Gateway> {
         })),
         GatewayConfig::Smpp(s) => {
             let secs = std::time::Duration::from_secs;
-            Arc::new(Smpp::new(SmppSettings {
-                address: s.address.clone(),
-                system_id: s.system_id.clone(),
-                password: s.password.clone(),
-                system_type: s.system_type.clone(),
-                window: s.window,
-                enquire_link_interval: secs(s.enquire_link_interval_secs),
-                response_timeout: secs(s.response_timeout_secs),
-                reconnect_min: secs(s.reconnect_min_secs),
-                reconnect_max: secs(s.reconnect_max_secs),
-                throttle_retries: s.throttle_retries,
-                throttle_pause: std::time::Duration::from_millis(s.throttle_pause_ms),
-                long_messages: s.long_messages,
-            }))
+            Arc::new(
+                Smpp::new(SmppSettings {
+                    address: s.address.clone(),
+                    system_id: s.system_id.clone(),
+                    password: s.password.clone(),
+                    system_type: s.system_type.clone(),
+                    window: s.window,
+                    enquire_link_interval: secs(s.enquire_link_interval_secs),
+                    response_timeout: secs(s.response_timeout_secs),
+                    reconnect_min: secs(s.reconnect_min_secs),
+                    reconnect_max: secs(s.reconnect_max_secs),
+                    throttle_retries: s.throttle_retries,
+                    throttle_pause: std::time::Duration::from_millis(s.throttle_pause_ms),
+                    long_messages: s.long_messages,
+                })
+                .with_store(Arc::clone(store)),
+            )
         }
     }
 }
@@ -760,7 +764,7 @@ impl Bridge for SmsBridge {
             number_burst: r.number_burst,
             number_per_second: r.number_per_second,
         });
-        let gateway = build_gateway(&cfg);
+        let gateway = build_gateway(&cfg, ctx.store());
         let inner = Arc::new(Inner {
             ctx: ctx.clone(),
             gateway: Arc::clone(&gateway),

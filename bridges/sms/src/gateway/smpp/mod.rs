@@ -126,7 +126,17 @@ pub struct Smpp {
     redeliveries: Arc<Mutex<Redeliveries>>,
     /// Numbers the sessions (connections), for `redeliveries`.
     sessions: Arc<AtomicU64>,
+    /// Parts of concatenated MO messages waiting for the rest: kept across sessions, and in
+    /// `store` (when given) across restarts, since each part was answered as received.
+    pending: Arc<Mutex<Pending>>,
+    /// Where `pending` is kept; `None` keeps it in memory only.
+    store: Option<Arc<dyn trestle::store::Store>>,
+    /// Whether `pending` was loaded from `store`.
+    loaded: Arc<tokio::sync::OnceCell<()>>,
 }
+
+/// The store key holding the parts of incomplete concatenated MO messages.
+const PENDING_KEY: &str = "sms.smpp.pending_mo";
 
 /// Most remembered SMSC message ids (the oldest are forgotten first… roughly: the map is
 /// cleared when full).
@@ -145,7 +155,61 @@ impl Smpp {
             reference: Arc::new(AtomicU8::new(rand::random())),
             redeliveries: Arc::default(),
             sessions: Arc::default(),
+            pending: Arc::default(),
+            store: None,
+            loaded: Arc::default(),
         }
+    }
+
+    /// Keeps the parts of incomplete concatenated MO messages in `store`, so that a restart
+    /// loses none of the parts the SMSC was already told were received.
+    #[must_use]
+    pub fn with_store(mut self, store: Arc<dyn trestle::store::Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Loads the stored parts, once.
+    async fn load_pending(&self) {
+        let Some(store) = &self.store else { return };
+        self.loaded
+            .get_or_init(|| async {
+                match store.kv_get(PENDING_KEY).await {
+                    Ok(Some(json)) => {
+                        match serde_json::from_str::<Vec<(PendingKey, PendingParts)>>(&json) {
+                            Ok(stored) => {
+                                tracing::info!(
+                                    messages = stored.len(),
+                                    "incomplete concatenated SMS parts restored"
+                                );
+                                self.pending().extend(stored);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "stored SMS parts unreadable; ignored")
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot read the stored SMS parts"),
+                }
+            })
+            .await;
+    }
+
+    /// Writes the parts held now to the store. A failure is returned: the deliver_sm is then
+    /// not acknowledged, so the SMSC delivers it again.
+    async fn save_pending(&self) -> Result<(), String> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let json = {
+            let pending = self.pending();
+            let all: Vec<(&PendingKey, &PendingParts)> = pending.iter().collect();
+            serde_json::to_string(&all).map_err(|e| e.to_string())?
+        };
+        store.kv_set(PENDING_KEY, &json).await.map_err(|e| e.to_string())
     }
 
     fn redeliveries(&self) -> std::sync::MutexGuard<'_, Redeliveries> {
@@ -154,13 +218,8 @@ impl Smpp {
 
     /// Handles one deliver_sm (`body`) that arrived on `session`; returns the status to answer
     /// with.
-    async fn handle_deliver(
-        &self,
-        body: &[u8],
-        pending: &mut Pending,
-        sink: &dyn EventSink,
-        session: u64,
-    ) -> u32 {
+    async fn handle_deliver(&self, body: &[u8], sink: &dyn EventSink, session: u64) -> u32 {
+        self.load_pending().await;
         let digest = redelivery::digest(body);
         let now = Instant::now();
         let id = match self.redeliveries().verdict(&digest, now, self.settings.response_timeout) {
@@ -183,7 +242,13 @@ impl Smpp {
                 return status::INVMSGLEN;
             }
         };
-        let Some((event, restore)) = classify_deliver(&sm, pending, self, id) else {
+        let classified = classify_deliver(&sm, &mut self.pending(), self, id);
+        let Some((event, restore)) = classified else {
+            // A part held for the rest: on disk before the SMSC is told it arrived.
+            if let Err(e) = self.save_pending().await {
+                tracing::warn!(error = e, "cannot keep an SMS part; SMSC will redeliver");
+                return status::RX_T_APPN;
+            }
             self.redeliveries().arrived(digest, session, None, now);
             return status::OK;
         };
@@ -193,12 +258,20 @@ impl Smpp {
         };
         self.redeliveries().arrived(digest, session, message_id, now);
         match sink.handle(event).await {
-            Ok(()) => status::OK,
+            Ok(()) => {
+                if restore.is_some()
+                    && let Err(e) = self.save_pending().await
+                {
+                    // Only the completed message's parts stay stored, until the next write.
+                    tracing::warn!(error = e, "cannot drop the stored parts of a bridged SMS");
+                }
+                status::OK
+            }
             Err(e) => {
                 tracing::warn!(error = e, "deliver_sm not handled; SMSC will redeliver");
                 // The SMSC delivers only this part again: the others must still be here.
                 if let Some((key, parts)) = restore {
-                    pending.insert(key, parts);
+                    self.pending().insert(key, parts);
                 }
                 status::RX_T_APPN
             }
@@ -551,9 +624,8 @@ impl Smpp {
             let sink = Arc::clone(sink);
             let me = self.clone();
             tokio::spawn(async move {
-                let mut pending = Pending::new();
                 while let Some(p) = mo_rx.recv().await {
-                    let st = me.handle_deliver(&p.body, &mut pending, sink.as_ref(), session).await;
+                    let st = me.handle_deliver(&p.body, sink.as_ref(), session).await;
                     let resp = Pdu {
                         command_id: cmd::DELIVER_SM_RESP,
                         status: st,
@@ -902,7 +974,6 @@ mod tests {
     async fn deliver_sm_delivered_again_keeps_its_id_or_is_only_answered() {
         let gw = Smpp::new(settings("127.0.0.1:1".into(), 1));
         let sink = Flaky { fail: AtomicU8::new(1), ..Default::default() };
-        let mut pending = Pending::new();
         let part = |seq: u8, text: &[u8]| {
             ShortMessage {
                 source: pdu::Address::from_number("+447700900123"),
@@ -915,11 +986,11 @@ mod tests {
         };
         let (p1, p2) = (part(1, b"hello "), part(2, b"world"));
         // Part 1 is buffered; part 2 completes the message but handling fails: a temporary error.
-        assert_eq!(gw.handle_deliver(&p1, &mut pending, &sink, 0).await, status::OK);
-        assert_eq!(gw.handle_deliver(&p2, &mut pending, &sink, 0).await, status::RX_T_APPN);
+        assert_eq!(gw.handle_deliver(&p1, &sink, 0).await, status::OK);
+        assert_eq!(gw.handle_deliver(&p2, &sink, 0).await, status::RX_T_APPN);
         // The SMSC delivers part 2 again: the message completes (part 1 was kept) under the
         // same id, so the bridge's idempotency applies.
-        assert_eq!(gw.handle_deliver(&p2, &mut pending, &sink, 0).await, status::OK);
+        assert_eq!(gw.handle_deliver(&p2, &sink, 0).await, status::OK);
         gw.redeliveries().answered(&redelivery::digest(&p2), Instant::now());
         let ids: Vec<(String, String)> = sink
             .seen
@@ -937,10 +1008,49 @@ mod tests {
         // Answered, but the session broke at once: delivered again on the next session, it is
         // only answered.
         gw.redeliveries().session_ended(0, Instant::now());
-        assert_eq!(gw.handle_deliver(&p2, &mut Pending::new(), &sink, 1).await, status::OK);
+        assert_eq!(gw.handle_deliver(&p2, &sink, 1).await, status::OK);
         assert_eq!(sink.seen.lock().unwrap().len(), 2);
         // Garbage is refused as before.
-        assert_eq!(gw.handle_deliver(&[1, 2], &mut pending, &sink, 1).await, status::INVMSGLEN);
+        assert_eq!(gw.handle_deliver(&[1, 2], &sink, 1).await, status::INVMSGLEN);
+    }
+
+    #[tokio::test]
+    async fn parts_held_for_the_rest_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn trestle::store::Store> =
+            Arc::new(trestle::store::SqliteStore::open(&dir.path().join("t.db")).await.unwrap());
+        let part = |seq: u8, text: &[u8]| {
+            ShortMessage {
+                source: pdu::Address::from_number("+447700900123"),
+                dest: pdu::Address::from_number("+441234567890"),
+                esm_class: pdu::ESM_UDHI,
+                short_message: [&pdu::concat_udh(4, 2, seq)[..], text].concat(),
+                ..Default::default()
+            }
+            .encode()
+        };
+        // Part 1 arrives and is answered; the bridge stops before part 2.
+        let before = Smpp::new(settings("127.0.0.1:1".into(), 1)).with_store(Arc::clone(&store));
+        let sink = Flaky::default();
+        assert_eq!(before.handle_deliver(&part(1, b"kept "), &sink, 0).await, status::OK);
+        assert!(sink.seen.lock().unwrap().is_empty());
+        drop(before);
+        // After the restart, part 2 completes the message.
+        let after = Smpp::new(settings("127.0.0.1:1".into(), 1)).with_store(Arc::clone(&store));
+        assert_eq!(after.handle_deliver(&part(2, b"across a restart"), &sink, 0).await, status::OK);
+        let texts: Vec<String> = sink
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                GatewayEvent::Inbound(s) => Some(s.text.clone()),
+                GatewayEvent::Report(_) => None,
+            })
+            .collect();
+        assert_eq!(texts, ["kept across a restart"]);
+        // Nothing is left stored once the message is bridged.
+        assert_eq!(store.kv_get(PENDING_KEY).await.unwrap().as_deref(), Some("[]"));
     }
 
     fn settings(address: String, window: usize) -> SmppSettings {
