@@ -1387,3 +1387,37 @@ async fn matrix_moderation_body(env: &mut Env) -> anyhow::Result<()> {
     assert!(announcement.contains("not here"), "{announcement}");
     Ok(())
 }
+
+#[tokio::test]
+async fn matrix_topic_becomes_the_subject() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = matrix_topic_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_topic_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "tpc").await?;
+    // Matrix lets only power 50 set the topic; the chat lets any occupant set the subject.
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 100).await?;
+    alice
+        .put(&format!("/rooms/{room}/state/m.room.topic/"), json!({"topic": "Release <day> & co"}))
+        .await?;
+    // The subject comes from alice's own occupant, text escaped, not markup.
+    let from = format!("from=\"tpc@{MUC}/alice\"");
+    let seen = xmpp.wait_stanza(T, |s| s.contains(&from) && s.contains("<subject")).await?;
+    assert_eq!(
+        element_text(&seen, "subject").as_deref(),
+        Some("Release &lt;day&gt; & co"),
+        "{seen}"
+    );
+    // The room's echo of that subject does not come back as a second topic change.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let topics = alice
+        .messages(&room, 100)
+        .await?
+        .into_iter()
+        .filter(|e| e["type"] == "m.room.topic")
+        .count();
+    assert_eq!(topics, 1, "the topic was set again from XMPP");
+    Ok(())
+}

@@ -909,9 +909,8 @@ impl Inner {
                 r.subject = Some(subject.clone());
                 changed
             };
-            // An empty subject means "none": it never clears a topic set on Matrix (topics are
-            // not bridged the other way), and the subject the room repeats on every join is
-            // only sent when the Matrix topic differs.
+            // An empty subject means "none": it never clears a topic set on Matrix, and the
+            // subject the room repeats on every join is only sent when the Matrix topic differs.
             if changed && !subject.trim().is_empty() {
                 let current = self
                     .ctx
@@ -1642,11 +1641,15 @@ impl Bridge for XmppBridge {
         room: &RoomContext,
         event: &MatrixEvent,
     ) -> Result<(), BridgeError> {
-        if event.event_type != "m.room.power_levels" || event.state_key.as_deref() != Some("") {
+        if event.state_key.as_deref() != Some("") {
             return Ok(());
         }
         let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
-        self.matrix_power(&portal.room_id, &xroom, event).await
+        match event.event_type.as_str() {
+            "m.room.power_levels" => self.matrix_power(&portal.room_id, &xroom, event).await,
+            "m.room.topic" => self.matrix_topic(&portal.room_id, &xroom, event).await,
+            _ => Ok(()),
+        }
     }
 
     async fn on_reaction(
@@ -1886,6 +1889,47 @@ impl XmppBridge {
             }
         }
         Ok(())
+    }
+
+    /// A Matrix user set the room's topic: the chat's subject, set by the user's own occupant
+    /// (the room decides whether occupants may; a refusal is told in the room). The subject the
+    /// chat already has (as when the topic came from XMPP) is not sent again.
+    async fn matrix_topic(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let topic = event.content.get("topic").and_then(Value::as_str).unwrap_or_default();
+        let key = xroom.bare();
+        if b.state().rooms.get(&key).and_then(|r| r.subject.as_deref()) == Some(topic) {
+            return Ok(());
+        }
+        let id = event.event_id.clone();
+        let sent = b
+            .send_groupchat(
+                xroom,
+                room_id,
+                &event.sender,
+                |from| stanzas::subject(from, xroom, &id, topic),
+                &id,
+            )
+            .await;
+        match sent {
+            Ok(_) => {
+                b.state().rooms.entry(key).or_default().subject = Some(topic.to_owned());
+                Ok(())
+            }
+            Err(BridgeError::Permanent(why)) => {
+                b.ctx.notice(room_id, &format!("The topic was not set on XMPP: {why}")).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A Matrix user redacted someone else's message (Matrix already checked their power to): a

@@ -263,6 +263,17 @@ pub fn retraction(from: &FullJid, room: &RoomJid, id: &str, stanza_id: &str) -> 
     Some(m)
 }
 
+/// A change of the room's subject (XEP-0045 §8.1) to `subject`, with an origin-id `id`.
+pub fn subject(from: &FullJid, room: &RoomJid, id: &str, subject: &str) -> Option<Message> {
+    let to = Jid::new(&room.bare()).ok()?;
+    let mut m = Message::groupchat(to);
+    m.subjects.insert(Lang::default(), xml_safe(subject));
+    m.from = Some(from.clone().into());
+    m.id = Some(Id(id.to_owned()));
+    m.payloads.push(OriginId { id: id.to_owned() }.into());
+    Some(m)
+}
+
 /// Accepts the default configuration of a room the bot just created (XEP-0045 §10.1.2, an
 /// "instant room"), which unlocks it for everyone else.
 pub fn instant_room(from: &FullJid, room: &RoomJid, id: &str) -> Option<xmpp_parsers::iq::Iq> {
