@@ -1421,3 +1421,30 @@ async fn matrix_topic_body(env: &mut Env) -> anyhow::Result<()> {
     assert_eq!(topics, 1, "the topic was set again from XMPP");
     Ok(())
 }
+
+#[tokio::test]
+async fn xmpp_message_styling_becomes_html() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = styling_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn styling_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "sty").await?;
+    let ghost = "@xmpp_sty=40conference.localhost/_x_alice:localhost";
+    let text = "*bold*, _it_ and `<code>`\n> quoted";
+    xmpp.say("sty", "st-1", text)?;
+    let m = alice.wait_for_message(&room, T, |e| e["sender"] == ghost && body(e) == text).await?;
+    assert_eq!(m["content"]["format"], "org.matrix.custom.html");
+    assert_eq!(
+        m["content"]["formatted_body"],
+        "<strong>bold</strong>, <em>it</em> and <code>&lt;code&gt;</code><blockquote>quoted</blockquote>"
+    );
+    // Plain text stays plain.
+    xmpp.say("sty", "st-2", "2 * 3 = 6")?;
+    let m = alice
+        .wait_for_message(&room, T, |e| e["sender"] == ghost && body(e) == "2 * 3 = 6")
+        .await?;
+    assert!(m["content"].get("formatted_body").is_none(), "{m}");
+    Ok(())
+}

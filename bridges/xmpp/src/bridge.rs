@@ -1009,7 +1009,7 @@ impl Inner {
             Some(rest) => ("m.emote", rest.to_owned()),
             None => ("m.text", body.clone()),
         };
-        let mut content = json!({"msgtype": msgtype, "body": text});
+        let mut content = text_content(msgtype, &text);
         if let Some(url) = &file {
             let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
             (content, text) = self.file_content(&ghost, url, caption).await?;
@@ -1021,7 +1021,7 @@ impl Inner {
                 content = json!({
                     "msgtype": msgtype,
                     "body": format!("* {text}"),
-                    "m.new_content": {"msgtype": msgtype, "body": text},
+                    "m.new_content": text_content(msgtype, &text),
                     "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
                 });
             }
@@ -1119,7 +1119,7 @@ impl Inner {
             id.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
         );
         let txn = self.ctx.txn_id_for(&cause, 0);
-        let mut content = json!({"msgtype": msgtype, "body": text});
+        let mut content = text_content(msgtype, &text);
         if let Some(url) = &file {
             let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
             content = self.file_content(&ghost, url, caption).await?.0;
@@ -2296,6 +2296,17 @@ fn presence_of(pr: &MucPresence) -> (MatrixPresence, Option<String>) {
         ),
         _ => (MatrixPresence::Online, pr.status.clone()),
     }
+}
+
+/// Matrix content for text from XMPP: the body as written, and its XEP-0393 styling (if any) as
+/// HTML.
+fn text_content(msgtype: &str, text: &str) -> Value {
+    let mut content = json!({"msgtype": msgtype, "body": text});
+    if let Some(html) = crate::styling::to_html(text) {
+        content["format"] = json!("org.matrix.custom.html");
+        content["formatted_body"] = json!(html);
+    }
+    content
 }
 
 /// A byte count for people: `512 bytes`, `1.5 MiB`.

@@ -7,3 +7,4 @@ pub mod config;
 pub mod conn;
 pub mod ids;
 pub mod stanzas;
+pub mod styling;
