@@ -1269,6 +1269,69 @@ async fn moderation_body(env: &mut Env) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn vcard_avatars_become_ghost_avatars() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = vcard_avatars_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn vcard_avatars_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "avatars").await?;
+    let ghost = "@xmpp_avatars=40conference.localhost/_x_alice:localhost";
+    alice
+        .wait_for_message(&room, T, |e| e["type"] == "m.room.member" && e["state_key"] == ghost)
+        .await?;
+    let avatar = |alice: &MatrixUser| {
+        let alice = alice.clone();
+        async move {
+            let p = alice.profile(ghost).await.ok()?;
+            Some(p["avatar_url"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    assert_eq!(avatar(&alice).await.as_deref(), Some(""));
+
+    // The XMPP user stores a vCard with a photo and announces its hash in the room: the
+    // bridge fetches the vCard through the room, and the ghost gets the photo as its avatar.
+    let hash = xmpp.publish_vcard_photo(PNG).await?;
+    xmpp.announce_avatar("avatars", "XAlice", &hash)?;
+    xmpp.say("avatars", "a1", "right after the avatar")?;
+    let mxc = trestle_e2e::wait_for("the ghost's avatar", T, || async {
+        avatar(&alice).await.filter(|u| u.starts_with("mxc://"))
+    })
+    .await?;
+    let (bytes, content_type) = alice.download(&mxc).await?;
+    assert_eq!(bytes, PNG);
+    assert_eq!(content_type, "image/png");
+    // Messages are not held up, nor lost.
+    alice.wait_for_message(&room, T, |e| body(e) == "right after the avatar").await?;
+
+    // The same hash again changes nothing (no new upload).
+    xmpp.announce_avatar("avatars", "XAlice", &hash)?;
+    xmpp.say("avatars", "a2", "same avatar")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "same avatar").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(avatar(&alice).await, Some(mxc.clone()));
+
+    // A hash the vCard's photo does not have is not believed.
+    xmpp.announce_avatar("avatars", "XAlice", &"ab".repeat(20))?;
+    xmpp.say("avatars", "a3", "wrong hash")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "wrong hash").await?;
+    trestle_e2e::wait_for("the wrong hash refused", T, || async {
+        env.bridge.child.log_tail(200).contains("the vCard's photo has the hash").then_some(())
+    })
+    .await?;
+    assert_eq!(avatar(&alice).await, Some(mxc.clone()));
+
+    // An empty <photo/> clears the avatar.
+    xmpp.announce_avatar("avatars", "XAlice", "")?;
+    trestle_e2e::wait_for("the ghost's avatar cleared", T, || async {
+        avatar(&alice).await.filter(String::is_empty).map(drop)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn harness_client_logs_in_to_prosody() -> anyhow::Result<()> {
     let prosody = Prosody::start(&[("xbob", "pw-bob")]).await?;
     let r = XmppClient::connect(prosody.c2s_port(), "xbob", "pw-bob").await;

@@ -9,6 +9,7 @@ use std::{
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
+use sha1::{Digest as _, Sha1};
 use tokio::sync::{mpsc, oneshot};
 use trestle::{
     bridge::{
@@ -31,6 +32,7 @@ use xmpp_parsers::{
     iq::Iq,
     jid::{FullJid, Jid},
     message::{Message as XMessage, MessageType as XMessageType},
+    minidom::Element,
     ns,
     presence::{Presence, Show},
     stanza::Stanza,
@@ -107,6 +109,9 @@ struct RoomState {
 /// Resolves with the room's stanza-id for a reflected message, or the error condition.
 type Reflection = oneshot::Sender<Result<Option<String>, String>>;
 
+/// Resolves with an iq result's payload, or the error's description.
+type IqWaiter = oneshot::Sender<Result<Option<Element>, String>>;
+
 #[derive(Debug, Default)]
 struct State {
     rooms: HashMap<String, RoomState>,
@@ -118,8 +123,11 @@ struct State {
     seen_order: VecDeque<String>,
     /// Ghost → the Matrix presence last set for it.
     presences: HashMap<String, String>,
-    /// Iq id → the room it went to and the waiter for its answer (an error's description).
-    iqs: HashMap<String, (String, oneshot::Sender<Result<(), String>>)>,
+    /// Iq id → the room it went to (or whose occupant it went to) and the waiter for its
+    /// answer: the result's payload, or an error's description.
+    iqs: HashMap<String, (String, IqWaiter)>,
+    /// Ghost → the avatar hash (XEP-0153) being fetched for it.
+    avatars: HashMap<String, String>,
 }
 
 impl State {
@@ -558,6 +566,22 @@ impl Inner {
         let Some(iq) = stanzas::muc_admin(from, room, &id, who, change, reason) else {
             return Err(BridgeError::Permanent(format!("cannot address {} in the room", who.1)));
         };
+        Ok(self.request(room, iq, generation).await?.map(drop))
+    }
+
+    /// Sends `iq` (its id must be unique) to `room` or one of its occupants on connection
+    /// `generation` and waits for the answer: `Ok(Ok(payload))` for a result, `Ok(Err(why))`
+    /// when it is an error or none comes in time.
+    async fn request(
+        &self,
+        room: &RoomJid,
+        iq: Iq,
+        generation: u64,
+    ) -> Result<Result<Option<Element>, String>, BridgeError> {
+        let id = match &iq {
+            Iq::Get { id, .. } | Iq::Set { id, .. } => id.clone(),
+            _ => return Err(BridgeError::Permanent("not a request".to_owned())),
+        };
         let (tx, rx) = oneshot::channel();
         self.state().iqs.insert(id.clone(), (room.bare(), tx));
         if let Err(e) = self.xmpp.send_for(iq, generation) {
@@ -568,7 +592,7 @@ impl Inner {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(_)) | Err(_) => {
                 self.state().iqs.remove(&id);
-                Ok(Err("no answer from the room".to_owned()))
+                Ok(Err("no answer in time".to_owned()))
             }
         }
     }
@@ -1286,8 +1310,108 @@ impl Inner {
             self.ctx.intent(&ghost).ensure_joined(&portal.room_id).await?;
             self.ghost_power(&portal.room_id, &ghost, &pr).await;
             self.ghost_presence(&ghost, &pr).await;
+            if let Some(hash) = &pr.photo {
+                self.ghost_avatar(&room, &pr.nick, &ghost, hash);
+            }
         }
         Ok(())
+    }
+
+    /// An occupant announced its avatar (XEP-0153) as `hash` (`""`: none). When that is not
+    /// the hash last bridged for its ghost, a task (so that messages are not held up) fetches
+    /// the occupant's vCard through the room (see [`stanzas::vcard_get`]), checks the photo's
+    /// size (`files.max_bytes`) and SHA-1, uploads it and sets it as the ghost's avatar; `""`
+    /// clears the avatar. One fetch per ghost at a time; failures are logged, and the next
+    /// presence with the hash tries again.
+    fn ghost_avatar(&self, room: &RoomJid, nick: &str, ghost: &str, hash: &str) {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let Some(generation) = self.xmpp.generation() else { return };
+        {
+            let mut st = self.state();
+            if st.avatars.get(ghost).is_some_and(|h| h == hash) {
+                return;
+            }
+            st.avatars.insert(ghost.to_owned(), hash.to_owned());
+        }
+        let (room, nick, ghost, hash) =
+            (room.clone(), nick.to_owned(), ghost.to_owned(), hash.to_owned());
+        tokio::spawn(async move {
+            let result = me.fetch_avatar(&room, &nick, &ghost, &hash, generation).await;
+            {
+                let mut st = me.state();
+                if st.avatars.get(&ghost) == Some(&hash) {
+                    st.avatars.remove(&ghost);
+                }
+            }
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    tracing::info!(
+                        room = room.bare(),
+                        nick,
+                        hash,
+                        why,
+                        "could not bridge an avatar"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(room = room.bare(), nick, hash, error = %e, "could not bridge an avatar");
+                }
+            }
+        });
+    }
+
+    /// The work of [`Self::ghost_avatar`]: `Ok(Err(why))` when the occupant's side fails (no
+    /// answer, no photo, a wrong hash), `Err` when Matrix does.
+    async fn fetch_avatar(
+        &self,
+        room: &RoomJid,
+        nick: &str,
+        ghost: &str,
+        hash: &str,
+        generation: u64,
+    ) -> Result<Result<(), String>, BridgeError> {
+        let key = format!("xmpp.avatar:{ghost}");
+        if self.ctx.store().kv_get(&key).await?.as_deref() == Some(hash) {
+            return Ok(Ok(()));
+        }
+        let avatar_url = if hash.is_empty() {
+            String::new()
+        } else {
+            let Some(to) = stanzas::occupant(room, nick) else {
+                return Ok(Err("the nick cannot be addressed".to_owned()));
+            };
+            let id = format!("vcard-{}", rand::random::<u64>());
+            let iq = stanzas::vcard_get(&self.bot, &to, &id);
+            let vcard = match self.request(room, iq, generation).await? {
+                Ok(Some(v)) if v.is("vCard", stanzas::NS_VCARD) => v,
+                Ok(_) => return Ok(Err("the answer has no vCard".to_owned())),
+                Err(why) => return Ok(Err(format!("vCard request failed: {why}"))),
+            };
+            let photo = match stanzas::read_vcard_photo(&vcard, self.cfg().files.max_bytes) {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e.to_string())),
+            };
+            let actual = hex::encode(Sha1::digest(&photo.data));
+            if actual != hash {
+                return Ok(Err(format!("the vCard's photo has the hash {actual}")));
+            }
+            let intent = self.ctx.intent(ghost);
+            intent.upload_media(photo.data, &photo.mimetype, None).await?
+        };
+        self.ctx
+            .ensure_ghost(
+                ghost,
+                &GhostProfile {
+                    remote_id: format!("{}/{nick}", room.bare()),
+                    displayname: None,
+                    avatar_url: Some(avatar_url),
+                },
+            )
+            .await?;
+        self.ctx.store().kv_set(&key, hash).await?;
+        tracing::info!(room = room.bare(), nick, hash, "bridged an avatar");
+        Ok(Ok(()))
     }
 
     /// Gives an occupant's ghost the power level of its affiliation and role (see
@@ -1333,13 +1457,11 @@ impl Inner {
     fn on_iq(&self, iq: &Iq) {
         // Answers to the bridge's own requests (room moderation).
         let answer = match iq {
-            Iq::Result { from, id, .. } => Some((from, id, Ok(()))),
+            Iq::Result { from, id, payload, .. } => Some((from, id, Ok(payload.clone()))),
             Iq::Error { from, id, error, .. } => {
                 let text = error.texts.values().next().cloned();
                 // The condition's element name (`not-allowed`), as the room sent it.
-                let cond = xmpp_parsers::minidom::Element::from(error.defined_condition.clone())
-                    .name()
-                    .to_owned();
+                let cond = Element::from(error.defined_condition.clone()).name().to_owned();
                 Some((
                     from,
                     id,
