@@ -1332,6 +1332,62 @@ async fn vcard_avatars_body(env: &mut Env) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn matrix_bans_and_unbans_of_ghosts_ban_and_unban_on_xmpp() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = matrix_unban_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_unban_body(env: &mut Env) -> anyhow::Result<()> {
+    // The bot created the room, so it is its owner and sees real JIDs.
+    let (alice, room, xmpp) = portal(env, "unban").await?;
+    let ghost = "@xmpp_unban=40conference.localhost/_x_alice:localhost";
+    let member = |what: &'static str| {
+        move |e: &Value| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == ghost
+                && e["content"]["membership"] == what
+        }
+    };
+    alice.wait_for_message(&room, T, member("join")).await?;
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 50).await?;
+
+    // A Matrix ban: the occupant is banned on XMPP (the user's occupant is only a moderator
+    // there, so the bot does it) and cannot come back.
+    alice.post(&format!("/rooms/{room}/ban"), json!({"user_id": ghost, "reason": "spam"})).await?;
+    let from = format!("from=\"unban@{MUC}/XAlice\"");
+    xmpp.wait_presence(T, |p| p.contains(&from) && p.contains("code=\"301\"")).await?;
+    xmpp.send(
+        stanza("presence", &[("to", &format!("unban@{MUC}/XAlice"))])
+            .append(payload("x", "http://jabber.org/protocol/muc", &[]))
+            .build(),
+    )?;
+    let refused =
+        xmpp.wait_presence(T, |p| p.contains(&from) && p.contains("type=\"error\"")).await?;
+    assert!(refused.contains("forbidden"), "{refused}");
+
+    // A Matrix unban lifts the XMPP ban: the user can join again and their ghost is back.
+    alice.post(&format!("/rooms/{room}/unban"), json!({"user_id": ghost})).await?;
+    trestle_e2e::wait_for("the ban lifted", T, || async {
+        env.bridge.child.log_tail(200).contains("lifted a ban").then_some(())
+    })
+    .await?;
+    xmpp.join("unban", "XAlice").await?;
+    let unban = alice.wait_for_message(&room, T, member("leave")).await?;
+    let unban_id = unban["event_id"].clone();
+    trestle_e2e::wait_for("the ghost back in the room", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        let after = events.iter().position(|e| e["event_id"] == unban_id)?;
+        events[after..].iter().any(|e| member("join")(e)).then_some(())
+    })
+    .await?;
+    xmpp.say("unban", "u1", "back again")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "back again").await?;
+    assert_eq!(m["sender"], ghost);
+    Ok(())
+}
+
+#[tokio::test]
 async fn harness_client_logs_in_to_prosody() -> anyhow::Result<()> {
     let prosody = Prosody::start(&[("xbob", "pw-bob")]).await?;
     let r = XmppClient::connect(prosody.c2s_port(), "xbob", "pw-bob").await;

@@ -86,6 +86,8 @@ struct Puppet {
     nick: String,
     /// The connection generation the join was confirmed on.
     joined: Option<u64>,
+    /// Its affiliation, from its last self-presence.
+    affiliation: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -272,11 +274,10 @@ impl Inner {
             {
                 let mut st = self.state();
                 st.joins.insert((key.clone(), jid.to_bare().to_string()), tx);
-                st.rooms
-                    .entry(key.clone())
-                    .or_default()
-                    .puppets
-                    .insert(mxid.to_owned(), Puppet { nick: nick.clone(), joined: None });
+                st.rooms.entry(key.clone()).or_default().puppets.insert(
+                    mxid.to_owned(),
+                    Puppet { nick: nick.clone(), joined: None, affiliation: None },
+                );
             }
             self.xmpp.send_for(stanzas::join(&jid, &to), generation).map_err(|e| send_err(&e))?;
             match tokio::time::timeout(WAIT, rx).await {
@@ -1161,14 +1162,12 @@ impl Inner {
                 }
             } else if pr.is_self() {
                 let generation = self.xmpp.generation();
-                let puppet = st
-                    .rooms
-                    .entry(key.clone())
-                    .or_default()
-                    .puppets
-                    .entry(mxid)
-                    .or_insert_with(|| Puppet { nick: pr.nick.clone(), joined: None });
+                let puppet =
+                    st.rooms.entry(key.clone()).or_default().puppets.entry(mxid).or_insert_with(
+                        || Puppet { nick: pr.nick.clone(), joined: None, affiliation: None },
+                    );
                 puppet.nick = pr.nick.clone();
+                puppet.affiliation.clone_from(&pr.affiliation);
                 puppet.joined = generation;
                 if let Some(tx) = st.joins.remove(&(key.clone(), bare)) {
                     let _ = tx.send(Joined::Ok(pr.nick.clone()));
@@ -1285,6 +1284,13 @@ impl Inner {
                 let reason = pr.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
                 format!("{what} on XMPP{by}{reason}")
             };
+            if pr.codes.contains(&301)
+                && let Some(real) = pr.real_jid.as_deref().and_then(|j| Jid::new(j).ok())
+            {
+                // Kept for lifting the ban from Matrix (the room no longer shows the address).
+                let key = format!("xmpp.outcast:{key}/{}", pr.nick);
+                self.ctx.store().kv_set(&key, &real.to_bare().to_string()).await?;
+            }
             if pr.codes.contains(&301) && membership.as_deref() != Some("ban") {
                 self.ctx.bot().ban(&portal.room_id, &ghost, Some(&why("Banned"))).await?;
             } else if joined && pr.codes.contains(&307) {
@@ -1296,6 +1302,7 @@ impl Inner {
             if membership.as_deref() == Some("ban") {
                 // Banned earlier from XMPP; the room let the occupant in again, so it was lifted.
                 self.ctx.bot().unban(&portal.room_id, &ghost, None).await?;
+                self.ctx.store().kv_delete(&format!("xmpp.outcast:{key}/{}", pr.nick)).await?;
             }
             self.ctx
                 .ensure_ghost(
@@ -1873,6 +1880,15 @@ impl Bridge for XmppBridge {
                 .matrix_removal(&portal.room_id, &xroom, event, &nick, membership == "ban")
                 .await;
         }
+        if membership == "leave"
+            && prev == Some("ban")
+            && event.sender != user_id
+            && !b.ctx.is_bridge_user(&event.sender)
+            && let Some((groom, nick)) = b.ids.occupant_of_ghost(user_id)
+            && groom.bare() == xroom.bare()
+        {
+            return self.matrix_unban(&portal.room_id, &xroom, event, &nick).await;
+        }
         if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
             return Ok(());
         }
@@ -1984,8 +2000,10 @@ impl XmppBridge {
             let st = b.state();
             let r = st.rooms.get(&xroom.bare());
             (
-                r.and_then(|r| r.puppets.get(&event.sender))
-                    .is_some_and(|p| p.joined == Some(generation)),
+                r.and_then(|r| r.puppets.get(&event.sender)).is_some_and(|p| {
+                    p.joined == Some(generation)
+                        && (!ban || Self::may_ban(p.affiliation.as_deref()))
+                }),
                 r.and_then(|r| r.real_jids.get(nick).cloned()),
             )
         };
@@ -2010,6 +2028,10 @@ impl XmppBridge {
         let change = if ban { ("affiliation", "outcast") } else { ("role", "none") };
         match b.admin_request(xroom, &from, who, change, reason, generation).await? {
             Ok(()) => {
+                if let (true, Some(real)) = (ban, &real) {
+                    let key = format!("xmpp.outcast:{}/{nick}", xroom.bare());
+                    b.ctx.store().kv_set(&key, real).await?;
+                }
                 tracing::info!(
                     room = xroom.bare(),
                     nick,
@@ -2020,6 +2042,66 @@ impl XmppBridge {
             }
             Err(why) => {
                 b.ctx.notice(room_id, &format!("Could not {what} {nick} on XMPP: {why}")).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an occupant with `affiliation` may change affiliations (ban, unban): an admin or
+    /// owner (XEP-0045 §9).
+    fn may_ban(affiliation: Option<&str>) -> bool {
+        matches!(affiliation, Some("admin" | "owner"))
+    }
+
+    /// A Matrix user unbanned the ghost of the occupant `nick` (Matrix already checked their
+    /// power to): the XMPP ban is lifted (affiliation `none` for the real JID remembered when
+    /// the occupant was banned), by the user's own occupant when it is an admin or owner in the
+    /// room, else by the bot. A refusal, or a ban whose address the bridge does not know, is
+    /// told in the room.
+    async fn matrix_unban(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        nick: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let key = format!("xmpp.outcast:{}/{nick}", xroom.bare());
+        let Some(real) = b.ctx.store().kv_get(&key).await? else {
+            b.ctx
+                .notice(
+                    room_id,
+                    &format!(
+                        "Could not lift the ban of {nick} on XMPP: the bridge does not know their address."
+                    ),
+                )
+                .await;
+            return Ok(());
+        };
+        let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
+        let by_puppet = b
+            .state()
+            .rooms
+            .get(&xroom.bare())
+            .and_then(|r| r.puppets.get(&event.sender))
+            .is_some_and(|p| {
+                p.joined == Some(generation) && Self::may_ban(p.affiliation.as_deref())
+            });
+        let from = if by_puppet { b.puppet_jid(&event.sender) } else { None };
+        let from = from.unwrap_or_else(|| b.bot.clone());
+        let change = ("affiliation", "none");
+        match b.admin_request(xroom, &from, ("jid", &real), change, None, generation).await? {
+            Ok(()) => {
+                b.ctx.store().kv_delete(&key).await?;
+                tracing::info!(room = xroom.bare(), nick, by = event.sender, "lifted a ban");
+            }
+            Err(why) => {
+                b.ctx
+                    .notice(room_id, &format!("Could not lift the ban of {nick} on XMPP: {why}"))
+                    .await;
             }
         }
         Ok(())
