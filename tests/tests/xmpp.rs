@@ -1332,6 +1332,63 @@ async fn vcard_avatars_body(env: &mut Env) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn matrix_avatars_become_vcard_avatars() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = matrix_avatars_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_avatars_body(env: &mut Env) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let sha1 = |data: &[u8]| hex::encode(sha1::Sha1::digest(data));
+    // The Matrix user has an avatar before joining the portal.
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let mxc = alice.upload(PNG.to_vec(), "image/png").await?;
+    let profile = format!("/profile/{}/avatar_url", alice.user_id);
+    alice.put(&profile, json!({"avatar_url": mxc})).await?;
+    let room = alice.join(&format!("#xmpp_mxav_{MUC}:localhost")).await?;
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    xmpp.join("mxav", "XAlice").await?;
+
+    // Their occupant's presence announces the photo's hash (XEP-0153)…
+    let puppet = format!("from=\"mxav@{MUC}/alice\"");
+    let hash = sha1(PNG);
+    xmpp.wait_presence(T, |p| p.contains(&puppet) && p.contains(&hash)).await?;
+    // …and their vCard, asked for through the room, has the photo.
+    let answer = xmpp.iq_get(&format!("mxav@{MUC}/alice"), "vCard", "vcard-temp").await?;
+    assert!(answer.contains("type=\"result\""), "{answer}");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(PNG);
+    assert!(answer.contains(&format!("<BINVAL>{b64}</BINVAL>")), "{answer}");
+    assert!(answer.contains("<TYPE>image/png</TYPE>"), "{answer}");
+
+    // A new avatar is announced with a new presence, and the vCard follows.
+    let mut other = PNG.to_vec();
+    other.extend_from_slice(b"changed");
+    let mxc2 = alice.upload(other.clone(), "image/png").await?;
+    alice.put(&profile, json!({"avatar_url": mxc2})).await?;
+    let hash2 = sha1(&other);
+    xmpp.wait_presence(T, |p| p.contains(&puppet) && p.contains(&hash2)).await?;
+    let answer = xmpp.iq_get(&format!("mxav@{MUC}/alice"), "vCard", "vcard-temp").await?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&other);
+    assert!(answer.contains(&format!("<BINVAL>{b64}</BINVAL>")), "{answer}");
+
+    // Removing it announces an empty photo; the vCard has none.
+    alice.put(&profile, json!({"avatar_url": ""})).await?;
+    xmpp.wait_presence(T, |p| {
+        p.contains(&puppet) && (p.contains("<photo/>") || p.contains("<photo></photo>"))
+    })
+    .await?;
+    let answer = xmpp.iq_get(&format!("mxav@{MUC}/alice"), "vCard", "vcard-temp").await?;
+    assert!(answer.contains("type=\"result\"") && !answer.contains("BINVAL"), "{answer}");
+    // Messages still flow.
+    alice.send_text(&room, "after the avatars").await?;
+    xmpp.wait_message(T, |s| s.body == "after the avatars").await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn matrix_bans_and_unbans_of_ghosts_ban_and_unban_on_xmpp() -> anyhow::Result<()> {
     let mut env = start().await?;
     let r = matrix_unban_body(&mut env).await;

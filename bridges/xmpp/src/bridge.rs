@@ -130,6 +130,8 @@ struct State {
     iqs: HashMap<String, (String, IqWaiter)>,
     /// Ghost → the avatar hash (XEP-0153) being fetched for it.
     avatars: HashMap<String, String>,
+    /// Matrix user → the avatar hash their occupants announce (`""`: none).
+    photos: HashMap<String, String>,
 }
 
 impl State {
@@ -258,6 +260,13 @@ impl Inner {
             Some(n) => n.to_owned(),
             None => self.displayname(room_id, mxid).await,
         };
+        let avatar = match self.ctx.bot().get_profile(mxid).await {
+            Ok(p) => self.avatar_hash(mxid, p.avatar_url.as_deref()).await,
+            Err(e) => {
+                tracing::debug!(mxid, error = %e, "cannot read a profile");
+                None
+            }
+        };
         let fallback = mxid.trim_start_matches('@').split(':').next().unwrap_or("matrix");
         let cfg = self.cfg();
         let base = sanitise_nick(&name, fallback, cfg.max_nick_chars);
@@ -279,7 +288,11 @@ impl Inner {
                     Puppet { nick: nick.clone(), joined: None, affiliation: None },
                 );
             }
-            self.xmpp.send_for(stanzas::join(&jid, &to), generation).map_err(|e| send_err(&e))?;
+            let mut join = stanzas::join(&jid, &to);
+            if let Some(hash) = &avatar {
+                stanzas::add_avatar_hash(&mut join, hash);
+            }
+            self.xmpp.send_for(join, generation).map_err(|e| send_err(&e))?;
             match tokio::time::timeout(WAIT, rx).await {
                 Ok(Ok(Joined::Ok(actual))) => {
                     if actual != base {
@@ -314,6 +327,77 @@ impl Inner {
             "every nick tried for {name} is taken in {}",
             room.bare()
         )))
+    }
+
+    /// The avatar hash (XEP-0153) for a Matrix user whose avatar is `avatar_url`: the hex SHA-1
+    /// of the image, `""` without an avatar, `None` when it cannot be had (not downloadable,
+    /// larger than `files.max_bytes`; logged). The image's address, hash and type are kept
+    /// (`xmpp.mxavatar:<mxid>`) for vCard requests, so it is downloaded once per change.
+    async fn avatar_hash(&self, mxid: &str, avatar_url: Option<&str>) -> Option<String> {
+        let key = format!("xmpp.mxavatar:{mxid}");
+        let hash = match avatar_url.filter(|u| u.starts_with("mxc://")) {
+            None => {
+                let _ = self.ctx.store().kv_delete(&key).await;
+                String::new()
+            }
+            Some(url) => {
+                let stored = self.ctx.store().kv_get(&key).await.ok().flatten();
+                let stored = stored.and_then(|v| serde_json::from_str::<Value>(&v).ok());
+                match stored.filter(|v| v["mxc"] == url) {
+                    Some(v) => v["sha1"].as_str().unwrap_or_default().to_owned(),
+                    None => {
+                        let (data, mimetype) = self.matrix_avatar(mxid, url).await?;
+                        let hash = hex::encode(Sha1::digest(&data));
+                        let record = json!({"mxc": url, "sha1": hash, "type": mimetype});
+                        if let Err(e) = self.ctx.store().kv_set(&key, &record.to_string()).await {
+                            tracing::warn!(mxid, error = %e, "cannot record an avatar");
+                        }
+                        hash
+                    }
+                }
+            }
+        };
+        self.state().photos.insert(mxid.to_owned(), hash.clone());
+        Some(hash)
+    }
+
+    /// Downloads a Matrix user's avatar `url` as the bot: the image and its MIME type, `None`
+    /// (logged) when it fails, is too large (`files.max_bytes`) or is not an image.
+    async fn matrix_avatar(&self, mxid: &str, url: &str) -> Option<(Vec<u8>, String)> {
+        let (data, mimetype) = match self.ctx.bot().download_media(url).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(mxid, url, error = %e, "cannot download an avatar");
+                return None;
+            }
+        };
+        let mimetype = mimetype
+            .and_then(|m| m.split(';').next().map(|m| m.trim().to_ascii_lowercase()))
+            .filter(|m| m.starts_with("image/"));
+        let Some(mimetype) = mimetype else {
+            tracing::info!(mxid, url, "an avatar that is not an image is not sent to XMPP");
+            return None;
+        };
+        if data.len() as u64 > self.cfg().files.max_bytes {
+            tracing::info!(mxid, url, size = data.len(), "an avatar too large for XMPP");
+            return None;
+        }
+        Some((data.to_vec(), mimetype))
+    }
+
+    /// A Matrix user's vCard (XEP-0054) for XMPP: the photo recorded by [`Self::avatar_hash`],
+    /// or an empty vCard.
+    async fn puppet_vcard(&self, mxid: &str) -> Element {
+        let stored = self.ctx.store().kv_get(&format!("xmpp.mxavatar:{mxid}")).await.ok().flatten();
+        let url = stored
+            .and_then(|v| serde_json::from_str::<Value>(&v).ok())
+            .and_then(|v| v["mxc"].as_str().map(str::to_owned));
+        let photo = match url {
+            Some(url) => self.matrix_avatar(mxid, &url).await,
+            None => None,
+        };
+        let photo = photo.map(|(data, mimetype)| stanzas::VcardPhoto { mimetype, data });
+        stanzas::vcard(photo.as_ref())
     }
 
     /// Joins every Matrix member of every portal as an occupant again (after a reconnect).
@@ -1533,6 +1617,20 @@ impl Inner {
             (Iq::Get { payload, .. }, true) if payload.is("ping", ns::PING) => {
                 Iq::from_result(id, None::<VersionResult>)
             }
+            (Iq::Get { payload, .. }, true) if payload.is("vCard", stanzas::NS_VCARD) => {
+                // A Matrix user's vCard may need a download: answered from a task.
+                let mxid = self.recipient(to.as_ref()).ok().flatten();
+                let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+                tokio::spawn(async move {
+                    let vcard = match &mxid {
+                        Some(m) => me.puppet_vcard(m).await,
+                        None => stanzas::vcard(None),
+                    };
+                    let reply = Iq::Result { from: to, to: Some(from), id, payload: Some(vcard) };
+                    let _ = me.xmpp.send(reply);
+                });
+                return;
+            }
             _ => Iq::from_error(
                 id,
                 stanzas::error(DefinedCondition::ServiceUnavailable, "not supported"),
@@ -1912,7 +2010,32 @@ impl Bridge for XmppBridge {
                     }
                     b.forget_puppet(&xroom.bare(), user_id);
                 }
-                b.ensure_puppet(&xroom, &portal.room_id, user_id, name).await?;
+                let was_joined = current.is_some();
+                let (jid, generation) =
+                    b.ensure_puppet(&xroom, &portal.room_id, user_id, name).await?;
+                let avatar = event.content.get("avatar_url").and_then(Value::as_str);
+                let before = event
+                    .unsigned
+                    .get("prev_content")
+                    .and_then(|p| p.get("avatar_url"))
+                    .and_then(Value::as_str);
+                if was_joined && prev == Some("join") && avatar != before {
+                    // A new avatar: announced with the occupant's presence (XEP-0153).
+                    let nick = b
+                        .state()
+                        .rooms
+                        .get(&xroom.bare())
+                        .and_then(|r| r.puppets.get(user_id))
+                        .map(|p| p.nick.clone());
+                    if let (Some(hash), Some(to)) = (
+                        b.avatar_hash(user_id, avatar).await,
+                        nick.and_then(|n| stanzas::occupant(&xroom, &n)),
+                    ) {
+                        let mut p = stanzas::occupant_presence(&jid, &to, None, None);
+                        stanzas::add_avatar_hash(&mut p, &hash);
+                        let _ = b.xmpp.send_for(p, generation);
+                    }
+                }
             }
             "leave" | "ban" => {
                 let current = b
@@ -2184,8 +2307,12 @@ impl XmppBridge {
                 stanzas::occupant(&RoomJid::parse(room)?, &p.nick)
             })
             .collect();
+        let photo = b.state().photos.get(user_id).cloned();
         for to in occupants {
-            let p = stanzas::occupant_presence(&jid, &to, show.clone(), status);
+            let mut p = stanzas::occupant_presence(&jid, &to, show.clone(), status);
+            if let Some(hash) = &photo {
+                stanzas::add_avatar_hash(&mut p, hash);
+            }
             // Best effort, like typing.
             let _ = b.xmpp.send_for(p, generation);
         }

@@ -525,6 +525,31 @@ pub fn vcard_get(from: &FullJid, to: &FullJid, id: &str) -> xmpp_parsers::iq::Iq
     }
 }
 
+/// Announces an avatar in a presence (XEP-0153): `hash` is the hex SHA-1 of the photo, `""`
+/// for none.
+pub fn add_avatar_hash(p: &mut Presence, hash: &str) {
+    let photo = Element::builder("photo", NS_VCARD_UPDATE).append(hash.to_owned()).build();
+    p.payloads.push(Element::builder("x", NS_VCARD_UPDATE).append(photo).build());
+}
+
+/// A vCard (XEP-0054) with only a photo (`TYPE`, base64 `BINVAL`), or empty without one.
+pub fn vcard(photo: Option<&VcardPhoto>) -> Element {
+    let mut v = Element::builder("vCard", NS_VCARD);
+    if let Some(p) = photo {
+        use base64::Engine as _;
+        let text = |name: &str, value: String| {
+            Element::builder(name, NS_VCARD).append(xml_safe(&value)).build()
+        };
+        v = v.append(
+            Element::builder("PHOTO", NS_VCARD)
+                .append(text("TYPE", p.mimetype.clone()))
+                .append(text("BINVAL", base64::engine::general_purpose::STANDARD.encode(&p.data)))
+                .build(),
+        );
+    }
+    v.build()
+}
+
 /// The photo of a vCard (XEP-0054 `PHOTO`, inline as `BINVAL`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcardPhoto {
@@ -601,7 +626,10 @@ pub fn disco_info_user() -> DiscoInfoResult {
     DiscoInfoResult {
         node: None,
         identities: vec![Identity::new_anonymous::<_, _, String, String>("client", "bot")],
-        features: [ns::DISCO_INFO, ns::PING, ns::VERSION].iter().map(|f| (*f).to_owned()).collect(),
+        features: [ns::DISCO_INFO, ns::PING, ns::VERSION, NS_VCARD]
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect(),
         extensions: Vec::new(),
     }
 }
@@ -723,6 +751,23 @@ mod tests {
         let v = vcard("<PHOTO><EXTVAL>http://example.org/a.png</EXTVAL></PHOTO>");
         assert_eq!(read_vcard_photo(&v, 100), Err(VcardPhotoError::Missing));
         assert_eq!(read_vcard_photo(&vcard(""), 100), Err(VcardPhotoError::Missing));
+    }
+
+    #[test]
+    fn vcards_and_avatar_hashes_round_trip() {
+        let photo = VcardPhoto { mimetype: "image/png".to_owned(), data: b"\x89PNG<&>".to_vec() };
+        let v = vcard(Some(&photo));
+        assert_eq!(read_vcard_photo(&v, 100), Ok(photo));
+        assert_eq!(read_vcard_photo(&vcard(None), 100), Err(VcardPhotoError::Missing));
+        let bot = FullJid::new("bridge@matrix.localhost/trestle").unwrap();
+        let mut p = join(&bot, &occupant(&room(), "Bob").unwrap());
+        add_avatar_hash(&mut p, "0123456789abcdef0123456789abcdef01234567");
+        let el = Element::from(p);
+        let p = Presence::try_from(el).unwrap();
+        assert_eq!(
+            read_muc_presence(&p).unwrap().photo.as_deref(),
+            Some("0123456789abcdef0123456789abcdef01234567")
+        );
     }
 
     #[test]
