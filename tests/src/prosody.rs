@@ -64,7 +64,7 @@ allow_registration = false
 c2s_require_encryption = false
 s2s_require_encryption = false
 allow_unencrypted_plain_auth = true
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "version"; "posix"; "vcard" }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "version"; "posix"; "pep"; "vcard_legacy" }}
 modules_disabled = {{ "tls"; "s2s" }}
 VirtualHost "localhost"
 Component "{MUC}" "muc"

@@ -1328,6 +1328,15 @@ async fn vcard_avatars_body(env: &mut Env) -> anyhow::Result<()> {
         avatar(&alice).await.filter(String::is_empty).map(drop)
     })
     .await?;
+
+    // A presence that says nothing: Prosody's mod_vcard_legacy adds the stored avatar's hash
+    // (as it does for clients that publish XEP-0084 avatars), and the avatar comes back.
+    xmpp.send(stanza("presence", &[("to", &format!("avatars@{MUC}/XAlice"))]).build())?;
+    let mxc = trestle_e2e::wait_for("the ghost's avatar again", T, || async {
+        avatar(&alice).await.filter(|u| u.starts_with("mxc://"))
+    })
+    .await?;
+    assert_eq!(alice.download(&mxc).await?.0, PNG);
     Ok(())
 }
 
