@@ -45,6 +45,8 @@ struct Inner<C> {
     media: crate::media::MediaSigner,
     /// Serializes portal creation per remote id, so two queries never create two rooms.
     portal_locks: crate::util::keyed::KeyedLocks,
+    /// One profile update at a time per ghost (the stored profile is read, then written).
+    ghost_locks: crate::util::keyed::KeyedLocks,
 }
 
 impl<C: Send + Sync + 'static> Context<C> {
@@ -74,6 +76,7 @@ impl<C: Send + Sync + 'static> Context<C> {
                 secrets,
                 media,
                 portal_locks: Default::default(),
+                ghost_locks: Default::default(),
             }),
         }
     }
@@ -171,12 +174,15 @@ impl<C: Send + Sync + 'static> Context<C> {
     }
 
     /// The intent of the ghost `user_id`, registered, with its profile up to date and recorded.
-    /// Profile calls are made only when the stored profile differs.
+    /// Profile calls are made only when the stored profile differs. Calls for one ghost run
+    /// one at a time, so concurrent updates (a displayname and an avatar fetched apart) do not
+    /// undo each other in the store.
     pub async fn ensure_ghost(
         &self,
         user_id: &str,
         profile: &GhostProfile,
     ) -> Result<Intent, BridgeError> {
+        let _one_at_a_time = self.inner.ghost_locks.lock(user_id).await;
         let intent = self.intent(user_id);
         intent.ensure_registered().await?;
         let stored = self.inner.store.ghost_by_user(user_id).await?;

@@ -68,7 +68,7 @@ allow_registration = false
 c2s_require_encryption = false
 s2s_require_encryption = false
 allow_unencrypted_plain_auth = true
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "version"; "posix" }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "version"; "posix"; "pep"; "vcard_legacy" }}
 modules_disabled = {{ "tls"; "s2s" }}
 VirtualHost "localhost"
 Component "{MUC}" "muc"
@@ -399,6 +399,43 @@ impl XmppClient {
             )?;
         }
         Ok(())
+    }
+
+    /// Stores the account's vCard (XEP-0054) with `photo` (PNG) as its only content and
+    /// waits for the server's answer; returns the photo's hex SHA-1, which presences announce
+    /// (XEP-0153).
+    pub async fn publish_vcard_photo(&self, photo: &[u8]) -> anyhow::Result<String> {
+        use sha1::Digest as _;
+        let binval = base64::engine::general_purpose::STANDARD.encode(photo);
+        let text = |name: &str, value: &str| {
+            Element::builder(name, "vcard-temp").append(value.to_owned()).build()
+        };
+        let vcard = Element::builder("vCard", "vcard-temp")
+            .append(
+                Element::builder("PHOTO", "vcard-temp")
+                    .append(text("TYPE", "image/png"))
+                    .append(text("BINVAL", &binval))
+                    .build(),
+            )
+            .build();
+        let id = format!("vc{}", rand::random::<u32>());
+        self.send(stanza("iq", &[("type", "set"), ("id", &id)]).append(vcard).build())?;
+        let needle = format!("id=\"{id}\"");
+        let answer = self
+            .wait_stanza(Duration::from_secs(20), |s| s.starts_with("<iq") && s.contains(&needle))
+            .await?;
+        if !answer.contains("type=\"result\"") {
+            bail!("the server refused the vCard: {answer}");
+        }
+        Ok(hex::encode(sha1::Sha1::digest(photo)))
+    }
+
+    /// Sends the occupant's presence in `room` again, announcing the vCard avatar `hash`
+    /// (XEP-0153; `""` for none).
+    pub fn announce_avatar(&self, room: &str, nick: &str, hash: &str) -> anyhow::Result<()> {
+        let photo = Element::builder("photo", "vcard-temp:x:update").append(hash.to_owned());
+        let x = Element::builder("x", "vcard-temp:x:update").append(photo.build()).build();
+        self.send(stanza("presence", &[("to", &format!("{room}@{MUC}/{nick}"))]).append(x).build())
     }
 
     /// Sends a groupchat message with `id` (also its origin-id) and extra payloads.

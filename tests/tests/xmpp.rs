@@ -1269,6 +1269,191 @@ async fn moderation_body(env: &mut Env) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn vcard_avatars_become_ghost_avatars() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = vcard_avatars_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn vcard_avatars_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "avatars").await?;
+    let ghost = "@xmpp_avatars=40conference.localhost/_x_alice:localhost";
+    alice
+        .wait_for_message(&room, T, |e| e["type"] == "m.room.member" && e["state_key"] == ghost)
+        .await?;
+    let avatar = |alice: &MatrixUser| {
+        let alice = alice.clone();
+        async move {
+            let p = alice.profile(ghost).await.ok()?;
+            Some(p["avatar_url"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    assert_eq!(avatar(&alice).await.as_deref(), Some(""));
+
+    // The XMPP user stores a vCard with a photo and announces its hash in the room: the
+    // bridge fetches the vCard through the room, and the ghost gets the photo as its avatar.
+    let hash = xmpp.publish_vcard_photo(PNG).await?;
+    xmpp.announce_avatar("avatars", "XAlice", &hash)?;
+    xmpp.say("avatars", "a1", "right after the avatar")?;
+    let mxc = trestle_e2e::wait_for("the ghost's avatar", T, || async {
+        avatar(&alice).await.filter(|u| u.starts_with("mxc://"))
+    })
+    .await?;
+    let (bytes, content_type) = alice.download(&mxc).await?;
+    assert_eq!(bytes, PNG);
+    assert_eq!(content_type, "image/png");
+    // Messages are not held up, nor lost.
+    alice.wait_for_message(&room, T, |e| body(e) == "right after the avatar").await?;
+
+    // The same hash again changes nothing (no new upload).
+    xmpp.announce_avatar("avatars", "XAlice", &hash)?;
+    xmpp.say("avatars", "a2", "same avatar")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "same avatar").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(avatar(&alice).await, Some(mxc.clone()));
+
+    // A hash the vCard's photo does not have is not believed.
+    xmpp.announce_avatar("avatars", "XAlice", &"ab".repeat(20))?;
+    xmpp.say("avatars", "a3", "wrong hash")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "wrong hash").await?;
+    trestle_e2e::wait_for("the wrong hash refused", T, || async {
+        env.bridge.child.log_tail(200).contains("the vCard's photo has the hash").then_some(())
+    })
+    .await?;
+    assert_eq!(avatar(&alice).await, Some(mxc.clone()));
+
+    // An empty <photo/> clears the avatar.
+    xmpp.announce_avatar("avatars", "XAlice", "")?;
+    trestle_e2e::wait_for("the ghost's avatar cleared", T, || async {
+        avatar(&alice).await.filter(String::is_empty).map(drop)
+    })
+    .await?;
+
+    // A presence that says nothing: Prosody's mod_vcard_legacy adds the stored avatar's hash
+    // (as it does for clients that publish XEP-0084 avatars), and the avatar comes back.
+    xmpp.send(stanza("presence", &[("to", &format!("avatars@{MUC}/XAlice"))]).build())?;
+    let mxc = trestle_e2e::wait_for("the ghost's avatar again", T, || async {
+        avatar(&alice).await.filter(|u| u.starts_with("mxc://"))
+    })
+    .await?;
+    assert_eq!(alice.download(&mxc).await?.0, PNG);
+    Ok(())
+}
+
+#[tokio::test]
+async fn matrix_avatars_become_vcard_avatars() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = matrix_avatars_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_avatars_body(env: &mut Env) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let sha1 = |data: &[u8]| hex::encode(sha1::Sha1::digest(data));
+    // The Matrix user has an avatar before joining the portal.
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let mxc = alice.upload(PNG.to_vec(), "image/png").await?;
+    let profile = format!("/profile/{}/avatar_url", alice.user_id);
+    alice.put(&profile, json!({"avatar_url": mxc})).await?;
+    let room = alice.join(&format!("#xmpp_mxav_{MUC}:localhost")).await?;
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    xmpp.join("mxav", "XAlice").await?;
+
+    // Their occupant's presence announces the photo's hash (XEP-0153)…
+    let puppet = format!("from=\"mxav@{MUC}/alice\"");
+    let hash = sha1(PNG);
+    xmpp.wait_presence(T, |p| p.contains(&puppet) && p.contains(&hash)).await?;
+    // …and their vCard, asked for through the room, has the photo.
+    let answer = xmpp.iq_get(&format!("mxav@{MUC}/alice"), "vCard", "vcard-temp").await?;
+    assert!(answer.contains("type=\"result\""), "{answer}");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(PNG);
+    assert!(answer.contains(&format!("<BINVAL>{b64}</BINVAL>")), "{answer}");
+    assert!(answer.contains("<TYPE>image/png</TYPE>"), "{answer}");
+
+    // A new avatar is announced with a new presence, and the vCard follows.
+    let mut other = PNG.to_vec();
+    other.extend_from_slice(b"changed");
+    let mxc2 = alice.upload(other.clone(), "image/png").await?;
+    alice.put(&profile, json!({"avatar_url": mxc2})).await?;
+    let hash2 = sha1(&other);
+    xmpp.wait_presence(T, |p| p.contains(&puppet) && p.contains(&hash2)).await?;
+    let answer = xmpp.iq_get(&format!("mxav@{MUC}/alice"), "vCard", "vcard-temp").await?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&other);
+    assert!(answer.contains(&format!("<BINVAL>{b64}</BINVAL>")), "{answer}");
+
+    // Removing it announces an empty photo; the vCard has none.
+    alice.put(&profile, json!({"avatar_url": ""})).await?;
+    xmpp.wait_presence(T, |p| {
+        p.contains(&puppet) && (p.contains("<photo/>") || p.contains("<photo></photo>"))
+    })
+    .await?;
+    let answer = xmpp.iq_get(&format!("mxav@{MUC}/alice"), "vCard", "vcard-temp").await?;
+    assert!(answer.contains("type=\"result\"") && !answer.contains("BINVAL"), "{answer}");
+    // Messages still flow.
+    alice.send_text(&room, "after the avatars").await?;
+    xmpp.wait_message(T, |s| s.body == "after the avatars").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn matrix_bans_and_unbans_of_ghosts_ban_and_unban_on_xmpp() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = matrix_unban_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn matrix_unban_body(env: &mut Env) -> anyhow::Result<()> {
+    // The bot created the room, so it is its owner and sees real JIDs.
+    let (alice, room, xmpp) = portal(env, "unban").await?;
+    let ghost = "@xmpp_unban=40conference.localhost/_x_alice:localhost";
+    let member = |what: &'static str| {
+        move |e: &Value| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == ghost
+                && e["content"]["membership"] == what
+        }
+    };
+    alice.wait_for_message(&room, T, member("join")).await?;
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 50).await?;
+
+    // A Matrix ban: the occupant is banned on XMPP (the user's occupant is only a moderator
+    // there, so the bot does it) and cannot come back.
+    alice.post(&format!("/rooms/{room}/ban"), json!({"user_id": ghost, "reason": "spam"})).await?;
+    let from = format!("from=\"unban@{MUC}/XAlice\"");
+    xmpp.wait_presence(T, |p| p.contains(&from) && p.contains("code=\"301\"")).await?;
+    xmpp.send(
+        stanza("presence", &[("to", &format!("unban@{MUC}/XAlice"))])
+            .append(payload("x", "http://jabber.org/protocol/muc", &[]))
+            .build(),
+    )?;
+    let refused =
+        xmpp.wait_presence(T, |p| p.contains(&from) && p.contains("type=\"error\"")).await?;
+    assert!(refused.contains("forbidden"), "{refused}");
+
+    // A Matrix unban lifts the XMPP ban: the user can join again and their ghost is back.
+    alice.post(&format!("/rooms/{room}/unban"), json!({"user_id": ghost})).await?;
+    trestle_e2e::wait_for("the ban lifted", T, || async {
+        env.bridge.child.log_tail(200).contains("lifted a ban").then_some(())
+    })
+    .await?;
+    xmpp.join("unban", "XAlice").await?;
+    let unban = alice.wait_for_message(&room, T, member("leave")).await?;
+    let unban_id = unban["event_id"].clone();
+    trestle_e2e::wait_for("the ghost back in the room", T, || async {
+        let events = alice.messages(&room, 100).await.ok()?;
+        let after = events.iter().position(|e| e["event_id"] == unban_id)?;
+        events[after..].iter().any(|e| member("join")(e)).then_some(())
+    })
+    .await?;
+    xmpp.say("unban", "u1", "back again")?;
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "back again").await?;
+    assert_eq!(m["sender"], ghost);
+    Ok(())
+}
+
+#[tokio::test]
 async fn harness_client_logs_in_to_prosody() -> anyhow::Result<()> {
     let prosody = Prosody::start(&[("xbob", "pw-bob")]).await?;
     let r = XmppClient::connect(prosody.c2s_port(), "xbob", "pw-bob").await;

@@ -9,6 +9,7 @@ use std::{
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
+use sha1::{Digest as _, Sha1};
 use tokio::sync::{mpsc, oneshot};
 use trestle::{
     bridge::{
@@ -31,6 +32,7 @@ use xmpp_parsers::{
     iq::Iq,
     jid::{FullJid, Jid},
     message::{Message as XMessage, MessageType as XMessageType},
+    minidom::Element,
     ns,
     presence::{Presence, Show},
     stanza::Stanza,
@@ -84,6 +86,8 @@ struct Puppet {
     nick: String,
     /// The connection generation the join was confirmed on.
     joined: Option<u64>,
+    /// Its affiliation, from its last self-presence.
+    affiliation: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +111,9 @@ struct RoomState {
 /// Resolves with the room's stanza-id for a reflected message, or the error condition.
 type Reflection = oneshot::Sender<Result<Option<String>, String>>;
 
+/// Resolves with an iq result's payload, or the error's description.
+type IqWaiter = oneshot::Sender<Result<Option<Element>, String>>;
+
 #[derive(Debug, Default)]
 struct State {
     rooms: HashMap<String, RoomState>,
@@ -118,8 +125,13 @@ struct State {
     seen_order: VecDeque<String>,
     /// Ghost → the Matrix presence last set for it.
     presences: HashMap<String, String>,
-    /// Iq id → the room it went to and the waiter for its answer (an error's description).
-    iqs: HashMap<String, (String, oneshot::Sender<Result<(), String>>)>,
+    /// Iq id → the room it went to (or whose occupant it went to) and the waiter for its
+    /// answer: the result's payload, or an error's description.
+    iqs: HashMap<String, (String, IqWaiter)>,
+    /// Ghost → the avatar hash (XEP-0153) being fetched for it.
+    avatars: HashMap<String, String>,
+    /// Matrix user → the avatar hash their occupants announce (`""`: none).
+    photos: HashMap<String, String>,
 }
 
 impl State {
@@ -248,6 +260,13 @@ impl Inner {
             Some(n) => n.to_owned(),
             None => self.displayname(room_id, mxid).await,
         };
+        let avatar = match self.ctx.bot().get_profile(mxid).await {
+            Ok(p) => self.avatar_hash(mxid, p.avatar_url.as_deref()).await,
+            Err(e) => {
+                tracing::debug!(mxid, error = %e, "cannot read a profile");
+                None
+            }
+        };
         let fallback = mxid.trim_start_matches('@').split(':').next().unwrap_or("matrix");
         let cfg = self.cfg();
         let base = sanitise_nick(&name, fallback, cfg.max_nick_chars);
@@ -264,13 +283,16 @@ impl Inner {
             {
                 let mut st = self.state();
                 st.joins.insert((key.clone(), jid.to_bare().to_string()), tx);
-                st.rooms
-                    .entry(key.clone())
-                    .or_default()
-                    .puppets
-                    .insert(mxid.to_owned(), Puppet { nick: nick.clone(), joined: None });
+                st.rooms.entry(key.clone()).or_default().puppets.insert(
+                    mxid.to_owned(),
+                    Puppet { nick: nick.clone(), joined: None, affiliation: None },
+                );
             }
-            self.xmpp.send_for(stanzas::join(&jid, &to), generation).map_err(|e| send_err(&e))?;
+            let mut join = stanzas::join(&jid, &to);
+            if let Some(hash) = &avatar {
+                stanzas::add_avatar_hash(&mut join, hash);
+            }
+            self.xmpp.send_for(join, generation).map_err(|e| send_err(&e))?;
             match tokio::time::timeout(WAIT, rx).await {
                 Ok(Ok(Joined::Ok(actual))) => {
                     if actual != base {
@@ -305,6 +327,77 @@ impl Inner {
             "every nick tried for {name} is taken in {}",
             room.bare()
         )))
+    }
+
+    /// The avatar hash (XEP-0153) for a Matrix user whose avatar is `avatar_url`: the hex SHA-1
+    /// of the image, `""` without an avatar, `None` when it cannot be had (not downloadable,
+    /// larger than `files.max_bytes`; logged). The image's address, hash and type are kept
+    /// (`xmpp.mxavatar:<mxid>`) for vCard requests, so it is downloaded once per change.
+    async fn avatar_hash(&self, mxid: &str, avatar_url: Option<&str>) -> Option<String> {
+        let key = format!("xmpp.mxavatar:{mxid}");
+        let hash = match avatar_url.filter(|u| u.starts_with("mxc://")) {
+            None => {
+                let _ = self.ctx.store().kv_delete(&key).await;
+                String::new()
+            }
+            Some(url) => {
+                let stored = self.ctx.store().kv_get(&key).await.ok().flatten();
+                let stored = stored.and_then(|v| serde_json::from_str::<Value>(&v).ok());
+                match stored.filter(|v| v["mxc"] == url) {
+                    Some(v) => v["sha1"].as_str().unwrap_or_default().to_owned(),
+                    None => {
+                        let (data, mimetype) = self.matrix_avatar(mxid, url).await?;
+                        let hash = hex::encode(Sha1::digest(&data));
+                        let record = json!({"mxc": url, "sha1": hash, "type": mimetype});
+                        if let Err(e) = self.ctx.store().kv_set(&key, &record.to_string()).await {
+                            tracing::warn!(mxid, error = %e, "cannot record an avatar");
+                        }
+                        hash
+                    }
+                }
+            }
+        };
+        self.state().photos.insert(mxid.to_owned(), hash.clone());
+        Some(hash)
+    }
+
+    /// Downloads a Matrix user's avatar `url` as the bot: the image and its MIME type, `None`
+    /// (logged) when it fails, is too large (`files.max_bytes`) or is not an image.
+    async fn matrix_avatar(&self, mxid: &str, url: &str) -> Option<(Vec<u8>, String)> {
+        let (data, mimetype) = match self.ctx.bot().download_media(url).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(mxid, url, error = %e, "cannot download an avatar");
+                return None;
+            }
+        };
+        let mimetype = mimetype
+            .and_then(|m| m.split(';').next().map(|m| m.trim().to_ascii_lowercase()))
+            .filter(|m| m.starts_with("image/"));
+        let Some(mimetype) = mimetype else {
+            tracing::info!(mxid, url, "an avatar that is not an image is not sent to XMPP");
+            return None;
+        };
+        if data.len() as u64 > self.cfg().files.max_bytes {
+            tracing::info!(mxid, url, size = data.len(), "an avatar too large for XMPP");
+            return None;
+        }
+        Some((data.to_vec(), mimetype))
+    }
+
+    /// A Matrix user's vCard (XEP-0054) for XMPP: the photo recorded by [`Self::avatar_hash`],
+    /// or an empty vCard.
+    async fn puppet_vcard(&self, mxid: &str) -> Element {
+        let stored = self.ctx.store().kv_get(&format!("xmpp.mxavatar:{mxid}")).await.ok().flatten();
+        let url = stored
+            .and_then(|v| serde_json::from_str::<Value>(&v).ok())
+            .and_then(|v| v["mxc"].as_str().map(str::to_owned));
+        let photo = match url {
+            Some(url) => self.matrix_avatar(mxid, &url).await,
+            None => None,
+        };
+        let photo = photo.map(|(data, mimetype)| stanzas::VcardPhoto { mimetype, data });
+        stanzas::vcard(photo.as_ref())
     }
 
     /// Joins every Matrix member of every portal as an occupant again (after a reconnect).
@@ -558,18 +651,22 @@ impl Inner {
         let Some(iq) = stanzas::muc_admin(from, room, &id, who, change, reason) else {
             return Err(BridgeError::Permanent(format!("cannot address {} in the room", who.1)));
         };
-        self.room_request(room, id, iq, generation).await
+        Ok(self.request(room, iq, generation).await?.map(drop))
     }
 
-    /// Sends `iq` (with id `id`) to `room` on connection `generation` and waits for the room's
-    /// answer: `Ok(Err(why))` when the room refuses or does not answer in time.
-    async fn room_request(
+    /// Sends `iq` (its id must be unique) to `room` or one of its occupants on connection
+    /// `generation` and waits for the answer: `Ok(Ok(payload))` for a result, `Ok(Err(why))`
+    /// when it is an error or none comes in time.
+    async fn request(
         &self,
         room: &RoomJid,
-        id: String,
         iq: Iq,
         generation: u64,
-    ) -> Result<Result<(), String>, BridgeError> {
+    ) -> Result<Result<Option<Element>, String>, BridgeError> {
+        let id = match &iq {
+            Iq::Get { id, .. } | Iq::Set { id, .. } => id.clone(),
+            _ => return Err(BridgeError::Permanent("not a request".to_owned())),
+        };
         let (tx, rx) = oneshot::channel();
         self.state().iqs.insert(id.clone(), (room.bare(), tx));
         if let Err(e) = self.xmpp.send_for(iq, generation) {
@@ -580,7 +677,7 @@ impl Inner {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(_)) | Err(_) => {
                 self.state().iqs.remove(&id);
-                Ok(Err("no answer from the room".to_owned()))
+                Ok(Err("no answer in time".to_owned()))
             }
         }
     }
@@ -1184,14 +1281,12 @@ impl Inner {
                 }
             } else if pr.is_self() {
                 let generation = self.xmpp.generation();
-                let puppet = st
-                    .rooms
-                    .entry(key.clone())
-                    .or_default()
-                    .puppets
-                    .entry(mxid)
-                    .or_insert_with(|| Puppet { nick: pr.nick.clone(), joined: None });
+                let puppet =
+                    st.rooms.entry(key.clone()).or_default().puppets.entry(mxid).or_insert_with(
+                        || Puppet { nick: pr.nick.clone(), joined: None, affiliation: None },
+                    );
                 puppet.nick = pr.nick.clone();
+                puppet.affiliation.clone_from(&pr.affiliation);
                 puppet.joined = generation;
                 if let Some(tx) = st.joins.remove(&(key.clone(), bare)) {
                     let _ = tx.send(Joined::Ok(pr.nick.clone()));
@@ -1308,6 +1403,13 @@ impl Inner {
                 let reason = pr.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
                 format!("{what} on XMPP{by}{reason}")
             };
+            if pr.codes.contains(&301)
+                && let Some(real) = pr.real_jid.as_deref().and_then(|j| Jid::new(j).ok())
+            {
+                // Kept for lifting the ban from Matrix (the room no longer shows the address).
+                let key = format!("xmpp.outcast:{key}/{}", pr.nick);
+                self.ctx.store().kv_set(&key, &real.to_bare().to_string()).await?;
+            }
             if pr.codes.contains(&301) && membership.as_deref() != Some("ban") {
                 self.ctx.bot().ban(&portal.room_id, &ghost, Some(&why("Banned"))).await?;
             } else if joined && pr.codes.contains(&307) {
@@ -1319,6 +1421,7 @@ impl Inner {
             if membership.as_deref() == Some("ban") {
                 // Banned earlier from XMPP; the room let the occupant in again, so it was lifted.
                 self.ctx.bot().unban(&portal.room_id, &ghost, None).await?;
+                self.ctx.store().kv_delete(&format!("xmpp.outcast:{key}/{}", pr.nick)).await?;
             }
             self.ctx
                 .ensure_ghost(
@@ -1333,8 +1436,108 @@ impl Inner {
             self.ctx.intent(&ghost).ensure_joined(&portal.room_id).await?;
             self.ghost_power(&portal.room_id, &ghost, &pr).await;
             self.ghost_presence(&ghost, &pr).await;
+            if let Some(hash) = &pr.photo {
+                self.ghost_avatar(&room, &pr.nick, &ghost, hash);
+            }
         }
         Ok(())
+    }
+
+    /// An occupant announced its avatar (XEP-0153) as `hash` (`""`: none). When that is not
+    /// the hash last bridged for its ghost, a task (so that messages are not held up) fetches
+    /// the occupant's vCard through the room (see [`stanzas::vcard_get`]), checks the photo's
+    /// size (`files.max_bytes`) and SHA-1, uploads it and sets it as the ghost's avatar; `""`
+    /// clears the avatar. One fetch per ghost at a time; failures are logged, and the next
+    /// presence with the hash tries again.
+    fn ghost_avatar(&self, room: &RoomJid, nick: &str, ghost: &str, hash: &str) {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let Some(generation) = self.xmpp.generation() else { return };
+        {
+            let mut st = self.state();
+            if st.avatars.get(ghost).is_some_and(|h| h == hash) {
+                return;
+            }
+            st.avatars.insert(ghost.to_owned(), hash.to_owned());
+        }
+        let (room, nick, ghost, hash) =
+            (room.clone(), nick.to_owned(), ghost.to_owned(), hash.to_owned());
+        tokio::spawn(async move {
+            let result = me.fetch_avatar(&room, &nick, &ghost, &hash, generation).await;
+            {
+                let mut st = me.state();
+                if st.avatars.get(&ghost) == Some(&hash) {
+                    st.avatars.remove(&ghost);
+                }
+            }
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    tracing::info!(
+                        room = room.bare(),
+                        nick,
+                        hash,
+                        why,
+                        "could not bridge an avatar"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(room = room.bare(), nick, hash, error = %e, "could not bridge an avatar");
+                }
+            }
+        });
+    }
+
+    /// The work of [`Self::ghost_avatar`]: `Ok(Err(why))` when the occupant's side fails (no
+    /// answer, no photo, a wrong hash), `Err` when Matrix does.
+    async fn fetch_avatar(
+        &self,
+        room: &RoomJid,
+        nick: &str,
+        ghost: &str,
+        hash: &str,
+        generation: u64,
+    ) -> Result<Result<(), String>, BridgeError> {
+        let key = format!("xmpp.avatar:{ghost}");
+        if self.ctx.store().kv_get(&key).await?.as_deref() == Some(hash) {
+            return Ok(Ok(()));
+        }
+        let avatar_url = if hash.is_empty() {
+            String::new()
+        } else {
+            let Some(to) = stanzas::occupant(room, nick) else {
+                return Ok(Err("the nick cannot be addressed".to_owned()));
+            };
+            let id = format!("vcard-{}", rand::random::<u64>());
+            let iq = stanzas::vcard_get(&self.bot, &to, &id);
+            let vcard = match self.request(room, iq, generation).await? {
+                Ok(Some(v)) if v.is("vCard", stanzas::NS_VCARD) => v,
+                Ok(_) => return Ok(Err("the answer has no vCard".to_owned())),
+                Err(why) => return Ok(Err(format!("vCard request failed: {why}"))),
+            };
+            let photo = match stanzas::read_vcard_photo(&vcard, self.cfg().files.max_bytes) {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e.to_string())),
+            };
+            let actual = hex::encode(Sha1::digest(&photo.data));
+            if actual != hash {
+                return Ok(Err(format!("the vCard's photo has the hash {actual}")));
+            }
+            let intent = self.ctx.intent(ghost);
+            intent.upload_media(photo.data, &photo.mimetype, None).await?
+        };
+        self.ctx
+            .ensure_ghost(
+                ghost,
+                &GhostProfile {
+                    remote_id: format!("{}/{nick}", room.bare()),
+                    displayname: None,
+                    avatar_url: Some(avatar_url),
+                },
+            )
+            .await?;
+        self.ctx.store().kv_set(&key, hash).await?;
+        tracing::info!(room = room.bare(), nick, hash, "bridged an avatar");
+        Ok(Ok(()))
     }
 
     /// Gives an occupant's ghost the power level of its affiliation and role (see
@@ -1380,13 +1583,11 @@ impl Inner {
     fn on_iq(&self, iq: &Iq) {
         // Answers to the bridge's own requests (room moderation).
         let answer = match iq {
-            Iq::Result { from, id, .. } => Some((from, id, Ok(()))),
+            Iq::Result { from, id, payload, .. } => Some((from, id, Ok(payload.clone()))),
             Iq::Error { from, id, error, .. } => {
                 let text = error.texts.values().next().cloned();
                 // The condition's element name (`not-allowed`), as the room sent it.
-                let cond = xmpp_parsers::minidom::Element::from(error.defined_condition.clone())
-                    .name()
-                    .to_owned();
+                let cond = Element::from(error.defined_condition.clone()).name().to_owned();
                 Some((
                     from,
                     id,
@@ -1450,6 +1651,20 @@ impl Inner {
             ),
             (Iq::Get { payload, .. }, true) if payload.is("ping", ns::PING) => {
                 Iq::from_result(id, None::<VersionResult>)
+            }
+            (Iq::Get { payload, .. }, true) if payload.is("vCard", stanzas::NS_VCARD) => {
+                // A Matrix user's vCard may need a download: answered from a task.
+                let mxid = self.recipient(to.as_ref()).ok().flatten();
+                let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+                tokio::spawn(async move {
+                    let vcard = match &mxid {
+                        Some(m) => me.puppet_vcard(m).await,
+                        None => stanzas::vcard(None),
+                    };
+                    let reply = Iq::Result { from: to, to: Some(from), id, payload: Some(vcard) };
+                    let _ = me.xmpp.send(reply);
+                });
+                return;
             }
             _ => Iq::from_error(
                 id,
@@ -1803,6 +2018,15 @@ impl Bridge for XmppBridge {
                 .matrix_removal(&portal.room_id, &xroom, event, &nick, membership == "ban")
                 .await;
         }
+        if membership == "leave"
+            && prev == Some("ban")
+            && event.sender != user_id
+            && !b.ctx.is_bridge_user(&event.sender)
+            && let Some((groom, nick)) = b.ids.occupant_of_ghost(user_id)
+            && groom.bare() == xroom.bare()
+        {
+            return self.matrix_unban(&portal.room_id, &xroom, event, &nick).await;
+        }
         if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
             return Ok(());
         }
@@ -1826,7 +2050,32 @@ impl Bridge for XmppBridge {
                     }
                     b.forget_puppet(&xroom.bare(), user_id);
                 }
-                b.ensure_puppet(&xroom, &portal.room_id, user_id, name).await?;
+                let was_joined = current.is_some();
+                let (jid, generation) =
+                    b.ensure_puppet(&xroom, &portal.room_id, user_id, name).await?;
+                let avatar = event.content.get("avatar_url").and_then(Value::as_str);
+                let before = event
+                    .unsigned
+                    .get("prev_content")
+                    .and_then(|p| p.get("avatar_url"))
+                    .and_then(Value::as_str);
+                if was_joined && prev == Some("join") && avatar != before {
+                    // A new avatar: announced with the occupant's presence (XEP-0153).
+                    let nick = b
+                        .state()
+                        .rooms
+                        .get(&xroom.bare())
+                        .and_then(|r| r.puppets.get(user_id))
+                        .map(|p| p.nick.clone());
+                    if let (Some(hash), Some(to)) = (
+                        b.avatar_hash(user_id, avatar).await,
+                        nick.and_then(|n| stanzas::occupant(&xroom, &n)),
+                    ) {
+                        let mut p = stanzas::occupant_presence(&jid, &to, None, None);
+                        stanzas::add_avatar_hash(&mut p, &hash);
+                        let _ = b.xmpp.send_for(p, generation);
+                    }
+                }
             }
             "leave" | "ban" => {
                 let current = b
@@ -1962,7 +2211,7 @@ impl XmppBridge {
         let Some(iq) = stanzas::moderation(&from, xroom, &id, stanza_id, reason) else {
             return Err(BridgeError::Permanent(format!("cannot address {}", xroom.bare())));
         };
-        match b.room_request(xroom, id, iq, generation).await? {
+        match b.request(xroom, iq, generation).await?.map(drop) {
             Ok(()) => {
                 tracing::info!(
                     room = xroom.bare(),
@@ -2003,8 +2252,10 @@ impl XmppBridge {
             let st = b.state();
             let r = st.rooms.get(&xroom.bare());
             (
-                r.and_then(|r| r.puppets.get(&event.sender))
-                    .is_some_and(|p| p.joined == Some(generation)),
+                r.and_then(|r| r.puppets.get(&event.sender)).is_some_and(|p| {
+                    p.joined == Some(generation)
+                        && (!ban || Self::may_ban(p.affiliation.as_deref()))
+                }),
                 r.and_then(|r| r.real_jids.get(nick).cloned()),
             )
         };
@@ -2029,6 +2280,10 @@ impl XmppBridge {
         let change = if ban { ("affiliation", "outcast") } else { ("role", "none") };
         match b.admin_request(xroom, &from, who, change, reason, generation).await? {
             Ok(()) => {
+                if let (true, Some(real)) = (ban, &real) {
+                    let key = format!("xmpp.outcast:{}/{nick}", xroom.bare());
+                    b.ctx.store().kv_set(&key, real).await?;
+                }
                 tracing::info!(
                     room = xroom.bare(),
                     nick,
@@ -2039,6 +2294,66 @@ impl XmppBridge {
             }
             Err(why) => {
                 b.ctx.notice(room_id, &format!("Could not {what} {nick} on XMPP: {why}")).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an occupant with `affiliation` may change affiliations (ban, unban): an admin or
+    /// owner (XEP-0045 §9).
+    fn may_ban(affiliation: Option<&str>) -> bool {
+        matches!(affiliation, Some("admin" | "owner"))
+    }
+
+    /// A Matrix user unbanned the ghost of the occupant `nick` (Matrix already checked their
+    /// power to): the XMPP ban is lifted (affiliation `none` for the real JID remembered when
+    /// the occupant was banned), by the user's own occupant when it is an admin or owner in the
+    /// room, else by the bot. A refusal, or a ban whose address the bridge does not know, is
+    /// told in the room.
+    async fn matrix_unban(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        nick: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let key = format!("xmpp.outcast:{}/{nick}", xroom.bare());
+        let Some(real) = b.ctx.store().kv_get(&key).await? else {
+            b.ctx
+                .notice(
+                    room_id,
+                    &format!(
+                        "Could not lift the ban of {nick} on XMPP: the bridge does not know their address."
+                    ),
+                )
+                .await;
+            return Ok(());
+        };
+        let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
+        let by_puppet = b
+            .state()
+            .rooms
+            .get(&xroom.bare())
+            .and_then(|r| r.puppets.get(&event.sender))
+            .is_some_and(|p| {
+                p.joined == Some(generation) && Self::may_ban(p.affiliation.as_deref())
+            });
+        let from = if by_puppet { b.puppet_jid(&event.sender) } else { None };
+        let from = from.unwrap_or_else(|| b.bot.clone());
+        let change = ("affiliation", "none");
+        match b.admin_request(xroom, &from, ("jid", &real), change, None, generation).await? {
+            Ok(()) => {
+                b.ctx.store().kv_delete(&key).await?;
+                tracing::info!(room = xroom.bare(), nick, by = event.sender, "lifted a ban");
+            }
+            Err(why) => {
+                b.ctx
+                    .notice(room_id, &format!("Could not lift the ban of {nick} on XMPP: {why}"))
+                    .await;
             }
         }
         Ok(())
@@ -2121,8 +2436,12 @@ impl XmppBridge {
                 stanzas::occupant(&RoomJid::parse(room)?, &p.nick)
             })
             .collect();
+        let photo = b.state().photos.get(user_id).cloned();
         for to in occupants {
-            let p = stanzas::occupant_presence(&jid, &to, show.clone(), status);
+            let mut p = stanzas::occupant_presence(&jid, &to, show.clone(), status);
+            if let Some(hash) = &photo {
+                stanzas::add_avatar_hash(&mut p, hash);
+            }
             // Best effort, like typing.
             let _ = b.xmpp.send_for(p, generation);
         }

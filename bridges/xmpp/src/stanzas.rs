@@ -48,6 +48,11 @@ pub const NS_MARKERS: &str = "urn:xmpp:chat-markers:0";
 /// XEP-0066 out-of-band data (files; also what XEP-0363 uploads are shared with).
 pub const NS_OOB: &str = "jabber:x:oob";
 
+/// XEP-0054 vCards.
+pub const NS_VCARD: &str = "vcard-temp";
+/// XEP-0153 vCard-based avatars: the avatar hash in presence.
+pub const NS_VCARD_UPDATE: &str = "vcard-temp:x:update";
+
 /// The features the component really implements (disco#info).
 pub const FEATURES: &[&str] = &[
     ns::DISCO_INFO,
@@ -521,6 +526,10 @@ pub struct MucPresence {
     pub reason: Option<String>,
     /// The nick of who removed the occupant, when the room tells.
     pub actor: Option<String>,
+    /// The avatar the occupant announces (XEP-0153): the lowercase hex SHA-1 of its vCard
+    /// photo, or `""` for no avatar. `None` when the presence does not tell (no
+    /// `vcard-temp:x:update`, no `<photo/>` in it, or not a SHA-1).
+    pub photo: Option<String>,
 }
 
 impl MucPresence {
@@ -579,7 +588,107 @@ pub fn read_muc_presence(p: &Presence) -> Option<MucPresence> {
             }
         }
     }
+    out.photo = p
+        .payloads
+        .iter()
+        .find(|e| e.is("x", NS_VCARD_UPDATE))
+        .and_then(|x| x.get_child("photo", NS_VCARD_UPDATE))
+        .map(|photo| photo.text().trim().to_ascii_lowercase())
+        .filter(|h| h.is_empty() || (h.len() == 40 && h.bytes().all(|b| b.is_ascii_hexdigit())));
     Some(out)
+}
+
+/// A vCard request (XEP-0054) from `from` to `to`. Sent to an occupant's room JID, the room
+/// passes it on to the occupant's bare real JID, whose server answers with the stored vCard
+/// (Prosody does so in every room, anonymous or not, as long as `from` is an occupant).
+pub fn vcard_get(from: &FullJid, to: &FullJid, id: &str) -> xmpp_parsers::iq::Iq {
+    xmpp_parsers::iq::Iq::Get {
+        from: Some(from.clone().into()),
+        to: Some(to.clone().into()),
+        id: id.to_owned(),
+        payload: Element::builder("vCard", NS_VCARD).build(),
+    }
+}
+
+/// Announces an avatar in a presence (XEP-0153): `hash` is the hex SHA-1 of the photo, `""`
+/// for none.
+pub fn add_avatar_hash(p: &mut Presence, hash: &str) {
+    let photo = Element::builder("photo", NS_VCARD_UPDATE).append(hash.to_owned()).build();
+    p.payloads.push(Element::builder("x", NS_VCARD_UPDATE).append(photo).build());
+}
+
+/// A vCard (XEP-0054) with only a photo (`TYPE`, base64 `BINVAL`), or empty without one.
+pub fn vcard(photo: Option<&VcardPhoto>) -> Element {
+    let mut v = Element::builder("vCard", NS_VCARD);
+    if let Some(p) = photo {
+        use base64::Engine as _;
+        let text = |name: &str, value: String| {
+            Element::builder(name, NS_VCARD).append(xml_safe(&value)).build()
+        };
+        v = v.append(
+            Element::builder("PHOTO", NS_VCARD)
+                .append(text("TYPE", p.mimetype.clone()))
+                .append(text("BINVAL", base64::engine::general_purpose::STANDARD.encode(&p.data)))
+                .build(),
+        );
+    }
+    v.build()
+}
+
+/// The photo of a vCard (XEP-0054 `PHOTO`, inline as `BINVAL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcardPhoto {
+    /// Its MIME type (`TYPE`), `image/png` when the vCard does not say or says nonsense.
+    pub mimetype: String,
+    /// The decoded image.
+    pub data: Vec<u8>,
+}
+
+/// Why a vCard's photo could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VcardPhotoError {
+    /// The vCard has no inline photo (none, or only an `EXTVAL` link, which is not followed).
+    #[error("the vCard has no inline photo")]
+    Missing,
+    /// The photo is larger than the limit (in bytes).
+    #[error("the photo is larger than {0} bytes")]
+    TooLarge(u64),
+    /// `BINVAL` is not base64.
+    #[error("the photo is not valid base64")]
+    Invalid,
+}
+
+/// Reads the inline photo of a vCard (`<vCard xmlns='vcard-temp'>`), refusing one that decodes
+/// to more than `max_bytes` (checked before decoding). Whitespace in `BINVAL` (line breaks) is
+/// ignored.
+pub fn read_vcard_photo(vcard: &Element, max_bytes: u64) -> Result<VcardPhoto, VcardPhotoError> {
+    let photo = vcard.get_child("PHOTO", NS_VCARD).ok_or(VcardPhotoError::Missing)?;
+    let binval = photo.get_child("BINVAL", NS_VCARD).ok_or(VcardPhotoError::Missing)?;
+    let b64: String = binval.text().chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    if b64.is_empty() {
+        return Err(VcardPhotoError::Missing);
+    }
+    if (b64.len() as u64 / 4).saturating_mul(3) > max_bytes.saturating_add(2) {
+        return Err(VcardPhotoError::TooLarge(max_bytes));
+    }
+    use base64::Engine as _;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(b64.as_bytes())
+        .map_err(|_| VcardPhotoError::Invalid)?;
+    if data.len() as u64 > max_bytes {
+        return Err(VcardPhotoError::TooLarge(max_bytes));
+    }
+    let mimetype = photo
+        .get_child("TYPE", NS_VCARD)
+        .map(|t| t.text().trim().to_ascii_lowercase())
+        .filter(|t| {
+            t.strip_prefix("image/").is_some_and(|sub| {
+                !sub.is_empty()
+                    && sub.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            })
+        })
+        .unwrap_or_else(|| "image/png".to_owned());
+    Ok(VcardPhoto { mimetype, data })
 }
 
 /// An error reply to a stanza (`type` cancel) with a text.
@@ -602,7 +711,10 @@ pub fn disco_info_user() -> DiscoInfoResult {
     DiscoInfoResult {
         node: None,
         identities: vec![Identity::new_anonymous::<_, _, String, String>("client", "bot")],
-        features: [ns::DISCO_INFO, ns::PING, ns::VERSION].iter().map(|f| (*f).to_owned()).collect(),
+        features: [ns::DISCO_INFO, ns::PING, ns::VERSION, NS_VCARD]
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect(),
         extensions: Vec::new(),
     }
 }
@@ -682,6 +794,75 @@ mod tests {
             .unwrap();
         let p = read_muc_presence(&Presence::try_from(el).unwrap()).unwrap();
         assert_eq!(p.error.as_deref(), Some("conflict"));
+    }
+
+    #[test]
+    fn reads_the_announced_avatar_hash() {
+        let presence = |x: &str| {
+            let el: Element = format!("<presence xmlns='jabber:component:accept' from='test@conference.localhost/Bob' to='bridge@matrix.localhost/trestle'>{x}</presence>")
+                .parse()
+                .unwrap();
+            read_muc_presence(&Presence::try_from(el).unwrap()).unwrap().photo
+        };
+        let hash = "A9993E364706816ABA3E25717850C26C9CD0D89D";
+        assert_eq!(
+            presence(&format!("<x xmlns='vcard-temp:x:update'><photo> {hash} </photo></x>")),
+            Some(hash.to_ascii_lowercase())
+        );
+        assert_eq!(presence("<x xmlns='vcard-temp:x:update'><photo/></x>"), Some(String::new()));
+        // Not ready to tell, no update at all, or not a SHA-1: nothing known.
+        assert_eq!(presence("<x xmlns='vcard-temp:x:update'/>"), None);
+        assert_eq!(presence(""), None);
+        assert_eq!(presence("<x xmlns='vcard-temp:x:update'><photo>../x</photo></x>"), None);
+    }
+
+    #[test]
+    fn reads_a_vcard_photo_within_the_limit() {
+        let vcard = |photo: &str| -> Element {
+            format!("<vCard xmlns='vcard-temp'><FN>Bob</FN>{photo}</vCard>").parse().unwrap()
+        };
+        // "hello" in base64, split over lines as some clients do.
+        let v = vcard("<PHOTO><TYPE>IMAGE/JPEG</TYPE><BINVAL>aGVs\nbG8=</BINVAL></PHOTO>");
+        assert_eq!(
+            read_vcard_photo(&v, 100),
+            Ok(VcardPhoto { mimetype: "image/jpeg".to_owned(), data: b"hello".to_vec() })
+        );
+        assert_eq!(read_vcard_photo(&v, 5).map(|p| p.data.len()), Ok(5));
+        assert_eq!(read_vcard_photo(&v, 4), Err(VcardPhotoError::TooLarge(4)));
+        let v = vcard("<PHOTO><TYPE>text/html;x=1</TYPE><BINVAL>aGVsbG8=</BINVAL></PHOTO>");
+        assert_eq!(read_vcard_photo(&v, 100).unwrap().mimetype, "image/png");
+        let v = vcard("<PHOTO><BINVAL>not base64!</BINVAL></PHOTO>");
+        assert_eq!(read_vcard_photo(&v, 100), Err(VcardPhotoError::Invalid));
+        let v = vcard("<PHOTO><EXTVAL>http://example.org/a.png</EXTVAL></PHOTO>");
+        assert_eq!(read_vcard_photo(&v, 100), Err(VcardPhotoError::Missing));
+        assert_eq!(read_vcard_photo(&vcard(""), 100), Err(VcardPhotoError::Missing));
+    }
+
+    #[test]
+    fn vcards_and_avatar_hashes_round_trip() {
+        let photo = VcardPhoto { mimetype: "image/png".to_owned(), data: b"\x89PNG<&>".to_vec() };
+        let v = vcard(Some(&photo));
+        assert_eq!(read_vcard_photo(&v, 100), Ok(photo));
+        assert_eq!(read_vcard_photo(&vcard(None), 100), Err(VcardPhotoError::Missing));
+        let bot = FullJid::new("bridge@matrix.localhost/trestle").unwrap();
+        let mut p = join(&bot, &occupant(&room(), "Bob").unwrap());
+        add_avatar_hash(&mut p, "0123456789abcdef0123456789abcdef01234567");
+        let el = Element::from(p);
+        let p = Presence::try_from(el).unwrap();
+        assert_eq!(
+            read_muc_presence(&p).unwrap().photo.as_deref(),
+            Some("0123456789abcdef0123456789abcdef01234567")
+        );
+    }
+
+    #[test]
+    fn vcard_requests_go_to_the_occupant() {
+        let bot = FullJid::new("bridge@matrix.localhost/trestle").unwrap();
+        let to = occupant(&room(), "Bob").unwrap();
+        let x = xml(vcard_get(&bot, &to, "v1"));
+        assert!(x.contains("to='test@conference.localhost/Bob'"), "{x}");
+        assert!(x.contains("type='get'"), "{x}");
+        assert!(x.contains("<vCard xmlns='vcard-temp'/>"), "{x}");
     }
 
     #[test]
