@@ -1633,3 +1633,71 @@ async fn styling_body(env: &mut Env) -> anyhow::Result<()> {
     assert!(m["content"].get("formatted_body").is_none(), "{m}");
     Ok(())
 }
+
+#[tokio::test]
+async fn mediated_invitations_both_ways() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = invitations_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn invitations_body(env: &mut Env) -> anyhow::Result<()> {
+    // Matrix → XMPP: alice invites xbob's ghost to the portal; the room invites xbob for her.
+    let (alice, room, xmpp) = portal(env, "inv").await?;
+    let bob = XmppClient::connect(env.prosody.c2s_port(), "xbob", "secret-pass").await?;
+    // Available, so that the server delivers the invitation rather than storing it offline.
+    bob.send(stanza("presence", &[]).build())?;
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 100).await?; // portals need 50 to invite
+    alice
+        .post(
+            &format!("/rooms/{room}/invite"),
+            json!({"user_id": "@xmpp_xbob=40localhost:localhost", "reason": "come and see"}),
+        )
+        .await?;
+    let invite = bob
+        .wait_stanza(T, |s| s.contains("<invite") && s.contains(&format!("from=\"inv@{MUC}\"")))
+        .await?;
+    // The room names the inviter by her occupant (it does not show real JIDs).
+    assert!(invite.contains(&format!("<invite from=\"inv@{MUC}/alice\"")), "{invite}");
+    assert!(invite.contains("come and see"), "{invite}");
+
+    // XMPP → Matrix: xalice invites carol's JID on the component to another chat; the bot
+    // bridges that chat and invites carol to its portal.
+    let carol = MatrixUser::register(&env.synapse.url(), "carol").await?;
+    xmpp.join("inv2", "XAlice").await?;
+    let mut x = payload("x", "http://jabber.org/protocol/muc#user", &[]);
+    let mut inv = payload(
+        "invite",
+        "http://jabber.org/protocol/muc#user",
+        &[("to", &format!("carol=3alocalhost@{COMPONENT}"))],
+    );
+    inv.append_child(
+        tokio_xmpp::minidom::Element::builder("reason", "http://jabber.org/protocol/muc#user")
+            .append("join us")
+            .build(),
+    );
+    x.append_child(inv);
+    xmpp.send(
+        stanza("message", &[("to", &format!("inv2@{MUC}")), ("id", "inv-1")]).append(x).build(),
+    )?;
+    let invited = carol.wait_for_invite(T).await?;
+    let alias = carol
+        .get(&format!("/directory/room/{}", urlencode(&format!("#xmpp_inv2_{MUC}:localhost"))))
+        .await?;
+    assert_eq!(alias["room_id"].as_str(), Some(invited.as_str()));
+    let joined = carol.join(&invited).await?;
+    assert_eq!(joined, invited);
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

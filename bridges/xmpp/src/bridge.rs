@@ -682,6 +682,40 @@ impl Inner {
         }
     }
 
+    /// An XMPP user invited a Matrix user (their JID on the component) to a chat: the bot
+    /// invites them to its portal, bridging the chat first if it is not yet.
+    async fn xmpp_invite(
+        &self,
+        room: &RoomJid,
+        mxid: &str,
+        inviter: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        if self.ctx.permission(mxid) < PermissionLevel::User {
+            tracing::info!(
+                room = room.bare(),
+                mxid,
+                "invitation for a user not allowed to use the bridge"
+            );
+            return Ok(());
+        }
+        let alias = self.ids.alias_of(room);
+        let (portal, created) =
+            self.ctx.ensure_portal(&self.portal_spec(room), Some(&alias)).await?;
+        if created {
+            self.join_bot(room);
+        }
+        let why = match (inviter, reason) {
+            (Some(who), Some(r)) => format!("{who} invited you on XMPP: {r}"),
+            (Some(who), None) => format!("{who} invited you on XMPP"),
+            (None, Some(r)) => format!("Invited on XMPP: {r}"),
+            (None, None) => "Invited on XMPP".to_owned(),
+        };
+        self.ctx.bot().invite_with_reason(&portal.room_id, mxid, Some(&why)).await?;
+        tracing::info!(room = room.bare(), mxid, "bridged an invitation from XMPP");
+        Ok(())
+    }
+
     /// A moderator retracted a message (XEP-0425): its Matrix event is redacted by the bot,
     /// with who and why as the reason.
     async fn xmpp_moderated(
@@ -954,6 +988,13 @@ impl Inner {
             && !self.cfg().muc_services.iter().any(|s| s == from.domain().as_str())
         {
             return self.on_private_message(m, mxid).await;
+        }
+        // A mediated invitation (XEP-0045 §7.8.2), which the room sends to the invitee.
+        if let (Some(mxid), Some(room), true) = (&recipient, &room, allowed)
+            && from.resource().is_none()
+            && let Some((inviter, reason)) = stanzas::read_mediated_invite(m)
+        {
+            return self.xmpp_invite(room, mxid, inviter.as_deref(), reason.as_deref()).await;
         }
         if !stanzas::is_groupchat(m) {
             self.reject_message(
@@ -2007,6 +2048,12 @@ impl Bridge for XmppBridge {
         }
         let Some((portal, xroom)) = Inner::muc_portal(room) else { return Ok(()) };
         let b = &self.inner;
+        if membership == "invite"
+            && !b.ctx.is_bridge_user(&event.sender)
+            && let Some(jid) = b.ids.jid_of_ghost(user_id)
+        {
+            return self.matrix_invite(&portal.room_id, &xroom, event, &jid.to_string()).await;
+        }
         if matches!(membership, "leave" | "ban")
             && prev != Some("ban")
             && event.sender != user_id
@@ -2137,6 +2184,31 @@ impl XmppBridge {
                 let _ = b.xmpp.send_for(m, generation);
             }
         }
+        Ok(())
+    }
+
+    /// A Matrix user invited the ghost of an XMPP user (a bare JID) to a chat's portal: a
+    /// mediated invitation (XEP-0045 §7.8.2) from the user's own occupant, so the room tells
+    /// the invitee who asked.
+    async fn matrix_invite(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        event: &MatrixEvent,
+        invitee: &str,
+    ) -> Result<(), BridgeError> {
+        let b = &self.inner;
+        if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
+            return Ok(());
+        }
+        let reason = event.content.get("reason").and_then(Value::as_str);
+        let id = event.event_id.clone();
+        let (from, generation) = b.ensure_puppet(xroom, room_id, &event.sender, None).await?;
+        let Some(msg) = stanzas::mediated_invite(&from, xroom, &id, invitee, reason) else {
+            return Err(BridgeError::Permanent(format!("cannot invite {invitee}")));
+        };
+        b.xmpp.send_for(msg, generation).map_err(|e| send_err(&e))?;
+        tracing::info!(room = xroom.bare(), invitee, by = event.sender, "sent an invitation");
         Ok(())
     }
 

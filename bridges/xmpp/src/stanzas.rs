@@ -279,6 +279,37 @@ pub fn subject(from: &FullJid, room: &RoomJid, id: &str, subject: &str) -> Optio
     Some(m)
 }
 
+/// A mediated invitation (XEP-0045 §7.8.2): `from`, an occupant of `room`, asks the room to invite
+/// `invitee` (a bare JID), with a reason.
+pub fn mediated_invite(
+    from: &FullJid,
+    room: &RoomJid,
+    id: &str,
+    invitee: &str,
+    reason: Option<&str>,
+) -> Option<Message> {
+    let mut invite =
+        Element::builder("invite", ns::MUC_USER).attr(xml_ncname!("to").into(), invitee);
+    if let Some(r) = reason.map(xml_safe).filter(|r| !r.trim().is_empty()) {
+        invite = invite.append(Element::builder("reason", ns::MUC_USER).append(r).build());
+    }
+    let mut m = Message::new(Some(Jid::new(&room.bare()).ok()?));
+    m.type_ = MessageType::Normal;
+    m.from = Some(from.clone().into());
+    m.id = Some(Id(id.to_owned()));
+    m.payloads.push(Element::builder("x", ns::MUC_USER).append(invite.build()).build());
+    Some(m)
+}
+
+/// A mediated invitation as the room delivers it: the inviter's JID and the reason, if given.
+pub fn read_mediated_invite(m: &Message) -> Option<(Option<String>, Option<String>)> {
+    let invite =
+        m.payloads.iter().find(|p| p.is("x", ns::MUC_USER))?.get_child("invite", ns::MUC_USER)?;
+    let reason =
+        invite.get_child("reason", ns::MUC_USER).map(|r| r.text()).filter(|r| !r.trim().is_empty());
+    Some((invite.attr("from").map(str::to_owned), reason))
+}
+
 /// Accepts the default configuration of a room the bot just created (XEP-0045 §10.1.2, an
 /// "instant room"), which unlocks it for everyone else.
 pub fn instant_room(from: &FullJid, room: &RoomJid, id: &str) -> Option<xmpp_parsers::iq::Iq> {

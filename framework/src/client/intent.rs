@@ -243,12 +243,22 @@ impl Intent {
 
     /// Invites `user_id` to a room.
     pub async fn invite(&self, room_id: &str, user_id: &str) -> Result<(), ClientError> {
+        self.invite_with_reason(room_id, user_id, None).await
+    }
+
+    /// Invites `user_id`, telling them why.
+    pub async fn invite_with_reason(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        reason: Option<&str>,
+    ) -> Result<(), ClientError> {
         self.membership_action(
             room_id,
             "invite",
             "POST /v3/rooms/{roomId}/invite",
             user_id,
-            None,
+            reason,
             Membership::Invite,
         )
         .await
