@@ -952,3 +952,90 @@ async fn ircv3_replies_and_reactions_through_puppets() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The account `nick` is logged in to, by the server's WHOIS (330), if any.
+async fn whois_account(irc: &mut IrcClient, nick: &str) -> anyhow::Result<Option<String>> {
+    irc.seen.clear();
+    irc.raw(&format!("WHOIS {nick}\r\n")).await?;
+    irc.wait_for(Duration::from_secs(10), |l| l.command == "318").await?;
+    let account = irc.seen.iter().find(|l| l.command == "330").and_then(|l| l.params.get(2));
+    Ok(account.cloned())
+}
+
+/// Waits for the user's puppet (re)joining `chan` after `!reconnect`; returns its nick (the
+/// old connection's nick may still be taken for a moment).
+async fn puppet_rejoined(irc: &mut IrcClient, chan: &str) -> anyhow::Result<String> {
+    let l = irc
+        .wait_for(Duration::from_secs(30), |l| {
+            l.command == "JOIN"
+                && l.params.first().is_some_and(|c| c == chan)
+                && l.nick.as_deref().is_some_and(|n| n.starts_with("alice"))
+        })
+        .await?;
+    Ok(l.nick.unwrap_or_default())
+}
+
+/// SASL PLAIN against InspIRCd with Atheme: the account registered with NickServ, the user
+/// stores `account:password` with `!storepass` and reconnects; the server then shows the puppet
+/// logged in to the account. A wrong password does not stop the connection, and the user is
+/// told.
+#[tokio::test]
+async fn sasl_plain_through_storepass() -> anyhow::Result<()> {
+    let env = start_on(Ircd::start_inspircd_with_services().await?, "puppets", "").await?;
+    let port = env.ircd.port();
+    let t = Duration::from_secs(30);
+    // The account, registered by its owner on IRC (no e-mail verification on this network).
+    let mut owner = IrcClient::connect(port, "aliceacct").await?;
+    owner.privmsg("NickServ", "REGISTER correct-horse-battery aliceacct@example.org").await?;
+    owner
+        .wait_for(t, |l| {
+            l.command == "NOTICE"
+                && l.nick.as_deref() == Some("NickServ")
+                && l.params.get(1).is_some_and(|m| m.contains("is now registered"))
+        })
+        .await?;
+
+    let mut irc = IrcClient::connect(port, "ircwatch").await?;
+    irc.join("#sasl").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let portal = alice.join("#irc_local_#sasl:localhost").await?;
+    let first = puppet_rejoined(&mut irc, "#sasl").await?;
+    assert_eq!(whois_account(&mut irc, &first).await?, None);
+    let admin = alice
+        .create_room(serde_json::json!({"invite": ["@ircbot:localhost"], "is_direct": true}))
+        .await?;
+    alice
+        .wait_for_message(&admin, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("admin room")
+        })
+        .await?;
+
+    // A wrong password: the puppet connects all the same, without the account, and the user
+    // hears why where the puppet speaks to them.
+    command(&alice, &admin, "!storepass local aliceacct:wrong-password", "Stored").await?;
+    irc.seen.clear();
+    command(&alice, &admin, "!reconnect local", "Reconnecting").await?;
+    let nick = puppet_rejoined(&mut irc, "#sasl").await?;
+    assert_eq!(whois_account(&mut irc, &nick).await?, None);
+    let told = alice
+        .wait_for_message(&portal, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("SASL")
+        })
+        .await?;
+    assert!(body(&told).contains("!storepass local"), "{told}");
+
+    // The right one: the server has the puppet logged in to the account.
+    command(&alice, &admin, "!storepass local aliceacct:correct-horse-battery", "Stored").await?;
+    irc.seen.clear();
+    command(&alice, &admin, "!reconnect local", "Reconnecting").await?;
+    let nick = puppet_rejoined(&mut irc, "#sasl").await?;
+    assert_eq!(whois_account(&mut irc, &nick).await?.as_deref(), Some("aliceacct"));
+    // Its owner hears of the login from SaslServ, too.
+    owner
+        .wait_for(t, |l| {
+            l.nick.as_deref() == Some("SaslServ")
+                && l.params.get(1).is_some_and(|m| m.contains("has just authenticated as you"))
+        })
+        .await?;
+    Ok(())
+}

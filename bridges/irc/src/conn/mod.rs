@@ -692,8 +692,12 @@ async fn session(
                         }
                         continue;
                     }
-                    "903" | "904" | "905" | "906" | "907" | "908" => {
-                        if line.command != "903" {
+                    // SASL done, one way or the other: registration goes on. A failure (bad
+                    // account or password, too long, nick locked) also goes to the owner of
+                    // the connection, to tell the user.
+                    "902" | "903" | "904" | "905" | "906" | "907" | "908" => {
+                        let failed = matches!(line.command.as_str(), "902" | "904" | "905");
+                        if failed {
                             tracing::error!(host = config.host, nick, reply = line.params.last().map(String::as_str).unwrap_or(""), "SASL authentication failed");
                         }
                         if !cap_done {
@@ -702,7 +706,9 @@ async fn session(
                                 return e;
                             }
                         }
-                        continue;
+                        if !failed {
+                            continue;
+                        }
                     }
                     "433" | "432" | "437" if !registered => {
                         let max = lock().isupport.nicklen.unwrap_or(30);
