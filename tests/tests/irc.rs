@@ -975,27 +975,37 @@ async fn puppet_rejoined(irc: &mut IrcClient, chan: &str) -> anyhow::Result<Stri
     Ok(l.nick.unwrap_or_default())
 }
 
-/// SASL PLAIN against InspIRCd with Atheme: the account registered with NickServ, the user
-/// stores `account:password` with `!storepass` and reconnects; the server then shows the puppet
-/// logged in to the account. A wrong password does not stop the connection, and the user is
-/// told.
-#[tokio::test]
-async fn sasl_plain_through_storepass() -> anyhow::Result<()> {
-    let env = start_on(Ircd::start_inspircd_with_services().await?, "puppets", "").await?;
-    let port = env.ircd.port();
-    let t = Duration::from_secs(30);
-    // The account, registered by its owner on IRC (no e-mail verification on this network).
-    let mut owner = IrcClient::connect(port, "aliceacct").await?;
-    owner.privmsg("NickServ", "REGISTER correct-horse-battery aliceacct@example.org").await?;
+/// Registers the account `nick` with NickServ (no e-mail verification on the test network)
+/// from a client of that nick, which stays connected.
+async fn nickserv_register(port: u16, nick: &str, password: &str) -> anyhow::Result<IrcClient> {
+    let mut owner = IrcClient::connect(port, nick).await?;
+    owner.privmsg("NickServ", &format!("REGISTER {password} {nick}@example.org")).await?;
     owner
-        .wait_for(t, |l| {
+        .wait_for(Duration::from_secs(30), |l| {
             l.command == "NOTICE"
                 && l.nick.as_deref() == Some("NickServ")
                 && l.params.get(1).is_some_and(|m| m.contains("is now registered"))
         })
         .await?;
+    Ok(owner)
+}
+
+/// SASL PLAIN against InspIRCd with Atheme: the bot logs in to its configured account; the
+/// user stores `account:password` with `!storepass` and reconnects, and the server then shows
+/// the puppet logged in to the account. A wrong password does not stop the connection, and
+/// the user is told.
+#[tokio::test]
+async fn sasl_plain_through_storepass() -> anyhow::Result<()> {
+    let ircd = Ircd::start_inspircd_with_services().await?;
+    let port = ircd.port();
+    let t = Duration::from_secs(30);
+    let _bot_owner = nickserv_register(port, "bridgeacct", "bot-secret-pass").await?;
+    let mut owner = nickserv_register(port, "aliceacct", "correct-horse-battery").await?;
+    let bot_sasl = "      sasl_account: bridgeacct\n      sasl_password: bot-secret-pass\n";
+    let env = start_on(ircd, "puppets", bot_sasl).await?;
 
     let mut irc = IrcClient::connect(port, "ircwatch").await?;
+    assert_eq!(whois_account(&mut irc, "MatrixBridge").await?.as_deref(), Some("bridgeacct"));
     irc.join("#sasl").await?;
     let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
     let portal = alice.join("#irc_local_#sasl:localhost").await?;
