@@ -2,7 +2,7 @@
 # Installs what the end-to-end tests and the demo need. Idempotent; safe to re-run.
 #  - Debian packages: InspIRCd, Atheme services, ngIRCd, Prosody (and its community modules),
 #    Kannel, Net::SMPP (their system services are stopped: the tests run their own instances
-#    on free ports), python3-venv.
+#    on free ports), openssl (test certificates), python3-venv.
 #  - Synapse in a virtualenv at ${TRESTLE_E2E_HOME:-<repo>/.e2e}/venv.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,7 +10,7 @@ home=${TRESTLE_E2E_HOME:-$repo/.e2e}
 mkdir -p "$home"
 log() { printf '[install-deps] %s\n' "$*"; }
 
-packages=(inspircd atheme-services ngircd prosody prosody-modules kannel kannel-extras libnet-smpp-perl python3-venv)
+packages=(inspircd atheme-services ngircd prosody prosody-modules kannel kannel-extras libnet-smpp-perl openssl python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

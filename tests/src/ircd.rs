@@ -2,7 +2,11 @@
 //! Debian), optionally with Atheme services linked to InspIRCd for SASL, and a raw IRC test
 //! client.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use tokio::{
@@ -30,6 +34,8 @@ pub struct Ircd {
     /// Atheme, linked to InspIRCd (see [`Ircd::start_inspircd_with_services`]).
     services: Option<ChildGuard>,
     port: u16,
+    /// The TLS listener (with services), which asks for client certificates.
+    tls_port: Option<u16>,
     dir: tempfile::TempDir,
     kind: IrcdKind,
 }
@@ -63,8 +69,15 @@ const INSPIRCD_CONF: &str = r#"<config format="xml">
 "#;
 
 /// What InspIRCd adds to [`INSPIRCD_CONF`] for Atheme: a server listener, the link and U-line
-/// for the services server, and SASL (offered to clients while the services are linked).
+/// for the services server, SASL (offered to clients while the services are linked), and a TLS
+/// listener asking for client certificates, whose SHA-256 fingerprints go to the services
+/// (SASL EXTERNAL).
 const INSPIRCD_SERVICES_CONF: &str = r#"
+<module name="ssl_gnutls">
+<module name="sslinfo">
+<sslprofile name="trestle" provider="gnutls" certfile="{dir}/server.pem" keyfile="{dir}/server.key"
+            hash="sha256" requestclientcert="yes">
+<bind address="127.0.0.1" port="{tlsport}" type="clients" sslprofile="trestle">
 <bind address="127.0.0.1" port="{sport}" type="servers">
 <module name="spanningtree">
 <module name="services_account">
@@ -171,8 +184,8 @@ impl Ircd {
     }
 
     /// Starts InspIRCd 3 (see [`IrcdKind::InspIrcd`]) with Atheme services linked to it:
-    /// NickServ for accounts, SASL PLAIN and EXTERNAL through SaslServ. Returns once NickServ
-    /// answers.
+    /// NickServ for accounts, SASL PLAIN and EXTERNAL through SaslServ, and a TLS listener
+    /// ([`Ircd::tls_port`]) asking for client certificates. Returns once NickServ answers.
     pub async fn start_inspircd_with_services() -> anyhow::Result<Self> {
         Self::start_inspircd_inner(true).await
     }
@@ -192,18 +205,26 @@ impl Ircd {
         let dir = tempfile::Builder::new().prefix("trestle-inspircd-").tempdir()?;
         let port = free_port();
         let sport = free_port().to_string();
+        let tls_port = services.then(free_port);
         let mut conf = INSPIRCD_CONF.to_owned();
         if services {
             conf.push_str(INSPIRCD_SERVICES_CONF);
+            self_signed(
+                &dir.path().join("server.pem"),
+                &dir.path().join("server.key"),
+                "irc.inspircd.test",
+            )?;
         }
         let conf = conf
             .replace("{port}", &port.to_string())
+            .replace("{tlsport}", &tls_port.unwrap_or_default().to_string())
             .replace("{sport}", &sport)
             .replace("{linkpass}", LINK_PASSWORD)
             .replace("{dir}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("inspircd.conf"), conf)?;
         std::fs::write(dir.path().join("motd.txt"), "hello\n")?;
-        let mut this = Self { child: None, services: None, port, dir, kind: IrcdKind::InspIrcd };
+        let mut this =
+            Self { child: None, services: None, port, tls_port, dir, kind: IrcdKind::InspIrcd };
         this.launch().await?;
         if services {
             let conf = ATHEME_CONF.replace("{sport}", &sport).replace("{linkpass}", LINK_PASSWORD);
@@ -263,7 +284,8 @@ impl Ircd {
                 ident = if ident { "yes" } else { "no" }
             ),
         )?;
-        let mut this = Self { child: None, services: None, port, dir, kind: IrcdKind::NgIrcd };
+        let mut this =
+            Self { child: None, services: None, port, tls_port: None, dir, kind: IrcdKind::NgIrcd };
         this.launch().await?;
         Ok(this)
     }
@@ -319,6 +341,11 @@ impl Ircd {
         self.port
     }
 
+    /// The TLS port, which asks for client certificates (InspIRCd with services only).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
     /// Stops the server (SIGKILL: every client connection drops; linked services reconnect
     /// once it is back).
     pub fn stop(&mut self) {
@@ -332,6 +359,43 @@ impl Ircd {
         self.stop();
         self.launch().await
     }
+}
+
+/// Writes a self-signed certificate (P-256) for `name` to `cert` and its key to `key`, with
+/// `openssl`.
+fn self_signed(cert: &Path, key: &Path, name: &str) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}"), "-keyout"])
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .context("running openssl")?;
+    if !out.status.success() {
+        bail!("openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A TLS client certificate in `dir`: a PEM file holding the certificate and its key, and its
+/// SHA-256 fingerprint as InspIRCd reports it to services (lowercase hex, no colons).
+pub fn client_certificate(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, String)> {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    self_signed(&cert, &key, name)?;
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert)
+        .output()
+        .context("running openssl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some((_, hex)) = text.trim().split_once('=') else {
+        bail!("openssl x509 -fingerprint: {text}");
+    };
+    let fingerprint = hex.replace(':', "").to_ascii_lowercase();
+    let pem = dir.join(format!("{name}.pem"));
+    std::fs::write(&pem, [std::fs::read(&cert)?, std::fs::read(&key)?].concat())?;
+    Ok((pem, fingerprint))
 }
 
 /// A parsed line as the test client sees it.

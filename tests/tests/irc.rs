@@ -33,6 +33,19 @@ async fn start_with(mode: &str, extra: &str) -> anyhow::Result<Env> {
 
 /// The bridge in `mode` on a server already running.
 async fn start_on(ircd: Ircd, mode: &str, extra: &str) -> anyhow::Result<Env> {
+    let port = ircd.port();
+    start_on_port(ircd, port, false, mode, extra).await
+}
+
+/// The bridge in `mode` on a server already running, on its `port`, over TLS (any server
+/// certificate accepted) with `tls`.
+async fn start_on_port(
+    ircd: Ircd,
+    port: u16,
+    tls: bool,
+    mode: &str,
+    extra: &str,
+) -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
     let d = Deployment::new(dir.path(), "irc");
     let config = |hs: &str| {
@@ -41,11 +54,10 @@ async fn start_on(ircd: Ircd, mode: &str, extra: &str) -> anyhow::Result<Env> {
              logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
              media_proxy: {{ public_url: \"http://127.0.0.1:{}/media\" }}\n\
              permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
-             bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n{extra}",
+             bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {port}\n      tls: {tls}\n      tls_insecure: {tls}\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n{extra}",
             d.base_config(hs),
             d.database().display(),
             d.port,
-            ircd.port()
         )
     };
     let (synapse, bridge) = d.start(&binary("trestle-irc")?, &config).await?;
@@ -1047,5 +1059,40 @@ async fn sasl_plain_through_storepass() -> anyhow::Result<()> {
                 && l.params.get(1).is_some_and(|m| m.contains("has just authenticated as you"))
         })
         .await?;
+    Ok(())
+}
+
+/// SASL EXTERNAL: the bot connects over TLS with the client certificate of its config, whose
+/// fingerprint the account's owner added with NickServ `CERT ADD`; the server shows the bot
+/// logged in to the account.
+#[tokio::test]
+async fn sasl_external_with_the_bots_certificate() -> anyhow::Result<()> {
+    let ircd = Ircd::start_inspircd_with_services().await?;
+    let port = ircd.port();
+    let tls_port = ircd.tls_port().ok_or_else(|| anyhow::anyhow!("no TLS listener"))?;
+    let certs = tempfile::Builder::new().prefix("trestle-cert-").tempdir()?;
+    let (pem, fingerprint) = trestle_e2e::ircd::client_certificate(certs.path(), "bridge")?;
+    let mut owner = nickserv_register(port, "bridgecert", "unused-pass-1234").await?;
+    owner.privmsg("NickServ", &format!("CERT ADD {fingerprint}")).await?;
+    owner
+        .wait_for(Duration::from_secs(30), |l| {
+            l.nick.as_deref() == Some("NickServ")
+                && l.params.get(1).is_some_and(|m| m.contains(&fingerprint))
+        })
+        .await?;
+    let extra = format!("      tls_client_cert: \"{}\"\n", pem.display());
+    let _env = start_on_port(ircd, tls_port, true, "relay", &extra).await?;
+    let mut irc = IrcClient::connect(port, "ircwatch").await?;
+    // (The bridge is ready once its bot has registered, so one WHOIS would do; a few spare
+    // a slow machine.)
+    let mut logged_in = None;
+    for _ in 0..30 {
+        logged_in = whois_account(&mut irc, "MatrixBridge").await?;
+        if logged_in.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(logged_in.as_deref(), Some("bridgecert"));
     Ok(())
 }

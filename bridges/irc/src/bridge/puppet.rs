@@ -181,6 +181,8 @@ impl Inner {
         cfg.realname = user_id.to_owned();
         cfg.password = None;
         cfg.sasl = None;
+        // The bot's certificate is the bot's account.
+        cfg.client_cert = None;
         // `!storepass`: `account:password` is SASL PLAIN, anything else the server password.
         if let Some(sealed) = saved.as_ref().and_then(|s| s.secret.as_deref()) {
             match self.ctx.secrets().open(sealed) {
