@@ -1,7 +1,12 @@
 //! A real IRC server on a free port (ngIRCd, or InspIRCd 3 for IRCv3 message tags, both from
-//! Debian), and a raw IRC test client.
+//! Debian), optionally with Atheme services linked to InspIRCd for SASL, and a raw IRC test
+//! client.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use tokio::{
@@ -26,7 +31,11 @@ pub enum IrcdKind {
 #[derive(Debug)]
 pub struct Ircd {
     child: Option<ChildGuard>,
+    /// Atheme, linked to InspIRCd (see [`Ircd::start_inspircd_with_services`]).
+    services: Option<ChildGuard>,
     port: u16,
+    /// The TLS listener (with services), which asks for client certificates.
+    tls_port: Option<u16>,
     dir: tempfile::TempDir,
     kind: IrcdKind,
 }
@@ -59,6 +68,95 @@ const INSPIRCD_CONF: &str = r#"<config format="xml">
 <module name="ircv3_batch">
 "#;
 
+/// What InspIRCd adds to [`INSPIRCD_CONF`] for Atheme: a server listener, the link and U-line
+/// for the services server, SASL (offered to clients while the services are linked), and a TLS
+/// listener asking for client certificates, whose SHA-256 fingerprints go to the services
+/// (SASL EXTERNAL).
+const INSPIRCD_SERVICES_CONF: &str = r#"
+<module name="ssl_gnutls">
+<module name="sslinfo">
+<sslprofile name="trestle" provider="gnutls" certfile="{dir}/server.pem" keyfile="{dir}/server.key"
+            hash="sha256" requestclientcert="yes">
+<bind address="127.0.0.1" port="{tlsport}" type="clients" sslprofile="trestle">
+<bind address="127.0.0.1" port="{sport}" type="servers">
+<module name="spanningtree">
+<module name="services_account">
+<module name="sasl">
+<sasl target="services.trestle.test" requiressl="no">
+<link name="services.trestle.test" ipaddr="127.0.0.1" port="{sport}" allowmask="127.0.0.1/32"
+      sendpass="{linkpass}" recvpass="{linkpass}">
+<uline server="services.trestle.test" silent="yes">
+"#;
+
+/// Atheme 7.2 configuration: uplink to InspIRCd's server port, NickServ (registration needs
+/// no e-mail verification: `auth = none`) and SaslServ with PLAIN and EXTERNAL, an OpenSEX
+/// database in the data directory.
+const ATHEME_CONF: &str = r#"
+loadmodule "modules/protocol/inspircd";
+loadmodule "modules/backend/opensex";
+loadmodule "modules/crypto/pbkdf2v2";
+loadmodule "modules/nickserv/main";
+loadmodule "modules/nickserv/register";
+loadmodule "modules/nickserv/identify";
+loadmodule "modules/nickserv/info";
+loadmodule "modules/nickserv/cert";
+loadmodule "modules/saslserv/main";
+loadmodule "modules/saslserv/plain";
+loadmodule "modules/saslserv/external";
+serverinfo {
+    name = "services.trestle.test";
+    desc = "Trestle test services";
+    numeric = "00A";
+    recontime = 1;
+    netname = "TrestleTest";
+    hidehostsuffix = "users.test";
+    adminname = "Trestle";
+    adminemail = "trestle@localhost";
+    registeremail = "trestle@localhost";
+    loglevel = { error; info; admin; network; };
+    maxlogins = 50;
+    maxusers = 50;
+    mdlimit = 30;
+    emaillimit = 10;
+    emailtime = 300;
+    auth = none;
+    casemapping = rfc1459;
+};
+uplink "irc.inspircd.test" {
+    host = "127.0.0.1";
+    password = "{linkpass}";
+    port = {sport};
+};
+nickserv {
+    nick = "NickServ";
+    user = "NickServ";
+    host = "services.trestle.test";
+    real = "Nickname Services";
+    maxnicks = 5;
+    expire = 30;
+};
+saslserv {
+    nick = "SaslServ";
+    user = "SaslServ";
+    host = "services.trestle.test";
+    real = "SASL Authentication Agent";
+};
+general {
+    flood_msgs = 0;
+    flood_time = 10;
+    ratelimit_uses = 0;
+    ratelimit_period = 60;
+    kline_time = 7;
+    commit_interval = 5;
+    uplink_sendq_limit = 1048576;
+    language = "en";
+    immune_level = immune;
+};
+"#;
+
+/// The link password between InspIRCd and Atheme (loopback only).
+const LINK_PASSWORD: &str = "trestle-link";
+
 impl Ircd {
     /// Starts ngIRCd on a free port with no connection limits and no DNS/ident lookups.
     pub async fn start() -> anyhow::Result<Self> {
@@ -82,9 +180,20 @@ impl Ircd {
 
     /// Starts InspIRCd 3 on a free port (see [`IrcdKind::InspIrcd`]).
     pub async fn start_inspircd() -> anyhow::Result<Self> {
+        Self::start_inspircd_inner(false).await
+    }
+
+    /// Starts InspIRCd 3 (see [`IrcdKind::InspIrcd`]) with Atheme services linked to it:
+    /// NickServ for accounts, SASL PLAIN and EXTERNAL through SaslServ, and a TLS listener
+    /// ([`Ircd::tls_port`]) asking for client certificates. Returns once NickServ answers.
+    pub async fn start_inspircd_with_services() -> anyhow::Result<Self> {
+        Self::start_inspircd_inner(true).await
+    }
+
+    async fn start_inspircd_inner(services: bool) -> anyhow::Result<Self> {
         let mut last = None;
         for _ in 0..3 {
-            match Self::try_start_inspircd().await {
+            match Self::try_start_inspircd(services).await {
                 Ok(this) => return Ok(this),
                 Err(e) => last = Some(e),
             }
@@ -92,17 +201,72 @@ impl Ircd {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("InspIRCd did not start")))
     }
 
-    async fn try_start_inspircd() -> anyhow::Result<Self> {
+    async fn try_start_inspircd(services: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-inspircd-").tempdir()?;
         let port = free_port();
-        let conf = INSPIRCD_CONF
+        let sport = free_port().to_string();
+        let tls_port = services.then(free_port);
+        let mut conf = INSPIRCD_CONF.to_owned();
+        if services {
+            conf.push_str(INSPIRCD_SERVICES_CONF);
+            self_signed(
+                &dir.path().join("server.pem"),
+                &dir.path().join("server.key"),
+                "irc.inspircd.test",
+            )?;
+        }
+        let conf = conf
             .replace("{port}", &port.to_string())
+            .replace("{tlsport}", &tls_port.unwrap_or_default().to_string())
+            .replace("{sport}", &sport)
+            .replace("{linkpass}", LINK_PASSWORD)
             .replace("{dir}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("inspircd.conf"), conf)?;
         std::fs::write(dir.path().join("motd.txt"), "hello\n")?;
-        let mut this = Self { child: None, port, dir, kind: IrcdKind::InspIrcd };
+        let mut this =
+            Self { child: None, services: None, port, tls_port, dir, kind: IrcdKind::InspIrcd };
         this.launch().await?;
+        if services {
+            let conf = ATHEME_CONF.replace("{sport}", &sport).replace("{linkpass}", LINK_PASSWORD);
+            std::fs::write(this.dir.path().join("atheme.conf"), conf)?;
+            this.launch_services().await?;
+        }
         Ok(this)
+    }
+
+    /// Starts Atheme in the foreground (`-n`) on the configuration, data directory, log and
+    /// pid file in our directory, and waits until NickServ is on the network.
+    async fn launch_services(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir.path();
+        let mut cmd = Command::new(Self::binary("atheme-services"));
+        cmd.arg("-n")
+            .arg("-c")
+            .arg(dir.join("atheme.conf"))
+            .arg("-D")
+            .arg(dir)
+            .arg("-l")
+            .arg(dir.join("atheme-file.log"))
+            .arg("-p")
+            .arg(dir.join("atheme.pid"))
+            .current_dir(dir);
+        let mut child = ChildGuard::spawn("atheme", cmd, &dir.join("atheme.log"))?;
+        let mut probe = IrcClient::connect(self.port, "svcprobe").await?;
+        for _ in 0..100 {
+            if !child.is_running() {
+                break;
+            }
+            probe.raw("WHOIS NickServ\r\n").await?;
+            let reply = probe
+                .wait_for(Duration::from_secs(2), |l| matches!(l.command.as_str(), "311" | "401"))
+                .await?;
+            if reply.command == "311" {
+                self.services = Some(child);
+                return probe.raw("QUIT\r\n").await;
+            }
+            probe.seen.clear();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("Atheme did not link: {}", child.log_tail(20))
     }
 
     async fn try_start(ident: bool) -> anyhow::Result<Self> {
@@ -120,7 +284,8 @@ impl Ircd {
                 ident = if ident { "yes" } else { "no" }
             ),
         )?;
-        let mut this = Self { child: None, port, dir, kind: IrcdKind::NgIrcd };
+        let mut this =
+            Self { child: None, services: None, port, tls_port: None, dir, kind: IrcdKind::NgIrcd };
         this.launch().await?;
         Ok(this)
     }
@@ -176,7 +341,13 @@ impl Ircd {
         self.port
     }
 
-    /// Stops the server (SIGKILL: every client connection drops).
+    /// The TLS port, which asks for client certificates (InspIRCd with services only).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// Stops the server (SIGKILL: every client connection drops; linked services reconnect
+    /// once it is back).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill_hard();
@@ -188,6 +359,43 @@ impl Ircd {
         self.stop();
         self.launch().await
     }
+}
+
+/// Writes a self-signed certificate (P-256) for `name` to `cert` and its key to `key`, with
+/// `openssl`.
+fn self_signed(cert: &Path, key: &Path, name: &str) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}"), "-keyout"])
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .context("running openssl")?;
+    if !out.status.success() {
+        bail!("openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A TLS client certificate in `dir`: a PEM file holding the certificate and its key, and its
+/// SHA-256 fingerprint as InspIRCd reports it to services (lowercase hex, no colons).
+pub fn client_certificate(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, String)> {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    self_signed(&cert, &key, name)?;
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert)
+        .output()
+        .context("running openssl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some((_, hex)) = text.trim().split_once('=') else {
+        bail!("openssl x509 -fingerprint: {text}");
+    };
+    let fingerprint = hex.replace(':', "").to_ascii_lowercase();
+    let pem = dir.join(format!("{name}.pem"));
+    std::fs::write(&pem, [std::fs::read(&cert)?, std::fs::read(&key)?].concat())?;
+    Ok((pem, fingerprint))
 }
 
 /// A parsed line as the test client sees it.

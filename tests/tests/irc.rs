@@ -33,6 +33,19 @@ async fn start_with(mode: &str, extra: &str) -> anyhow::Result<Env> {
 
 /// The bridge in `mode` on a server already running.
 async fn start_on(ircd: Ircd, mode: &str, extra: &str) -> anyhow::Result<Env> {
+    let port = ircd.port();
+    start_on_port(ircd, port, false, mode, extra).await
+}
+
+/// The bridge in `mode` on a server already running, on its `port`, over TLS (any server
+/// certificate accepted) with `tls`.
+async fn start_on_port(
+    ircd: Ircd,
+    port: u16,
+    tls: bool,
+    mode: &str,
+    extra: &str,
+) -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-irc-").tempdir()?;
     let d = Deployment::new(dir.path(), "irc");
     let config = |hs: &str| {
@@ -41,11 +54,10 @@ async fn start_on(ircd: Ircd, mode: &str, extra: &str) -> anyhow::Result<Env> {
              logging: {{ level: \"info,trestle=debug,trestle_irc=debug\" }}\n\
              media_proxy: {{ public_url: \"http://127.0.0.1:{}/media\" }}\n\
              permissions: {{ \"*\": user, \"@alice:localhost\": admin }}\n\
-             bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {}\n      tls: false\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n{extra}",
+             bridge:\n  networks:\n    local:\n      name: Local IRC\n      host: 127.0.0.1\n      port: {port}\n      tls: {tls}\n      tls_insecure: {tls}\n      bot_nick: MatrixBridge\n      mode: {mode}\n      flood_burst: 20\n      flood_penalty_ms: 100\n      netsplit_debounce_secs: 8\n      redaction_fallback: notice\n{extra}",
             d.base_config(hs),
             d.database().display(),
             d.port,
-            ircd.port()
         )
     };
     let (synapse, bridge) = d.start(&binary("trestle-irc")?, &config).await?;
@@ -950,5 +962,137 @@ async fn ircv3_replies_and_reactions_through_puppets() -> anyhow::Result<()> {
             .collect();
         assert!(back.is_empty(), "bridged back: {back:?}");
     }
+    Ok(())
+}
+
+/// The account `nick` is logged in to, by the server's WHOIS (330), if any.
+async fn whois_account(irc: &mut IrcClient, nick: &str) -> anyhow::Result<Option<String>> {
+    irc.seen.clear();
+    irc.raw(&format!("WHOIS {nick}\r\n")).await?;
+    irc.wait_for(Duration::from_secs(10), |l| l.command == "318").await?;
+    let account = irc.seen.iter().find(|l| l.command == "330").and_then(|l| l.params.get(2));
+    Ok(account.cloned())
+}
+
+/// Waits for the user's puppet (re)joining `chan` after `!reconnect`; returns its nick (the
+/// old connection's nick may still be taken for a moment).
+async fn puppet_rejoined(irc: &mut IrcClient, chan: &str) -> anyhow::Result<String> {
+    let l = irc
+        .wait_for(Duration::from_secs(30), |l| {
+            l.command == "JOIN"
+                && l.params.first().is_some_and(|c| c == chan)
+                && l.nick.as_deref().is_some_and(|n| n.starts_with("alice"))
+        })
+        .await?;
+    Ok(l.nick.unwrap_or_default())
+}
+
+/// Registers the account `nick` with NickServ (no e-mail verification on the test network)
+/// from a client of that nick, which stays connected.
+async fn nickserv_register(port: u16, nick: &str, password: &str) -> anyhow::Result<IrcClient> {
+    let mut owner = IrcClient::connect(port, nick).await?;
+    owner.privmsg("NickServ", &format!("REGISTER {password} {nick}@example.org")).await?;
+    owner
+        .wait_for(Duration::from_secs(30), |l| {
+            l.command == "NOTICE"
+                && l.nick.as_deref() == Some("NickServ")
+                && l.params.get(1).is_some_and(|m| m.contains("is now registered"))
+        })
+        .await?;
+    Ok(owner)
+}
+
+/// SASL PLAIN against InspIRCd with Atheme: the bot logs in to its configured account; the
+/// user stores `account:password` with `!storepass` and reconnects, and the server then shows
+/// the puppet logged in to the account. A wrong password does not stop the connection, and
+/// the user is told.
+#[tokio::test]
+async fn sasl_plain_through_storepass() -> anyhow::Result<()> {
+    let ircd = Ircd::start_inspircd_with_services().await?;
+    let port = ircd.port();
+    let t = Duration::from_secs(30);
+    let _bot_owner = nickserv_register(port, "bridgeacct", "bot-secret-pass").await?;
+    let mut owner = nickserv_register(port, "aliceacct", "correct-horse-battery").await?;
+    let bot_sasl = "      sasl_account: bridgeacct\n      sasl_password: bot-secret-pass\n";
+    let env = start_on(ircd, "puppets", bot_sasl).await?;
+
+    let mut irc = IrcClient::connect(port, "ircwatch").await?;
+    assert_eq!(whois_account(&mut irc, "MatrixBridge").await?.as_deref(), Some("bridgeacct"));
+    irc.join("#sasl").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let portal = alice.join("#irc_local_#sasl:localhost").await?;
+    let first = puppet_rejoined(&mut irc, "#sasl").await?;
+    assert_eq!(whois_account(&mut irc, &first).await?, None);
+    let admin = alice
+        .create_room(serde_json::json!({"invite": ["@ircbot:localhost"], "is_direct": true}))
+        .await?;
+    alice
+        .wait_for_message(&admin, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("admin room")
+        })
+        .await?;
+
+    // A wrong password: the puppet connects all the same, without the account, and the user
+    // hears why where the puppet speaks to them.
+    command(&alice, &admin, "!storepass local aliceacct:wrong-password", "Stored").await?;
+    irc.seen.clear();
+    command(&alice, &admin, "!reconnect local", "Reconnecting").await?;
+    let nick = puppet_rejoined(&mut irc, "#sasl").await?;
+    assert_eq!(whois_account(&mut irc, &nick).await?, None);
+    let told = alice
+        .wait_for_message(&portal, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("SASL")
+        })
+        .await?;
+    assert!(body(&told).contains("!storepass local"), "{told}");
+
+    // The right one: the server has the puppet logged in to the account.
+    command(&alice, &admin, "!storepass local aliceacct:correct-horse-battery", "Stored").await?;
+    irc.seen.clear();
+    command(&alice, &admin, "!reconnect local", "Reconnecting").await?;
+    let nick = puppet_rejoined(&mut irc, "#sasl").await?;
+    assert_eq!(whois_account(&mut irc, &nick).await?.as_deref(), Some("aliceacct"));
+    // Its owner hears of the login from SaslServ, too.
+    owner
+        .wait_for(t, |l| {
+            l.nick.as_deref() == Some("SaslServ")
+                && l.params.get(1).is_some_and(|m| m.contains("has just authenticated as you"))
+        })
+        .await?;
+    Ok(())
+}
+
+/// SASL EXTERNAL: the bot connects over TLS with the client certificate of its config, whose
+/// fingerprint the account's owner added with NickServ `CERT ADD`; the server shows the bot
+/// logged in to the account.
+#[tokio::test]
+async fn sasl_external_with_the_bots_certificate() -> anyhow::Result<()> {
+    let ircd = Ircd::start_inspircd_with_services().await?;
+    let port = ircd.port();
+    let tls_port = ircd.tls_port().ok_or_else(|| anyhow::anyhow!("no TLS listener"))?;
+    let certs = tempfile::Builder::new().prefix("trestle-cert-").tempdir()?;
+    let (pem, fingerprint) = trestle_e2e::ircd::client_certificate(certs.path(), "bridge")?;
+    let mut owner = nickserv_register(port, "bridgecert", "unused-pass-1234").await?;
+    owner.privmsg("NickServ", &format!("CERT ADD {fingerprint}")).await?;
+    owner
+        .wait_for(Duration::from_secs(30), |l| {
+            l.nick.as_deref() == Some("NickServ")
+                && l.params.get(1).is_some_and(|m| m.contains(&fingerprint))
+        })
+        .await?;
+    let extra = format!("      tls_client_cert: \"{}\"\n", pem.display());
+    let _env = start_on_port(ircd, tls_port, true, "relay", &extra).await?;
+    let mut irc = IrcClient::connect(port, "ircwatch").await?;
+    // (The bridge is ready once its bot has registered, so one WHOIS would do; a few spare
+    // a slow machine.)
+    let mut logged_in = None;
+    for _ in 0..30 {
+        logged_in = whois_account(&mut irc, "MatrixBridge").await?;
+        if logged_in.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(logged_in.as_deref(), Some("bridgecert"));
     Ok(())
 }

@@ -1076,6 +1076,12 @@ impl Bridge for IrcBridge {
         let mut receivers = Vec::new();
         for (id, n) in &cfg.networks {
             let pacer = ConnectPacer::new(cfg.connect_pace.burst, pace, ctx.shutdown().clone());
+            let client_cert = match &n.tls_client_cert {
+                Some(path) => Some(Arc::new(
+                    crate::conn::ClientCert::from_pem_file(path).map_err(BridgeError::Permanent)?,
+                )),
+                None => None,
+            };
             let conn = ConnConfig {
                 host: n.host.clone(),
                 port: n.port,
@@ -1087,6 +1093,7 @@ impl Bridge for IrcBridge {
                 username: "trestle".to_owned(),
                 realname: "Trestle Matrix bridge".to_owned(),
                 sasl: n.sasl_account.clone().zip(n.sasl_password.clone()),
+                client_cert,
                 ping_interval: Duration::from_secs(60),
                 ping_timeout: Duration::from_secs(120),
                 flood_burst: n.flood_burst,

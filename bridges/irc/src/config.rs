@@ -103,6 +103,10 @@ pub struct NetworkConfig {
     /// SASL PLAIN password of the bot.
     #[serde(default)]
     pub sasl_password: Option<String>,
+    /// A PEM file with the bot's TLS client certificate and its private key (with `tls`): the
+    /// bot logs in with SASL EXTERNAL unless `sasl_account` is set. Puppets do not use it.
+    #[serde(default)]
+    pub tls_client_cert: Option<std::path::PathBuf>,
     /// Local address the bridge's connections bind to.
     #[serde(default)]
     pub bind_address: Option<IpAddr>,
@@ -190,6 +194,7 @@ impl std::fmt::Debug for NetworkConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("sasl_account", &self.sasl_account)
             .field("sasl_password", &self.sasl_password.as_ref().map(|_| "<redacted>"))
+            .field("tls_client_cert", &self.tls_client_cert)
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
@@ -289,6 +294,16 @@ impl BridgeConfig for IrcConfig {
             }
             if !n.relay_template.contains("{message}") {
                 errors.push(ConfigError::invalid(key("relay_template"), "must contain {message}"));
+            }
+            if let Some(path) = &n.tls_client_cert {
+                if !n.tls {
+                    errors.push(ConfigError::invalid(
+                        key("tls_client_cert"),
+                        "needs tls: true (a client certificate is sent in the TLS handshake)",
+                    ));
+                } else if let Err(e) = crate::conn::ClientCert::from_pem_file(path) {
+                    errors.push(ConfigError::invalid(key("tls_client_cert"), e));
+                }
             }
             if n.sasl_account.is_some() != n.sasl_password.is_some() {
                 errors.push(ConfigError::invalid(

@@ -88,6 +88,7 @@ async fn connections(n: usize, idle: u64) -> anyhow::Result<()> {
             username: "bench".to_owned(),
             realname: "bench".to_owned(),
             sasl: None,
+            client_cert: None,
             ping_interval: Duration::from_secs(120),
             ping_timeout: Duration::from_secs(240),
             flood_burst: 5,

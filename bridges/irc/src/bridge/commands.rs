@@ -247,12 +247,8 @@ async fn remove_pass(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
 async fn reconnect(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
     let b = &b.inner;
     let net = own_network(b, &inv, 0)?;
-    let channels = b.drop_puppet(&net, &inv.sender, "Reconnecting").await;
-    let p = b.puppet(&net, &inv.sender).await.map_err(failed)?;
-    for c in &channels {
-        p.conn.join(c, None).await.map_err(failed)?;
-    }
-    Ok(format!("Reconnecting to {} ({} channels).", net.config.name, channels.len()))
+    let channels = b.reconnect_puppet(&net, &inv.sender).await.map_err(failed)?;
+    Ok(format!("Reconnecting to {} ({channels} channels).", net.config.name))
 }
 
 async fn quit(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {

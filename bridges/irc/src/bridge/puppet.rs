@@ -141,6 +141,17 @@ impl Inner {
         net: &Arc<Network>,
         user_id: &str,
     ) -> Result<Arc<Puppet>, BridgeError> {
+        self.puppet_notifying(net, user_id, None).await
+    }
+
+    /// [`Self::puppet`]; a new connection tells the user about itself in `notify_room` (until
+    /// the user speaks elsewhere), from its first event on.
+    async fn puppet_notifying(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        user_id: &str,
+        notify_room: Option<String>,
+    ) -> Result<Arc<Puppet>, BridgeError> {
         if let Some(p) = net.puppets.get(user_id) {
             self.touch(net, &p).await;
             return Ok(p);
@@ -170,6 +181,8 @@ impl Inner {
         cfg.realname = user_id.to_owned();
         cfg.password = None;
         cfg.sasl = None;
+        // The bot's certificate is the bot's account.
+        cfg.client_cert = None;
         // `!storepass`: `account:password` is SASL PLAIN, anything else the server password.
         if let Some(sealed) = saved.as_ref().and_then(|s| s.secret.as_deref()) {
             match self.ctx.secrets().open(sealed) {
@@ -198,7 +211,7 @@ impl Inner {
             wanted_nick: wanted.clone(),
             last_active: AtomicI64::new(now),
             last_saved: AtomicI64::new(0),
-            notify_room: Mutex::new(None),
+            notify_room: Mutex::new(notify_room),
         });
         net.puppets.add_nick(net.fold(&wanted), user_id);
         net.puppets
@@ -309,6 +322,23 @@ impl Inner {
         self.save(net, &p).await;
         p.conn.quit(reason).await;
         channels
+    }
+
+    /// `!reconnect`: a new connection for the user (with the password stored now), in the
+    /// channels of the old one, telling the user where the old one did. Returns how many
+    /// channels it rejoins.
+    pub(super) async fn reconnect_puppet(
+        self: &Arc<Self>,
+        net: &Arc<Network>,
+        user_id: &str,
+    ) -> Result<usize, BridgeError> {
+        let notify_room = net.puppets.get(user_id).and_then(|p| p.notify_room());
+        let channels = self.drop_puppet(net, user_id, "Reconnecting").await;
+        let p = self.puppet_notifying(net, user_id, notify_room).await?;
+        for c in &channels {
+            p.conn.join(c, None).await.map_err(bridge_err)?;
+        }
+        Ok(channels.len())
     }
 
     /// `!quit`: the puppet is not brought back at the next start.
@@ -653,6 +683,21 @@ async fn puppet_loop(
                         )
                         .await;
                         b.save(&net, &p).await;
+                    }
+                    // SASL failed (wrong account or password, nick locked): the connection
+                    // goes on without the account.
+                    "902" | "904" | "905" => {
+                        b.tell(
+                            &p,
+                            &format!(
+                                "Could not log in to your account on {} (SASL): {}. Connected without it; check the account and password stored with !storepass {} account:password, then !reconnect {}.",
+                                net.config.name,
+                                line.params.last().map(String::as_str).unwrap_or(""),
+                                net.id,
+                                net.id
+                            ),
+                        )
+                        .await;
                     }
                     // Cannot join: banned, invite only, bad key, full, too many channels.
                     "471" | "473" | "474" | "475" | "405" => {

@@ -1,8 +1,9 @@
 //! Our IRC connection: one actor per connection, on `irc-proto` for parsing.
 //!
 //! - TCP or TLS (rustls), an optional local bind address;
-//! - `CAP LS 302` negotiation of what the server offers among [`WANTED_CAPS`], SASL PLAIN,
-//!   server password; nick collisions resolved with alternatives;
+//! - `CAP LS 302` negotiation of what the server offers among [`WANTED_CAPS`], SASL PLAIN or
+//!   EXTERNAL (a TLS client certificate), server password; nick collisions resolved with
+//!   alternatives;
 //! - ISUPPORT (`CASEMAPPING`, `PREFIX`, `CHANTYPES`, `NICKLEN`, `LINELEN`);
 //! - PING keepalive and timeout; reconnect with capped exponential backoff and jitter, pacing
 //!   shared by every connection to a network ([`ConnectPacer`]), and a rejoin of every channel;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use isupport::{CaseMapping, Isupport};
 pub use line::{IrcLine, LineError, Source};
+pub use tls::ClientCert;
 
 /// Capabilities requested when the server offers them.
 pub const WANTED_CAPS: &[&str] = &[
@@ -111,6 +113,9 @@ pub struct ConnConfig {
     pub realname: String,
     /// SASL PLAIN account and password.
     pub sasl: Option<(String, String)>,
+    /// A TLS client certificate: sent in the handshake, and SASL EXTERNAL logs in with it
+    /// unless [`Self::sasl`] asks for PLAIN.
+    pub client_cert: Option<Arc<ClientCert>>,
     /// Silence after which we PING.
     pub ping_interval: Duration,
     /// Silence after which the connection is considered dead.
@@ -136,7 +141,21 @@ impl std::fmt::Debug for ConnConfig {
             .field("nick", &self.nick)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("sasl", &self.sasl.as_ref().map(|(a, _)| (a, "<redacted>")))
+            .field("client_cert", &self.client_cert.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+impl ConnConfig {
+    /// The SASL mechanism this connection logs in with, if any.
+    fn sasl_mechanism(&self) -> Option<&'static str> {
+        if self.sasl.is_some() {
+            Some("PLAIN")
+        } else if self.tls && self.client_cert.is_some() {
+            Some("EXTERNAL")
+        } else {
+            None
+        }
     }
 }
 
@@ -476,7 +495,14 @@ async fn connect(config: &ConnConfig) -> std::io::Result<(Box<dyn Stream>, ident
                 if !config.tls {
                     return Ok((Box::new(tcp), entry));
                 }
-                return Ok((tls::wrap(tcp, &config.host, config.tls_insecure).await?, entry));
+                let stream = tls::wrap(
+                    tcp,
+                    &config.host,
+                    config.tls_insecure,
+                    config.client_cert.as_deref(),
+                )
+                .await?;
+                return Ok((stream, entry));
             }
             Ok(Err(e)) => last = e,
             Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
@@ -636,7 +662,7 @@ async fn session(
                                     continue;
                                 }
                                 let mut want: Vec<&str> = WANTED_CAPS.iter().copied().filter(|c| offered.iter().any(|o| o == c)).collect();
-                                if config.sasl.is_some() && offered.iter().any(|o| o == "sasl") {
+                                if config.sasl_mechanism().is_some() && offered.iter().any(|o| o == "sasl") {
                                     want.push("sasl");
                                 }
                                 let r = if want.is_empty() {
@@ -654,8 +680,8 @@ async fn session(
                                 let sasl = acked.iter().any(|c| c == "sasl");
                                 lock().caps.extend(acked.into_iter().filter(|c| !c.starts_with('-')));
                                 if !cap_done {
-                                    let r = if sasl {
-                                        write_line(&mut write, &IrcLine::new("AUTHENTICATE", &["PLAIN"])).await
+                                    let r = if let Some(mechanism) = config.sasl_mechanism().filter(|_| sasl) {
+                                        write_line(&mut write, &IrcLine::new("AUTHENTICATE", &[mechanism])).await
                                     } else {
                                         cap_done = true;
                                         write_line(&mut write, &IrcLine::new("CAP", &["END"])).await
@@ -682,18 +708,28 @@ async fn session(
                         continue;
                     }
                     "AUTHENTICATE" if line.param(0) == "+" => {
-                        if let Some((account, password)) = &config.sasl {
-                            let payload = base64::engine::general_purpose::STANDARD.encode(format!("{account}\0{account}\0{password}"));
-                            for l in sasl_chunks(&payload) {
-                                if let Err(e) = write_line(&mut write, &IrcLine::new("AUTHENTICATE", &[&l])).await {
-                                    return e;
-                                }
+                        if config.sasl_mechanism().is_none() {
+                            continue;
+                        }
+                        // PLAIN: the credentials; EXTERNAL: an empty response (the server
+                        // takes the account from the certificate).
+                        let payload = match &config.sasl {
+                            Some((account, password)) => base64::engine::general_purpose::STANDARD.encode(format!("{account}\0{account}\0{password}")),
+                            None => String::new(),
+                        };
+                        for l in sasl_chunks(&payload) {
+                            if let Err(e) = write_line(&mut write, &IrcLine::new("AUTHENTICATE", &[&l])).await {
+                                return e;
                             }
                         }
                         continue;
                     }
-                    "903" | "904" | "905" | "906" | "907" | "908" => {
-                        if line.command != "903" {
+                    // SASL done, one way or the other: registration goes on. A failure (bad
+                    // account or password, too long, nick locked) also goes to the owner of
+                    // the connection, to tell the user.
+                    "902" | "903" | "904" | "905" | "906" | "907" | "908" => {
+                        let failed = matches!(line.command.as_str(), "902" | "904" | "905");
+                        if failed {
                             tracing::error!(host = config.host, nick, reply = line.params.last().map(String::as_str).unwrap_or(""), "SASL authentication failed");
                         }
                         if !cap_done {
@@ -702,7 +738,9 @@ async fn session(
                                 return e;
                             }
                         }
-                        continue;
+                        if !failed {
+                            continue;
+                        }
                     }
                     "433" | "432" | "437" if !registered => {
                         let max = lock().isupport.nicklen.unwrap_or(30);

@@ -1,16 +1,44 @@
-//! TLS for IRC connections (rustls, webpki roots; optionally no verification for tests).
+//! TLS for IRC connections (rustls, webpki roots; optionally no verification for tests), with
+//! an optional client certificate.
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use rustls::{
     ClientConfig, DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::Stream;
+
+/// A TLS client certificate (its chain) and its private key.
+pub struct ClientCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCert").field("chain", &self.chain.len()).finish_non_exhaustive()
+    }
+}
+
+impl ClientCert {
+    /// Reads a PEM file holding the certificate (then its chain, if any) and the private key.
+    pub fn from_pem_file(path: &Path) -> Result<Self, String> {
+        let chain = CertificateDer::pem_file_iter(path)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{}: no certificate", path.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(path)
+            .map_err(|e| format!("{}: private key: {e}", path.display()))?;
+        Ok(Self { chain, key })
+    }
+}
 
 #[derive(Debug)]
 struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
@@ -51,19 +79,23 @@ pub(super) async fn wrap(
     tcp: TcpStream,
     host: &str,
     insecure: bool,
+    client_cert: Option<&ClientCert>,
 ) -> std::io::Result<Box<dyn Stream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?;
-    let config = if insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-            .with_no_client_auth()
+    let builder = if insecure {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
     } else {
         let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
+    };
+    let config = match client_cert {
+        Some(c) => builder
+            .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+            .map_err(std::io::Error::other)?,
+        None => builder.with_no_client_auth(),
     };
     let name = ServerName::try_from(host.to_owned()).map_err(std::io::Error::other)?;
     let stream = TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
