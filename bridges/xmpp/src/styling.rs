@@ -11,6 +11,8 @@
 //! plain text; nothing is styled inside `` ` `` spans or fenced blocks. A fence closes at a line
 //! that is exactly ```` ``` ```` or at the end of the enclosing quote or message.
 
+use trestle::util::format::escape_html as escape;
+
 /// The HTML for `text`, or `None` when it uses no styling (the body alone says it all).
 pub fn to_html(text: &str) -> Option<String> {
     let lines: Vec<&str> = text.split('\n').collect();
@@ -113,21 +115,6 @@ fn render(chars: &[char], styled: &mut bool) -> String {
 fn closing(chars: &[char], open: usize) -> Option<usize> {
     let d = chars[open];
     (open + 2..chars.len()).find(|&j| chars[j] == d && !chars[j - 1].is_whitespace())
-}
-
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
