@@ -112,17 +112,23 @@ impl Deployment {
 }
 
 /// A port that was free a moment ago, and never handed out before in this process: a server
-/// that needs several ports gets distinct ones (the kernel may offer a just-closed port again),
-/// and tests running side by side never share one.
+/// that needs several ports gets distinct ones, and tests running side by side never share one.
+///
+/// The port is taken from below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`): ports there are what `bind(…:0)` and outgoing
+/// connections get, so a port picked from that range could be taken by a test's own listener or
+/// a client connection before the server meant to use it binds it.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > 12_000)
+        .unwrap_or(32_768);
     let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    for _ in 0..1000 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0);
-        if port != 0 && !given.contains(&port) {
+    for _ in 0..10_000 {
+        let port = rand::random_range(10_000..low);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }

@@ -99,8 +99,27 @@ impl Synapse {
         set(map, "log_config", Yaml::from(log_config.display().to_string()));
         std::fs::write(&path, serde_yaml::to_string(&hs)?)?;
         let mut this = Self { child: None, dir, port, _tmp: Some(tmp) };
-        this.launch().await?;
-        Ok(this)
+        // A port taken by another process between the pick and Synapse's bind: another port.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match this.launch().await {
+                Ok(()) => return Ok(this),
+                Err(e) if attempts >= 3 => return Err(e),
+                Err(e) => {
+                    eprintln!("Synapse did not start on port {} ({e:#}); another port", this.port);
+                    this.port = free_port();
+                    let listeners = format!(
+                        "[{{port: {}, tls: false, type: http, x_forwarded: false, bind_addresses: ['127.0.0.1'], resources: [{{names: [client], compress: false}}]}}]",
+                        this.port
+                    );
+                    if let Some(m) = hs.as_mapping_mut() {
+                        m.insert(Yaml::from("listeners"), y(&listeners));
+                    }
+                    std::fs::write(&path, serde_yaml::to_string(&hs)?)?;
+                }
+            }
+        }
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
@@ -111,10 +130,16 @@ impl Synapse {
         let mut child = ChildGuard::spawn("synapse", cmd, &self.dir.join("stdout.log"))?;
         let url = format!("{}/_matrix/client/versions", self.url());
         let http = reqwest::Client::new();
+        let running = std::sync::Mutex::new(&mut child);
         let ready = wait_for("Synapse to answer /versions", Duration::from_secs(90), || async {
-            http.get(&url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ())
+            if !running.lock().is_ok_and(|mut c| c.is_running()) {
+                // Exited (a port taken meanwhile, say): no point waiting.
+                return Some(Err(()));
+            }
+            http.get(&url).send().await.ok().filter(|r| r.status().is_success()).map(|_| Ok(()))
         })
-        .await;
+        .await
+        .and_then(|r| r.map_err(|()| anyhow::anyhow!("Synapse exited while starting")));
         if let Err(e) = ready {
             let log = std::fs::read_to_string(self.dir.join("homeserver.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
