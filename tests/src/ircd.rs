@@ -47,8 +47,8 @@ const INSPIRCD_CONF: &str = r#"<config format="xml">
 <admin name="Trestle" nick="trestle" email="trestle@localhost">
 <bind address="127.0.0.1" port="{port}" type="clients">
 <connect allow="*" timeout="60" pingfreq="120" threshold="1000" commandrate="1000000"
-         fakelag="off" hardsendq="1048576" softsendq="1048576" recvq="65536" localmax="1000"
-         globalmax="1000" maxchans="100" resolvehostnames="no" limit="5000">
+         fakelag="off" hardsendq="1048576" softsendq="1048576" recvq="65536" localmax="20000"
+         globalmax="20000" maxchans="100" resolvehostnames="no" limit="20000">
 <files motd="{dir}/motd.txt">
 <channels users="100" opers="100">
 <dns server="127.0.0.1" timeout="1">
@@ -56,7 +56,7 @@ const INSPIRCD_CONF: &str = r#"<config format="xml">
 <log method="file" type="* -USERINPUT -USEROUTPUT" level="default" target="{dir}/inspircd.log">
 <options prefixquit="Quit: " syntaxhints="no" announcets="yes" hostintopic="yes" defaultmodes="nt">
 <security hidesplits="no" maxtargets="20" userstats="Pu" runasuser="" runasgroup="">
-<performance netbuffersize="10240" somaxconn="128" softlimit="12800" quietbursts="yes">
+<performance netbuffersize="10240" somaxconn="1024" softlimit="20000" quietbursts="yes">
 <limits maxnick="30" maxchan="64" maxmodes="20" maxident="11" maxhost="64" maxquit="255"
         maxtopic="307" maxkick="255" maxreal="128" maxaway="200">
 <module name="cap">

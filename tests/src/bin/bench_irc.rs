@@ -26,8 +26,27 @@ use trestle_irc::conn::{ConnConfig, ConnectPacer, IrcConnection};
 
 #[derive(Parser)]
 struct Args {
+    /// The IRC server to measure against.
+    #[arg(long, value_enum, default_value_t = Server::Ngircd, global = true)]
+    server: Server,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The IRC servers the harness can start.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Server {
+    Ngircd,
+    Inspircd,
+}
+
+impl Server {
+    async fn start(self) -> anyhow::Result<Ircd> {
+        match self {
+            Self::Ngircd => Ircd::start().await,
+            Self::Inspircd => Ircd::start_inspircd().await,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -68,8 +87,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn connections(n: usize, idle: u64) -> anyhow::Result<()> {
-    let ircd = Ircd::start().await?;
+async fn connections(server: Server, n: usize, idle: u64) -> anyhow::Result<()> {
+    let ircd = server.start().await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     // The bridge's pacer, opened wide: the server's speed is what is measured.
     let pacer = ConnectPacer::new(200, Duration::from_millis(10), shutdown.clone());
@@ -169,9 +188,9 @@ async fn sync_watch(user: MatrixUser, tx: tokio::sync::mpsc::UnboundedSender<(St
     }
 }
 
-async fn latency(messages: usize) -> anyhow::Result<()> {
+async fn latency(server: Server, messages: usize) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("trestle-bench-irc-").tempdir()?;
-    let ircd = Ircd::start().await?;
+    let ircd = server.start().await?;
     let d = Deployment::new(dir.path(), "irc");
     let config = |hs: &str| {
         format!(
@@ -267,8 +286,9 @@ async fn latency(messages: usize) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Args::parse().cmd {
-        Cmd::Connections { n, idle } => connections(n, idle).await,
-        Cmd::Latency { messages } => latency(messages).await,
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Connections { n, idle } => connections(args.server, n, idle).await,
+        Cmd::Latency { messages } => latency(args.server, messages).await,
     }
 }
