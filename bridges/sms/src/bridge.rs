@@ -348,14 +348,7 @@ impl Inner {
             self.ctx.send_as(ghost, room_id, "m.room.message", content, &txn, None).await?;
         self.ctx
             .store()
-            .insert_message(&MessageMapping {
-                room_id: room_id.to_owned(),
-                remote_id: remote_id.to_owned(),
-                part: 0,
-                event_id,
-                sender: ghost.to_owned(),
-                timestamp: now_ms(),
-            })
+            .insert_message(&MessageMapping::now(room_id, remote_id, 0, &event_id, ghost))
             .await?;
         Ok(())
     }
@@ -526,14 +519,7 @@ impl Inner {
         }
         self.ctx
             .store()
-            .insert_message(&MessageMapping {
-                room_id: room_id.to_owned(),
-                remote_id: id.to_owned(),
-                part: 0,
-                event_id: event_id.to_owned(),
-                sender: sender.to_owned(),
-                timestamp: now_ms(),
-            })
+            .insert_message(&MessageMapping::now(room_id, id, 0, event_id, sender))
             .await?;
         Ok(())
     }

@@ -533,14 +533,7 @@ impl Inner {
     ) -> Result<(), BridgeError> {
         self.ctx
             .store()
-            .insert_message(&MessageMapping {
-                room_id: room_id.to_owned(),
-                remote_id: remote_id.to_owned(),
-                part: 0,
-                event_id: event_id.to_owned(),
-                sender: sender.to_owned(),
-                timestamp: now_ms(),
-            })
+            .insert_message(&MessageMapping::now(room_id, remote_id, 0, event_id, sender))
             .await?;
         if let Some(sid) = sid {
             self.ctx.store().kv_set(&format!("xmpp.sid:{}:{sid}", room.bare()), event_id).await?;
@@ -2714,12 +2707,6 @@ fn human_size(n: u64) -> String {
         unit += 1;
     }
     format!("{v:.1} {}", UNITS[unit])
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -150,6 +150,25 @@ pub struct MessageMapping {
     pub timestamp: i64,
 }
 
+impl MessageMapping {
+    /// A mapping of remote message `remote_id` (part `part`) to `event_id` in `room_id`, sent by
+    /// `sender`, made now.
+    pub fn now(room_id: &str, remote_id: &str, part: u32, event_id: &str, sender: &str) -> Self {
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Self {
+            room_id: room_id.to_owned(),
+            remote_id: remote_id.to_owned(),
+            part,
+            event_id: event_id.to_owned(),
+            sender: sender.to_owned(),
+            timestamp,
+        }
+    }
+}
+
 /// The storage a bridge and the framework share.
 ///
 /// Every method is safe to call concurrently. Implementations must keep blocking work off the

@@ -15,7 +15,7 @@
 use serde_json::{Value, json};
 use trestle::{bridge::BridgeError, store::MessageMapping};
 
-use super::{Inner, Network, now_ms};
+use super::{Inner, Network};
 use crate::conn::{EchoRef, IrcLine};
 
 /// The reply tag we send: what deployed clients and servers implement (the specification's
@@ -90,14 +90,7 @@ impl Inner {
         let Some(msgid) = line.tag("msgid").filter(|m| !m.is_empty()) else { return Ok(()) };
         self.ctx
             .store()
-            .insert_message(&MessageMapping {
-                room_id: room_id.to_owned(),
-                remote_id: msgid.to_owned(),
-                part,
-                event_id: event_id.to_owned(),
-                sender: sender.to_owned(),
-                timestamp: now_ms(),
-            })
+            .insert_message(&MessageMapping::now(room_id, msgid, part, event_id, sender))
             .await?;
         Ok(())
     }
