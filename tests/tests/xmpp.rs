@@ -1076,7 +1076,7 @@ async fn set_power_as_bot(
 }
 
 #[tokio::test]
-async fn matrix_power_levels_become_occupant_roles() -> anyhow::Result<()> {
+async fn matrix_power_levels_become_affiliations_and_roles() -> anyhow::Result<()> {
     let mut env = start().await?;
     let r = matrix_power_body(&mut env).await;
     r.map_err(|e| e.context(env.logs()))
@@ -1099,19 +1099,46 @@ async fn matrix_power_body(env: &mut Env) -> anyhow::Result<()> {
             alice.put(&format!("/rooms/{room}/state/m.room.power_levels/"), pl).await
         }
     };
-    let role = |r: &str| format!("role=\"{r}\"");
+    let has = |p: &str, attrs: &[(&str, &str)]| {
+        p.contains(&from) && attrs.iter().all(|(k, v)| p.contains(&format!("{k}=\"{v}\"")))
+    };
+    // Each change is seen by the XMPP user as a new presence of bob's occupant.
+    let expect = |what: &'static str, attrs: &'static [(&'static str, &'static str)]| {
+        let (xmpp, has) = (&xmpp, &has);
+        let before = xmpp.presences().len();
+        async move {
+            trestle_e2e::wait_for(what, T, || async {
+                xmpp.presences()[before..].iter().any(|p| has(p, attrs)).then_some(())
+            })
+            .await
+        }
+    };
 
-    // Power level 50 → moderator; back to 0 → participant.
+    // Power level 50 → admin (and so moderator); back to 0 → a member participant; 100 → owner
+    // (last: alice, at 100 herself, could not lower bob from there).
+    let admin = expect("bob an admin", &[("affiliation", "admin"), ("role", "moderator")]);
     set_bob(50).await?;
-    let moderator = role("moderator");
-    xmpp.wait_presence(T, |p| p.contains(&from) && p.contains(&moderator)).await?;
-    let before = xmpp.presences().len();
+    admin.await?;
+    let member =
+        expect("bob a member again", &[("affiliation", "member"), ("role", "participant")]);
     set_bob(0).await?;
-    let participant = role("participant");
-    trestle_e2e::wait_for("the occupant back to participant", T, || async {
+    member.await?;
+    let owner = expect("bob an owner", &[("affiliation", "owner"), ("role", "moderator")]);
+    set_bob(100).await?;
+    owner.await?;
+
+    // A user given 50 before joining is an admin as soon as their occupant joins.
+    let carol = MatrixUser::register(&env.synapse.url(), "carol").await?;
+    let mut pl = alice.state(&room, "m.room.power_levels", "").await?.unwrap_or_default();
+    pl["users"][carol.user_id.as_str()] = json!(50);
+    alice.put(&format!("/rooms/{room}/state/m.room.power_levels/"), pl).await?;
+    let carol_from = format!("from=\"pl@{MUC}/carol\"");
+    let before = xmpp.presences().len();
+    carol.join(&room).await?;
+    trestle_e2e::wait_for("carol an admin on joining", T, || async {
         xmpp.presences()[before..]
             .iter()
-            .any(|p| p.contains(&from) && p.contains(&participant))
+            .any(|p| p.contains(&carol_from) && p.contains("affiliation=\"admin\""))
             .then_some(())
     })
     .await?;

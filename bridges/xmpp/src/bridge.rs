@@ -41,7 +41,7 @@ use xmpp_parsers::{
 };
 
 use crate::{
-    config::XmppConfig,
+    config::{Standing, XmppConfig},
     conn::{self, ConnConfig, ConnError, ConnEvent, XmppSender},
     ids::{Ids, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
     stanzas::{self, MucPresence},
@@ -295,6 +295,7 @@ impl Inner {
             self.xmpp.send_for(join, generation).map_err(|e| send_err(&e))?;
             match tokio::time::timeout(WAIT, rx).await {
                 Ok(Ok(Joined::Ok(actual))) => {
+                    self.standing_on_join(room_id, room, mxid, &actual);
                     if actual != base {
                         self.ctx
                             .notice(
@@ -626,6 +627,94 @@ impl Inner {
         intent.ensure_joined(room_id).await?;
         intent.send_receipt(room_id, &event).await?;
         Ok(())
+    }
+
+    /// Brings the occupant `nick` of the Matrix user `mxid` in `xroom` from one standing to
+    /// another (`change`: before, now; see [`PowerLevelsConfig`](crate::config::PowerLevelsConfig)):
+    /// owner and admin are affiliations of the puppet's address, moderator and participant
+    /// roles of the occupant, and leaving owner or admin makes the address a `member` again.
+    /// The bot asks the room; a refusal is told in `room_id` with a notice.
+    async fn set_standing(
+        &self,
+        room_id: &str,
+        xroom: &RoomJid,
+        mxid: &str,
+        nick: &str,
+        (before, now): (Standing, Standing),
+        generation: u64,
+    ) -> Result<(), BridgeError> {
+        let Some(jid) = self.puppet_jid(mxid) else { return Ok(()) };
+        let bare = jid.to_bare().to_string();
+        // Each change is an affiliation (by address) or a role (by nick) request: who, what
+        // changes, and how the notice of a refusal names it.
+        type Change<'a> = ((&'a str, &'a str), (&'a str, &'a str), &'a str);
+        let mut changes: Vec<Change<'_>> = Vec::new();
+        match now {
+            Standing::Owner => changes.push((("jid", &bare), ("affiliation", "owner"), "an owner")),
+            Standing::Admin => changes.push((("jid", &bare), ("affiliation", "admin"), "an admin")),
+            Standing::Moderator | Standing::Participant => {
+                if before >= Standing::Admin {
+                    changes.push((("jid", &bare), ("affiliation", "member"), "a member"));
+                }
+                if now == Standing::Moderator {
+                    changes.push((("nick", nick), ("role", "moderator"), "a moderator"));
+                } else {
+                    changes.push((("nick", nick), ("role", "participant"), "a participant"));
+                }
+            }
+        }
+        for (who, change, what) in changes {
+            let result =
+                self.admin_request(xroom, &self.bot, who, change, None, generation).await?;
+            if let Err(why) = result {
+                self.ctx
+                    .notice(room_id, &format!("Could not make {nick} {what} on XMPP: {why}"))
+                    .await;
+                break;
+            }
+            tracing::info!(room = xroom.bare(), mxid, nick, what, "changed an occupant's standing");
+        }
+        Ok(())
+    }
+
+    /// After the Matrix user `mxid` joined `xroom` as `nick`: gives the occupant the standing
+    /// of the user's current power level when that is above a participant's and the room did
+    /// not already grant it (in the background; failures are logged or told in the room).
+    fn standing_on_join(&self, room_id: &str, xroom: &RoomJid, mxid: &str, nick: &str) {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let Some(generation) = self.xmpp.generation() else { return };
+        let (room_id, xroom, mxid, nick) =
+            (room_id.to_owned(), xroom.clone(), mxid.to_owned(), nick.to_owned());
+        tokio::spawn(async move {
+            let pl = match me.ctx.bot().power_levels(&room_id).await {
+                Ok(pl) => pl,
+                Err(e) => {
+                    tracing::warn!(room_id, error = %e, "cannot read the power levels");
+                    return;
+                }
+            };
+            let level = pl["users"]
+                .get(&mxid)
+                .and_then(Value::as_i64)
+                .unwrap_or_else(|| pl["users_default"].as_i64().unwrap_or(0));
+            let now = me.cfg().power_levels.standing_of(level);
+            let affiliation = me
+                .state()
+                .rooms
+                .get(&xroom.bare())
+                .and_then(|r| r.puppets.get(&mxid))
+                .and_then(|p| p.affiliation.clone());
+            let before = standing_of_affiliation(affiliation.as_deref());
+            if now == Standing::Participant || now == before {
+                return;
+            }
+            let change = (before, now);
+            if let Err(e) =
+                me.set_standing(&room_id, &xroom, &mxid, &nick, change, generation).await
+            {
+                tracing::warn!(room = xroom.bare(), mxid, error = %e, "could not set a standing");
+            }
+        });
     }
 
     /// Sends a MUC admin request (see [`stanzas::muc_admin`]) from `from` on connection
@@ -1575,9 +1664,9 @@ impl Inner {
     }
 
     /// Gives an occupant's ghost the power level of its affiliation and role (see
-    /// [`power_of`]) when it differs. Best effort: a bot without the power to do so is logged.
+    /// [`PowerLevelsConfig::level_of`](crate::config::PowerLevelsConfig::level_of)) when it differs. Best effort: a bot without the power to do so is logged.
     async fn ghost_power(&self, room_id: &str, ghost: &str, pr: &MucPresence) {
-        let level = power_of(pr.affiliation.as_deref(), pr.role.as_deref());
+        let level = self.cfg().power_levels.level_of(pr.affiliation.as_deref(), pr.role.as_deref());
         let bot = self.ctx.bot();
         let current = match bot.power_levels(room_id).await {
             Ok(pl) => pl["users"]
@@ -2424,11 +2513,14 @@ impl XmppBridge {
         Ok(())
     }
 
-    /// Matrix power levels → the roles of the Matrix users' occupants: a user whose level
-    /// reaches 50 becomes a `moderator`, one who drops below it a `participant` again (only
-    /// users whose level crossed 50 in this change, or, without the previous content, who
-    /// reached it). The bot asks the room, so it must be an admin or owner there (it is in rooms
-    /// it created); a refusal is told in a notice. Ghosts' levels are not sent back.
+    /// Matrix power levels → the standing of the Matrix users' occupants (see
+    /// [`PowerLevelsConfig`](crate::config::PowerLevelsConfig)): a user whose level reaches `owner` or `admin` gets that
+    /// affiliation (by the puppet's address), one who reaches `moderator` the moderator role,
+    /// and one who drops below them goes back to a `member` participant. Only users whose
+    /// standing changed in this event are touched (without the previous content: those who have
+    /// one above participant). The bot asks the room, so it must be an owner there to grant
+    /// owner or admin (it is in rooms it created); a refusal is told in a notice. Ghosts' levels
+    /// are not sent back.
     async fn matrix_power(
         &self,
         room_id: &str,
@@ -2437,14 +2529,17 @@ impl XmppBridge {
     ) -> Result<(), BridgeError> {
         let b = &self.inner;
         let Some(generation) = b.xmpp.generation() else { return Ok(()) };
-        let level = |c: &Value, u: &str| {
-            c["users"]
-                .get(u)
-                .and_then(Value::as_i64)
-                .unwrap_or_else(|| c["users_default"].as_i64().unwrap_or(0))
+        let levels = &b.cfg().power_levels;
+        let standing = |c: &Value, u: &str| {
+            levels.standing_of(
+                c["users"]
+                    .get(u)
+                    .and_then(Value::as_i64)
+                    .unwrap_or_else(|| c["users_default"].as_i64().unwrap_or(0)),
+            )
         };
         let prev = event.unsigned.get("prev_content").filter(|p| p.is_object());
-        let puppets: Vec<(String, String)> = b
+        let puppets: Vec<(String, String, Option<String>)> = b
             .state()
             .rooms
             .get(&xroom.bare())
@@ -2452,26 +2547,20 @@ impl XmppBridge {
                 r.puppets
                     .iter()
                     .filter(|(_, p)| p.joined == Some(generation))
-                    .map(|(m, p)| (m.clone(), p.nick.clone()))
+                    .map(|(m, p)| (m.clone(), p.nick.clone(), p.affiliation.clone()))
                     .collect()
             })
             .unwrap_or_default();
-        for (mxid, nick) in puppets {
-            let now = level(&event.content, &mxid) >= 50;
-            match prev.map(|p| level(p, &mxid) >= 50) {
+        for (mxid, nick, affiliation) in puppets {
+            let now = standing(&event.content, &mxid);
+            let before = match prev.map(|p| standing(p, &mxid)) {
                 Some(before) if before == now => continue,
-                None if !now => continue,
-                _ => {}
-            }
-            let role = if now { "moderator" } else { "participant" };
-            let result = b
-                .admin_request(xroom, &b.bot, ("nick", &nick), ("role", role), None, generation)
-                .await?;
-            if let Err(why) = result {
-                b.ctx
-                    .notice(room_id, &format!("Could not make {nick} a {role} on XMPP: {why}"))
-                    .await;
-            }
+                None if now == Standing::Participant => continue,
+                Some(before) => before,
+                None => Standing::Participant,
+            };
+            let before = before.max(standing_of_affiliation(affiliation.as_deref()));
+            b.set_standing(room_id, xroom, &mxid, &nick, (before, now), generation).await?;
         }
         Ok(())
     }
@@ -2656,13 +2745,12 @@ impl XmppBridge {
     }
 }
 
-/// The Matrix power level of an occupant: owners 100; admins and moderators 50; everyone else
-/// 0.
-fn power_of(affiliation: Option<&str>, role: Option<&str>) -> i64 {
-    match (affiliation, role) {
-        (Some("owner"), _) => 100,
-        (Some("admin"), _) | (_, Some("moderator")) => 50,
-        _ => 0,
+/// The standing an occupant's affiliation alone gives it (its role aside).
+fn standing_of_affiliation(affiliation: Option<&str>) -> Standing {
+    match affiliation {
+        Some("owner") => Standing::Owner,
+        Some("admin") => Standing::Admin,
+        _ => Standing::Participant,
     }
 }
 
@@ -2712,14 +2800,39 @@ fn human_size(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PowerLevelsConfig;
 
     #[test]
-    fn affiliations_and_roles_map_to_power_levels() {
-        assert_eq!(power_of(Some("owner"), Some("moderator")), 100);
-        assert_eq!(power_of(Some("admin"), Some("moderator")), 50);
-        assert_eq!(power_of(Some("member"), Some("moderator")), 50);
-        assert_eq!(power_of(Some("member"), Some("participant")), 0);
-        assert_eq!(power_of(None, None), 0);
+    fn affiliations_and_roles_map_to_power_levels_and_back() {
+        let pl = PowerLevelsConfig::default();
+        assert_eq!(pl.level_of(Some("owner"), Some("moderator")), 100);
+        assert_eq!(pl.level_of(Some("admin"), Some("moderator")), 50);
+        assert_eq!(pl.level_of(Some("member"), Some("moderator")), 50);
+        assert_eq!(pl.level_of(Some("member"), Some("participant")), 0);
+        assert_eq!(pl.level_of(None, None), 0);
+        assert_eq!(pl.standing_of(100), Standing::Owner);
+        assert_eq!(pl.standing_of(75), Standing::Admin);
+        assert_eq!(pl.standing_of(50), Standing::Admin);
+        assert_eq!(pl.standing_of(49), Standing::Participant);
+        let pl = PowerLevelsConfig { owner: 100, admin: 75, moderator: 50 };
+        assert_eq!(pl.standing_of(60), Standing::Moderator);
+        assert_eq!(pl.standing_of(75), Standing::Admin);
+        assert_eq!(pl.level_of(Some("admin"), None), 75);
+        // Round trip: every standing's level maps back to the same standing.
+        for (aff, role) in [(Some("owner"), None), (Some("admin"), None), (None, Some("moderator"))]
+        {
+            let level = pl.level_of(aff, role);
+            let back = pl.standing_of(level);
+            assert_eq!(
+                pl.level_of(aff, role),
+                match back {
+                    Standing::Owner => pl.owner,
+                    Standing::Admin => pl.admin,
+                    Standing::Moderator => pl.moderator,
+                    Standing::Participant => 0,
+                }
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,74 @@ pub struct XmppConfig {
     /// Files sent from XMPP (XEP-0066 out-of-band URLs, as XEP-0363 uploads send them).
     #[serde(default)]
     pub files: FilesConfig,
+    /// The Matrix power levels that stand for XMPP affiliations and roles, both ways.
+    #[serde(default)]
+    pub power_levels: PowerLevelsConfig,
+}
+
+/// The Matrix power levels of XMPP affiliations and roles (XEP-0045), used both ways: an
+/// occupant's ghost gets the level of its affiliation or role, and a Matrix user whose level
+/// reaches one of them gets that affiliation (owner, admin) or role (moderator) in the chat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerLevelsConfig {
+    /// The level of the `owner` affiliation.
+    #[serde(default = "default_owner_level")]
+    pub owner: i64,
+    /// The level of the `admin` affiliation (which may ban).
+    #[serde(default = "default_admin_level")]
+    pub admin: i64,
+    /// The level of the `moderator` role (which may kick and moderate messages).
+    #[serde(default = "default_moderator_level")]
+    pub moderator: i64,
+}
+
+impl Default for PowerLevelsConfig {
+    fn default() -> Self {
+        Self {
+            owner: default_owner_level(),
+            admin: default_admin_level(),
+            moderator: default_moderator_level(),
+        }
+    }
+}
+
+impl PowerLevelsConfig {
+    /// The Matrix power level of an occupant with `affiliation` and `role`.
+    pub fn level_of(&self, affiliation: Option<&str>, role: Option<&str>) -> i64 {
+        match (affiliation, role) {
+            (Some("owner"), _) => self.owner,
+            (Some("admin"), _) => self.admin,
+            (_, Some("moderator")) => self.moderator,
+            _ => 0,
+        }
+    }
+
+    /// The standing in an XMPP chat that a Matrix power level stands for.
+    pub fn standing_of(&self, level: i64) -> Standing {
+        if level >= self.owner {
+            Standing::Owner
+        } else if level >= self.admin {
+            Standing::Admin
+        } else if level >= self.moderator {
+            Standing::Moderator
+        } else {
+            Standing::Participant
+        }
+    }
+}
+
+/// Where a Matrix user's power level places their occupant in an XMPP chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Standing {
+    /// A `participant` role with no affiliation beyond `member`.
+    Participant,
+    /// The `moderator` role.
+    Moderator,
+    /// The `admin` affiliation.
+    Admin,
+    /// The `owner` affiliation.
+    Owner,
 }
 
 /// How files sent from XMPP are downloaded before they are uploaded to the homeserver.
@@ -122,6 +190,15 @@ impl Default for ConnectionConfig {
     }
 }
 
+fn default_owner_level() -> i64 {
+    100
+}
+fn default_admin_level() -> i64 {
+    50
+}
+fn default_moderator_level() -> i64 {
+    50
+}
 fn default_file_max() -> u64 {
     50 * 1024 * 1024
 }
@@ -189,6 +266,25 @@ impl BridgeConfig for XmppConfig {
         }
         if self.component.host.trim().is_empty() {
             errors.push(ConfigError::invalid("bridge.component.host", "must not be empty"));
+        }
+        let pl = &self.power_levels;
+        if pl.moderator < 1 {
+            errors.push(ConfigError::invalid(
+                "bridge.power_levels.moderator",
+                "must be at least 1 (level 0 is everyone's)",
+            ));
+        }
+        if pl.admin < pl.moderator {
+            errors.push(ConfigError::invalid(
+                "bridge.power_levels.admin",
+                "must not be below bridge.power_levels.moderator",
+            ));
+        }
+        if pl.owner < pl.admin {
+            errors.push(ConfigError::invalid(
+                "bridge.power_levels.owner",
+                "must not be below bridge.power_levels.admin",
+            ));
         }
         if self.muc_services.is_empty() {
             errors.push(ConfigError::invalid("bridge.muc_services", "at least one is needed"));
