@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests and the demo need. Idempotent; safe to re-run.
 #  - Debian packages: InspIRCd, Atheme services, ngIRCd, Prosody (and its community modules),
-#    Kannel, Net::SMPP (their system services are stopped: the tests run their own instances
+#    ejabberd, Kannel, Net::SMPP (their system services are stopped: the tests run their own instances
 #    on free ports), openssl (test certificates), python3-venv.
 #  - Synapse in a virtualenv at ${TRESTLE_E2E_HOME:-<repo>/.e2e}/venv.
 set -euo pipefail
@@ -10,7 +10,7 @@ home=${TRESTLE_E2E_HOME:-$repo/.e2e}
 mkdir -p "$home"
 log() { printf '[install-deps] %s\n' "$*"; }
 
-packages=(inspircd atheme-services ngircd prosody prosody-modules kannel kannel-extras libnet-smpp-perl openssl python3-venv)
+packages=(inspircd atheme-services ngircd prosody prosody-modules ejabberd kannel kannel-extras libnet-smpp-perl openssl python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,7 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-  for svc in inspircd atheme-services ngircd prosody kannel; do
+  for svc in inspircd atheme-services ngircd prosody ejabberd kannel; do
     $sudo service "$svc" stop >/dev/null 2>&1 || true
   done
 else

@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
+pub mod ejabberd;
 pub mod ircd;
 pub mod kannel;
 pub mod netsmpp;
