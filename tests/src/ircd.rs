@@ -442,7 +442,7 @@ fn unescape_tag(v: &str) -> String {
     out
 }
 
-fn parse(raw: &str) -> Line {
+pub(crate) fn parse(raw: &str) -> Line {
     let mut rest = raw;
     let mut tags = Vec::new();
     if let Some(r) = rest.strip_prefix('@') {

@@ -22,6 +22,7 @@ pub mod ircd;
 pub mod kannel;
 pub mod netsmpp;
 pub mod prosody;
+pub mod scripted_ircd;
 pub mod smsc;
 pub mod synapse;
 

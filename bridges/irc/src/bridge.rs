@@ -209,6 +209,28 @@ pub fn parse_server_time(s: &str) -> Option<u64> {
     u64::try_from(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms).ok()
 }
 
+/// The nick a Matrix user's messages show under with `RELAYMSG`: their displayname kept to
+/// the characters nicks may hold (letters, digits, `-_[]\\^{}|` and backquote; a leading digit
+/// or `-` gets an `m` before it), cut to fit, then the server's first separator (`/` when it
+/// names none) and `m`. The separator is not allowed in real nicks, so this one can never be
+/// an IRC user's.
+pub fn relay_nick(displayname: &str, separators: &str, nicklen: usize) -> String {
+    let sep = separators.chars().find(|c| !c.is_whitespace() && *c != ',').unwrap_or('/');
+    let mut base: String = displayname
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_[]\\^{}|`".contains(*c))
+        .collect();
+    if base.is_empty() {
+        base = "matrix".to_owned();
+    }
+    if base.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+        base.insert(0, 'm');
+    }
+    let room = nicklen.max(4) - 1 - sep.len_utf8();
+    base.truncate(room);
+    format!("{base}{sep}m")
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -232,6 +254,15 @@ impl Network {
             .copied()
             .max()
             .unwrap_or(0)
+    }
+
+    /// Whether `nick` is a channel operator (or above: `a`, `q`) of `channel`, as far as the
+    /// modes seen tell.
+    fn is_chanop(&self, channel: &str, nick: &str) -> bool {
+        lock(&self.member_modes)
+            .get(&self.portal_id(channel))
+            .and_then(|members| members.get(&self.fold(nick)))
+            .is_some_and(|modes| modes.iter().any(|m| matches!(m, 'o' | 'a' | 'q')))
     }
 
     /// Forgets a member's modes (in one channel, or everywhere).
@@ -577,6 +608,31 @@ impl Inner {
     ) -> Result<(), BridgeError> {
         let name = self.displayname(sender).await;
         let lines = self.irc_lines(net, msg).await;
+        // RELAYMSG where the server offers it and the bot may use it (a channel operator):
+        // the message shows as from a nick of the sender's own, without a prefix. Notices
+        // have no RELAYMSG form.
+        if msg.msgtype != MessageType::Notice
+            && let Some(separators) = net.bot.cap_value(crate::conn::RELAYMSG_CAP)
+            && net.is_chanop(channel, &net.bot.nick())
+        {
+            let nicklen = net.bot.isupport().nicklen.unwrap_or(30);
+            let nick = relay_nick(&name, &separators, nicklen);
+            let budget = net.bot.text_budget(channel).saturating_sub(nick.len() + 9).max(16);
+            for line in lines {
+                let line = if edit { format!("* {line}") } else { line };
+                for chunk in split_text(&line, Budget::bytes(budget)) {
+                    let text = match msg.msgtype {
+                        MessageType::Emote => format!("\u{1}ACTION {chunk}\u{1}"),
+                        _ => chunk,
+                    };
+                    net.bot
+                        .send_line_with(IrcLine::new("RELAYMSG", &[channel, &nick, &text]), out)
+                        .await
+                        .map_err(bridge_err)?;
+                }
+            }
+            return Ok(());
+        }
         let command = if msg.msgtype == MessageType::Notice { "NOTICE" } else { "PRIVMSG" };
         let wrap = |chunk: &str| match msg.msgtype {
             MessageType::Emote => format!("* {name} {chunk}"),
@@ -633,7 +689,7 @@ impl Inner {
             "PRIVMSG" | "NOTICE" => {
                 let (target, text) = (line.param(0), line.param(1));
                 let Some(nick) = line.nick() else { return Ok(()) };
-                if from_me || !net.is_channel(target) {
+                if from_me || !net.is_channel(target) || net.bot.relayed_by_us(&line) {
                     return Ok(());
                 }
                 let Some(portal) =
@@ -672,6 +728,20 @@ impl Inner {
                 let ghost = net.ghost_user_id(nick, &domain);
                 self.ensure_nick_ghost(net, &ghost, nick).await?;
                 self.irc_reaction(net, &portal.room_id, &ghost, &line).await?;
+            }
+            // A message deleted on IRC (draft message redaction).
+            "REDACT" => {
+                let Some(nick) = line.nick() else { return Ok(()) };
+                if from_me || !net.is_channel(line.param(0)) {
+                    return Ok(());
+                }
+                let Some(portal) =
+                    self.ctx.store().portal_by_remote(&net.portal_id(line.param(0))).await?
+                else {
+                    return Ok(());
+                };
+                let ghost = net.ghost_user_id(nick, &domain);
+                self.irc_redaction(&ghost, nick, &portal.room_id, &line).await?;
             }
             "JOIN" => {
                 let Some(nick) = line.nick() else { return Ok(()) };
@@ -840,17 +910,23 @@ impl Inner {
                         .await?;
                 }
             }
-            "353" if net.config.membership_sync == MembershipSync::All => {
+            // NAMES: members and their modes (those with modes only, and the bot's own, when
+            // membership is synced lazily).
+            "353" => {
                 let chan = line.param(2);
+                let all = net.config.membership_sync == MembershipSync::All;
                 if let Some(portal) =
                     self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
                 {
                     let isupport = net.bot.isupport();
                     for entry in line.param(3).split(' ').filter(|e| !e.is_empty()) {
                         let (modes, nick) = isupport.split_prefixes(entry);
+                        if !all && modes.is_empty() {
+                            continue;
+                        }
                         let changes: Vec<(bool, char)> = modes.iter().map(|m| (true, *m)).collect();
                         let level = net.set_modes(chan, nick, &changes);
-                        if !cm.eq(nick, &me) && !net.is_puppet_nick(nick) {
+                        if all && !cm.eq(nick, &me) && !net.is_puppet_nick(nick) {
                             self.ghost_join(net, nick, &portal.room_id).await?;
                             if level > 0 {
                                 self.ghost_power(net, nick, &portal.room_id, level).await;
@@ -1312,11 +1388,15 @@ impl Bridge for IrcBridge {
         room: &RoomContext,
         event: &MatrixEvent,
         target: &str,
-        _reason: Option<&str>,
+        reason: Option<&str>,
     ) -> Result<(), BridgeError> {
-        let Some((net, _)) = room.portal.as_ref().and_then(|p| self.inner.target_of(p)) else {
+        let Some((net, dest)) = room.portal.as_ref().and_then(|p| self.inner.target_of(p)) else {
             return Ok(());
         };
+        // A server with message redaction (a draft): `REDACT` of each line the event became.
+        if self.inner.redact_on_irc(&net, &dest, event, target, reason).await? {
+            return Ok(());
+        }
         if net.config.redaction_fallback != crate::config::RedactionFallback::Notice {
             return Ok(());
         }
@@ -1435,6 +1515,24 @@ impl Bridge for IrcBridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_nicks_hold_a_separator_and_only_nick_characters() {
+        assert_eq!(relay_nick("Alice", "/", 30), "Alice/m");
+        // The server's first separator; `/` when it names none.
+        assert_eq!(relay_nick("Alice", "|/", 30), "Alice|m");
+        assert_eq!(relay_nick("Alice", "", 30), "Alice/m");
+        // Spaces, control characters, prefixes and reserved characters go; nothing left gives
+        // a fallback; a leading digit or dash gets a letter.
+        assert_eq!(relay_nick("Bob Smith!@#:\r\n", "/", 30), "BobSmith/m");
+        assert_eq!(relay_nick("ℬ🙂", "/", 30), "matrix/m");
+        assert_eq!(relay_nick("1337", "/", 30), "m1337/m");
+        assert_eq!(relay_nick("-x", "/", 30), "m-x/m");
+        // Cut to the server's NICKLEN, separator and suffix included.
+        let long = relay_nick(&"a".repeat(50), "/", 16);
+        assert_eq!(long.len(), 16);
+        assert!(long.ends_with("/m"));
+    }
 
     #[test]
     fn server_time() {

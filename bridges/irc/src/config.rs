@@ -63,7 +63,8 @@ pub struct IdentdConfig {
 pub enum BridgeMode {
     /// Each Matrix user gets an IRC connection of their own.
     Puppets,
-    /// One connection relays everyone's messages with a name prefix (RELAYMSG if offered).
+    /// One connection relays everyone's messages with a name prefix (with `RELAYMSG`, as a nick
+    /// of their own, where the server offers it and the bot is a channel operator).
     Relay,
 }
 

@@ -130,6 +130,22 @@ macro_rules! store_conformance_tests {
                     s.message_by_event("!a:x", "$e0!a:x").await.unwrap(),
                     Some(m("!a:x", 0))
                 );
+                // One event sent as two remote messages: both found from the event, in order.
+                let split = |remote: &str, part| MessageMapping {
+                    room_id: "!a:x".into(),
+                    remote_id: remote.into(),
+                    part,
+                    event_id: "$long".into(),
+                    sender: "@u:x".into(),
+                    timestamp: 2,
+                };
+                s.insert_message(&split("m3", 1)).await.unwrap();
+                s.insert_message(&split("m2", 0)).await.unwrap();
+                assert_eq!(
+                    s.messages_by_event("!a:x", "$long").await.unwrap(),
+                    vec![split("m2", 0), split("m3", 1)]
+                );
+                assert!(s.messages_by_event("!b:x", "$long").await.unwrap().is_empty());
                 s.delete_messages("!a:x", "m1").await.unwrap();
                 assert!(s.messages_by_remote("!a:x", "m1").await.unwrap().is_empty());
                 assert_eq!(s.messages_by_remote("!b:x", "m1").await.unwrap().len(), 1);

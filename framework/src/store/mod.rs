@@ -241,6 +241,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         room_id: &str,
         event_id: &str,
     ) -> Result<Option<MessageMapping>, StoreError>;
+    /// Every mapping of a Matrix event in a room (an event sent as several remote messages,
+    /// such as a long text split into lines), in part order.
+    async fn messages_by_event(
+        &self,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Vec<MessageMapping>, StoreError>;
     /// Removes every part of a remote message in a room.
     async fn delete_messages(&self, room_id: &str, remote_id: &str) -> Result<(), StoreError>;
 

@@ -571,6 +571,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn messages_by_event(
+        &self,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Vec<MessageMapping>, StoreError> {
+        let (r, e) = (room_id.to_owned(), event_id.to_owned());
+        self.call(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 AND event_id = ?2 ORDER BY part"
+            ))?;
+            Ok(stmt.query_map(params![r, e], row_mapping)?.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     async fn delete_messages(&self, room_id: &str, remote_id: &str) -> Result<(), StoreError> {
         let (r, m) = (room_id.to_owned(), remote_id.to_owned());
         self.call(move |c| {

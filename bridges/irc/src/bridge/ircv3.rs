@@ -8,15 +8,18 @@
 //! - a Matrix reply to a mapped message is sent with `+draft/reply=<msgid>`, and an IRC message
 //!   with `+draft/reply` (or the ratified `+reply`) to a mapped msgid becomes a Matrix reply;
 //! - a Matrix reaction to a mapped message is a `TAGMSG` with `+draft/react` and
-//!   `+draft/reply`, and such a `TAGMSG` from IRC is a reaction of the sender's ghost.
+//!   `+draft/reply`, and such a `TAGMSG` from IRC is a reaction of the sender's ghost;
+//! - where the server offers message redaction (`draft/message-redaction`, a draft), a Matrix
+//!   redaction of a mapped event is a `REDACT` of each of its msgids, and an IRC `REDACT` of a
+//!   mapped msgid redacts its events.
 //!
 //! Mappings are scoped per room, so a msgid from one channel never resolves in another.
 
 use serde_json::{Value, json};
-use trestle::{bridge::BridgeError, store::MessageMapping};
+use trestle::{bridge::BridgeError, event::MatrixEvent, store::MessageMapping};
 
-use super::{Inner, Network};
-use crate::conn::{EchoRef, IrcLine};
+use super::{Inner, Network, Target};
+use crate::conn::{EchoRef, IrcLine, REDACTION_CAP, line::one_line};
 
 /// The reply tag we send: what deployed clients and servers implement (the specification's
 /// draft name; `+reply` is accepted as well).
@@ -128,7 +131,78 @@ impl Inner {
         }});
         let txn = self.ctx.txn_id_for(&super::cause_of(net, line), 0);
         let ts = line.tag("time").and_then(super::parse_server_time);
-        self.ctx.send_as(ghost, room_id, "m.reaction", content, &txn, ts).await?;
+        let reaction = self.ctx.send_as(ghost, room_id, "m.reaction", content, &txn, ts).await?;
+        // Its own msgid maps to the reaction: a `REDACT` of it takes the reaction back.
+        self.map_irc_message(room_id, line, &reaction, ghost, 0).await
+    }
+
+    /// A Matrix redaction of `target` on a network with message redaction (`REDACT`, a
+    /// draft): each IRC message the event became is deleted, by the redactor's own connection
+    /// when they have one there (their messages, or others' when they are a channel operator),
+    /// else by the bot. `false` when the server cannot, or the event was not mapped to msgids,
+    /// so the configured fallback applies.
+    pub(super) async fn redact_on_irc(
+        &self,
+        net: &Network,
+        dest: &Target,
+        event: &MatrixEvent,
+        target: &str,
+        reason: Option<&str>,
+    ) -> Result<bool, BridgeError> {
+        if !net.has_tags() || !net.bot.has_cap(REDACTION_CAP) {
+            return Ok(false);
+        }
+        let parts = self.ctx.store().messages_by_event(&event.room_id, target).await?;
+        if parts.is_empty() {
+            return Ok(false);
+        }
+        let (to, user) = match dest {
+            Target::Channel(chan) => (chan.as_str(), event.sender.as_str()),
+            Target::Direct { user, nick } => (nick.as_str(), user.as_str()),
+        };
+        let conn = match net.puppets.get(user) {
+            Some(p) if p.conn.is_registered() => p.conn.clone(),
+            _ => net.bot.clone(),
+        };
+        let reason = reason.map(one_line).filter(|r| !r.is_empty());
+        for part in &parts {
+            let mut params = vec![to, part.remote_id.as_str()];
+            params.extend(reason.as_deref());
+            conn.send(IrcLine::new("REDACT", &params)).await.map_err(super::bridge_err)?;
+        }
+        tracing::debug!(room_id = event.room_id, target, lines = parts.len(), "redacted on IRC");
+        Ok(true)
+    }
+
+    /// An IRC `REDACT` of a mapped message in a portal: its Matrix events are redacted, by
+    /// the ghost of `nick` when the message was its own, else by the bot, saying who deleted
+    /// it and why.
+    pub(super) async fn irc_redaction(
+        &self,
+        ghost: &str,
+        nick: &str,
+        room_id: &str,
+        line: &IrcLine,
+    ) -> Result<(), BridgeError> {
+        let msgid = line.param(1);
+        if msgid.is_empty() {
+            return Ok(());
+        }
+        let reason = match crate::format::strip_codes(line.param(2)) {
+            r if r.is_empty() => format!("deleted on IRC by {nick}"),
+            r => format!("deleted on IRC by {nick}: {r}"),
+        };
+        for part in self.ctx.store().messages_by_remote(room_id, msgid).await? {
+            let own = part.sender == ghost;
+            let r = if own {
+                self.ctx.intent(ghost).redact(room_id, &part.event_id, Some(&reason)).await
+            } else {
+                self.ctx.bot().redact(room_id, &part.event_id, Some(&reason)).await
+            };
+            if let Err(e) = r {
+                tracing::warn!(room_id, event_id = part.event_id, error = %e, "could not redact");
+            }
+        }
         Ok(())
     }
 }

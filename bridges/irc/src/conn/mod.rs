@@ -17,7 +17,7 @@ pub mod isupport;
 pub mod line;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -49,7 +49,20 @@ pub const WANTED_CAPS: &[&str] = &[
     "batch",
     "labeled-response",
     "echo-message",
+    RELAYMSG_CAP,
+    REDACTION_CAP,
 ];
+
+/// The capability of `RELAYMSG` (a draft): a channel operator's messages shown as from a nick
+/// of the sender's own. Its value lists the characters a relayed nick must contain.
+pub const RELAYMSG_CAP: &str = "draft/relaymsg";
+
+/// The capability of `REDACT` (a draft): deleting a message by its msgid.
+pub const REDACTION_CAP: &str = "draft/message-redaction";
+
+/// Tags naming the relayer of a message sent with `RELAYMSG` (the draft's name and the
+/// prefixed one servers use).
+const RELAY_TAGS: &[&str] = &["draft/relaymsg", "relaymsg"];
 
 /// Echoes awaited at most per connection; the oldest is forgotten beyond (a server that drops
 /// a message, `+m` say, never echoes it).
@@ -190,6 +203,8 @@ pub struct ConnState {
     pub nick: String,
     /// Capabilities enabled.
     pub caps: HashSet<String>,
+    /// Values of the capabilities the server offered (`name=value`).
+    pub cap_values: HashMap<String, String>,
     /// The server's ISUPPORT.
     pub isupport: Isupport,
     /// Channels we are in (folded name → (name, key)), rejoined after a reconnect.
@@ -205,16 +220,27 @@ type EchoKey = (String, String, String);
 
 impl ConnState {
     fn echo_key(&self, line: &IrcLine) -> EchoKey {
-        (
-            line.command.clone(),
-            self.isupport.casemapping.fold(line.param(0)),
-            line.param(1).to_owned(),
-        )
+        // `RELAYMSG #chan nick :text` comes back as a PRIVMSG of that text from the nick.
+        let (command, text) = if line.command == "RELAYMSG" {
+            ("PRIVMSG".to_owned(), line.param(2))
+        } else {
+            (line.command.clone(), line.param(1))
+        };
+        (command, self.isupport.casemapping.fold(line.param(0)), text.to_owned())
+    }
+
+    /// Whether `line` is a message we relayed with `RELAYMSG` (its relay tag names us).
+    fn relayed_by_us(&self, line: &IrcLine) -> bool {
+        RELAY_TAGS
+            .iter()
+            .filter_map(|t| line.tag(t))
+            .any(|by| self.isupport.casemapping.eq(by, &self.nick))
     }
 
     /// The reference of an awaited echo, if `line` is one (our own message, echo-message on).
     fn take_echo(&mut self, line: &IrcLine) -> Option<EchoRef> {
-        let ours = line.nick().is_some_and(|n| self.isupport.casemapping.eq(n, &self.nick));
+        let ours = line.nick().is_some_and(|n| self.isupport.casemapping.eq(n, &self.nick))
+            || self.relayed_by_us(line);
         if !ours || !self.caps.contains("echo-message") || self.echo_pending.is_empty() {
             return None;
         }
@@ -353,6 +379,19 @@ impl IrcConnection {
     /// Whether a capability is enabled.
     pub fn has_cap(&self, cap: &str) -> bool {
         self.lock().caps.contains(cap)
+    }
+
+    /// The value the server gave an enabled capability (`""` without one); `None` when the
+    /// capability is not enabled.
+    pub fn cap_value(&self, cap: &str) -> Option<String> {
+        let st = self.lock();
+        st.caps.contains(cap).then(|| st.cap_values.get(cap).cloned().unwrap_or_default())
+    }
+
+    /// Whether `line` is a message this connection relayed with `RELAYMSG` (the server shows
+    /// it from another nick, with a tag naming us): never to be bridged back.
+    pub fn relayed_by_us(&self, line: &IrcLine) -> bool {
+        self.lock().relayed_by_us(line)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
@@ -617,7 +656,11 @@ async fn session(
         }
     }
     // Capabilities are negotiated again on every socket: a restarted server may offer others.
-    lock().caps.clear();
+    {
+        let mut st = lock();
+        st.caps.clear();
+        st.cap_values.clear();
+    }
     let mut offered: Vec<String> = Vec::new();
     let mut cap_done = false;
     let mut registered = false;
@@ -657,7 +700,11 @@ async fn session(
                         let list = line.params.last().cloned().unwrap_or_default();
                         match sub.as_str() {
                             "LS" => {
-                                offered.extend(list.split(' ').filter(|s| !s.is_empty()).map(|c| c.split('=').next().unwrap_or(c).to_owned()));
+                                for c in list.split(' ').filter(|s| !s.is_empty()) {
+                                    let (name, value) = c.split_once('=').unwrap_or((c, ""));
+                                    offered.push(name.to_owned());
+                                    lock().cap_values.insert(name.to_owned(), value.to_owned());
+                                }
                                 if line.param(2) == "*" {
                                     continue;
                                 }
@@ -881,6 +928,32 @@ mod tests {
         assert_eq!(st.take_echo(&IrcLine::parse(":me!u@h PRIVMSG #chan :hello!").unwrap()), None);
         assert_eq!(st.take_echo(&echo), Some(r));
         assert_eq!(st.take_echo(&echo), None);
+    }
+
+    #[test]
+    fn relayed_messages_are_ours_and_echo_as_privmsg() {
+        let mut st = ConnState { nick: "Bot".into(), ..ConnState::default() };
+        st.caps.insert("echo-message".into());
+        let sent = IrcLine::new("RELAYMSG", &["#Chan", "alice/m", "hello"]);
+        let r =
+            EchoRef { room_id: "!r".into(), event_id: "$e".into(), sender: "@a:x".into(), part: 0 };
+        let key = st.echo_key(&sent);
+        st.echo_pending.push_back((key, r.clone()));
+        // Another relayer's message, or an untagged one from the same nick, is not ours.
+        let other = IrcLine::parse("@draft/relaymsg=OtherBot :alice/m!r@h PRIVMSG #chan :hello");
+        assert!(!st.relayed_by_us(&other.clone().unwrap()));
+        assert_eq!(st.take_echo(&other.unwrap()), None);
+        let untagged = IrcLine::parse(":alice/m!r@h PRIVMSG #chan :hello").unwrap();
+        assert_eq!(st.take_echo(&untagged), None);
+        // The draft tag and the spec's name both name the relayer (casemapped).
+        let ours = IrcLine::parse("@msgid=9;draft/relaymsg=bot :alice/m!r@h PRIVMSG #CHAN :hello");
+        let ours = ours.unwrap();
+        assert!(st.relayed_by_us(&ours));
+        assert!(
+            st.relayed_by_us(&IrcLine::parse("@relaymsg=Bot :x/m!r@h PRIVMSG #chan :hi").unwrap())
+        );
+        assert_eq!(st.take_echo(&ours), Some(r));
+        assert_eq!(st.take_echo(&ours), None);
     }
 
     #[test]
