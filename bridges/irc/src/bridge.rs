@@ -36,6 +36,7 @@ use crate::{
     format::{irc_to_runs, runs_to_irc},
 };
 
+mod bans;
 mod commands;
 mod ircv3;
 mod puppet;
@@ -64,6 +65,8 @@ struct Network {
     recent_quits: Mutex<std::collections::VecDeque<std::time::Instant>>,
     /// `!whois` in flight: folded nick → replies so far, and who waits for them.
     whois: Mutex<WhoisWaiters>,
+    /// `user@host` of the nicks the bot has seen (folded nick →), for ban masks.
+    hosts: Mutex<HashMap<String, String>>,
 }
 
 /// A recent message of a room: (event id, sender's name, text).
@@ -362,17 +365,19 @@ impl Inner {
         names.insert(user_id.to_owned(), one_line(name));
     }
 
-    /// Creates (or finds) the portal for a channel and has the bot join it.
+    /// Creates (or finds) the portal for a channel and has the bot join it (with `key`, for a
+    /// keyed channel: then also when the portal existed, as the bot may have failed to join).
     async fn open_portal(
         &self,
         net: &Network,
         channel: &str,
         alias: Option<&str>,
+        key: Option<&str>,
     ) -> Result<(Portal, bool), BridgeError> {
         let spec = self.portal_spec(net, channel);
         let (portal, created) = self.ctx.ensure_portal(&spec, alias).await?;
-        if created {
-            net.bot.join(channel, None).await.map_err(bridge_err)?;
+        if created || key.is_some() {
+            net.bot.join(channel, key).await.map_err(bridge_err)?;
         }
         Ok((portal, created))
     }
@@ -612,6 +617,19 @@ impl Inner {
         let me = net.bot.nick();
         let cm = net.bot.isupport().casemapping;
         let from_me = line.nick().is_some_and(|n| cm.eq(n, &me));
+        // Every prefix tells a nick's `user@host` (puppets' too), as other users see it.
+        net.note_host(&line);
+        match line.command.as_str() {
+            "NICK" => net.move_host(line.nick().unwrap_or_default(), Some(line.param(0))),
+            "QUIT" => net.move_host(line.nick().unwrap_or_default(), None),
+            "CHGHOST" if !line.param(1).is_empty() => {
+                net.set_host(
+                    line.nick().unwrap_or_default(),
+                    &format!("{}@{}", line.param(0), line.param(1)),
+                );
+            }
+            _ => {}
+        }
         // What our puppets do on IRC is what Matrix users did: never bridged back. The msgid of
         // a puppet's channel message is learnt here, from the bot's copy: it comes before any
         // IRC reply to it (one connection, in order), which the puppet's echo would not.
@@ -676,6 +694,11 @@ impl Inner {
             "JOIN" => {
                 let Some(nick) = line.nick() else { return Ok(()) };
                 if from_me {
+                    // Who is there, with their hosts (for bans), and the channel's modes
+                    // (its key).
+                    let chan = line.param(0);
+                    net.bot.send(IrcLine::new("WHO", &[chan])).await.map_err(bridge_err)?;
+                    net.bot.send(IrcLine::new("MODE", &[chan])).await.map_err(bridge_err)?;
                     return Ok(());
                 }
                 // Back from a netsplit: their ghost never left.
@@ -702,6 +725,12 @@ impl Inner {
                     self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
                 {
                     let ghost = net.ghost_user_id(&nick, &domain);
+                    // Banned in the room already (an IRC ban mirrored): nothing left to do.
+                    if self.ctx.store().membership(&portal.room_id, &ghost).await?.as_deref()
+                        == Some("ban")
+                    {
+                        return Ok(());
+                    }
                     if line.command == "KICK" {
                         // The bot kicks the ghost, saying who kicked on IRC and why.
                         let by = line.nick().unwrap_or("the server");
@@ -741,6 +770,15 @@ impl Inner {
                         }
                         ('k', key) => {
                             net.bot.remember_key(chan, if set { key.as_deref() } else { None })
+                        }
+                        // Bans the bot sets are a Matrix moderator's, mirrored already.
+                        ('b', Some(mask)) if !from_me => {
+                            let by = line.nick().unwrap_or("the server");
+                            if set {
+                                self.irc_ban(net, chan, &portal, by, &mask).await?;
+                            } else {
+                                self.irc_unban(net, chan, &portal, by, &mask).await?;
+                            }
                         }
                         _ => {}
                     }
@@ -789,6 +827,20 @@ impl Inner {
                     self.hold_split(net, nick, line.param(0), held);
                 }
             }
+            // The channel's modes, asked for when the bot joins: its key, if any.
+            "324" => {
+                let changes = net
+                    .bot
+                    .isupport()
+                    .mode_changes(line.param(2), &line.params[3.min(line.params.len())..]);
+                for (set, mode, key) in changes {
+                    if set && mode == 'k' && key.as_deref().is_some_and(|k| k != "*") {
+                        net.bot.remember_key(line.param(1), key.as_deref());
+                    }
+                }
+            }
+            // WHO replies: hosts of the members of a channel the bot joined.
+            "352" => net.set_host(line.param(5), &format!("{}@{}", line.param(2), line.param(3))),
             // WHOIS replies, for `!whois`.
             "311" | "312" | "319" | "330" | "301" | "317" | "318" | "401" => {
                 let nick = line.param(1);
@@ -983,6 +1035,15 @@ impl Inner {
         room_id: &str,
     ) -> Result<(), BridgeError> {
         let ghost = net.ghost_user_id(nick, self.ctx.domain());
+        if self.ctx.store().membership(room_id, &ghost).await?.as_deref() == Some("ban") {
+            tracing::debug!(
+                network = net.id,
+                nick,
+                room_id,
+                "ghost banned from the room; not joined"
+            );
+            return Ok(());
+        }
         self.ensure_nick_ghost(net, &ghost, nick).await?;
         self.ctx.intent(&ghost).ensure_joined(room_id).await?;
         Ok(())
@@ -1125,6 +1186,7 @@ impl Bridge for IrcBridge {
                 split: Mutex::default(),
                 recent_quits: Mutex::default(),
                 whois: Mutex::default(),
+                hosts: Mutex::default(),
             });
             receivers.push((Arc::clone(&net), events));
             networks.insert(id.clone(), net);
