@@ -724,9 +724,13 @@ async fn puppet_loop(
                     "473" => {
                         let chan = line.param(1).to_owned();
                         let folded = net.fold(&chan);
-                        let retry = net.can_invite(&chan)
-                            && lock(&p.awaiting_invite).insert(folded.clone());
-                        if retry {
+                        if lock(&p.awaiting_invite).contains(&folded) {
+                            // Another refusal of a join sent before the invite came (a
+                            // reconnect's rejoin, say); the invite's timeout has the last word.
+                            continue;
+                        }
+                        if net.can_invite(&chan) {
+                            lock(&p.awaiting_invite).insert(folded.clone());
                             tracing::info!(
                                 network = net.id,
                                 user_id = p.user_id,
@@ -807,6 +811,10 @@ impl Inner {
     /// The puppet could not join an invite-only channel: it forgets the channel, and the user
     /// is told how to get in.
     async fn cannot_join_invite_only(&self, net: &Network, p: &Puppet, chan: &str, nick: &str) {
+        if !p.conn.in_channel(chan) {
+            // Told already (the refusal of a second JOIN of the same attempt).
+            return;
+        }
         let _ = p.conn.part(chan, "").await;
         self.tell(
             p,
