@@ -1140,7 +1140,7 @@ async fn admin_room(alice: &MatrixUser) -> anyhow::Result<String> {
 /// sets for a Matrix moderator never come back as a second Matrix action.
 #[tokio::test]
 async fn irc_bans_mirror_as_matrix_bans() -> anyhow::Result<()> {
-    let env = start_on(Ircd::start_inspircd_moderated().await?, "puppets", "").await?;
+    let mut env = start_on(Ircd::start_inspircd_moderated().await?, "puppets", "").await?;
     let port = env.ircd.port();
     let t = Duration::from_secs(30);
     let mut op = IrcClient::connect(port, "ircop").await?;
@@ -1193,6 +1193,14 @@ async fn irc_bans_mirror_as_matrix_bans() -> anyhow::Result<()> {
     // An extended ban is no hostmask: ignored.
     op.raw("MODE #bans +b R:someaccount\r\n").await?;
 
+    // What the mask banned survives a restart of the bridge.
+    op.seen.clear();
+    env.bridge.restart().await?;
+    op.wait_for(Duration::from_secs(60), |l| {
+        l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")
+    })
+    .await?;
+    op.raw("MODE #bans +o MatrixBridge\r\n").await?;
     // `-b`: unbanned; she can come back, and her puppet with her.
     op.raw(&format!("MODE #bans -b {mask}\r\n")).await?;
     let unban = wait_membership(&bob, &room, "@alice:localhost", "leave").await?;

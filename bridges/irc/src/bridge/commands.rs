@@ -408,4 +408,12 @@ mod tests {
         assert!(raw_command("PRIVMSG #a :b\r\nQUIT").is_err());
         assert!(raw_command("").is_err());
     }
+
+    #[test]
+    fn channel_keys_are_checked() {
+        assert_eq!(key_arg("sekrit").ok().as_deref(), Some("sekrit"));
+        for bad in ["", "a b", "a,b", "a\r\nQUIT", "a\0", ":x", &"k".repeat(101)] {
+            assert!(key_arg(bad).is_err(), "{bad:?}");
+        }
+    }
 }

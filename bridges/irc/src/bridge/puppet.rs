@@ -862,6 +862,17 @@ impl Inner {
         if membership.as_deref() == Some("join") {
             if !p.conn.in_channel(chan) {
                 p.set_notify_room(&portal.room_id);
+                if p.conn.channels().len() >= net.config.max_channels_per_user as usize {
+                    self.tell(
+                        p,
+                        &format!(
+                            "{from} invited you to {chan}, but your IRC connection is in {} channels already, the most allowed.",
+                            net.config.max_channels_per_user
+                        ),
+                    )
+                    .await;
+                    return Ok(());
+                }
                 p.conn.join(chan, net.bot.key(chan).as_deref()).await.map_err(bridge_err)?;
                 self.save(net, p).await;
             }
