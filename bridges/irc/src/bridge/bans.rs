@@ -24,6 +24,10 @@ use crate::conn::{CaseMapping, IrcLine, Source};
 /// Hostmasks remembered per network at most; beyond, the map starts afresh (WHO refills it).
 const MAX_HOSTS: usize = 200_000;
 
+/// Ban masks remembered per portal at most; beyond, those that banned nobody are forgotten
+/// (they only serve to keep others banned when a mask is lifted).
+const MAX_MASKS: usize = 500;
+
 /// A channel ban mask that is a hostmask, normalised to `nick!user@host`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct BanMask {
@@ -243,6 +247,9 @@ impl Inner {
         let entry =
             record.entry(folded).or_insert_with(|| (ban.as_str().to_owned(), BTreeSet::new()));
         entry.1.extend(banned);
+        if record.len() > MAX_MASKS {
+            record.retain(|_, (_, users)| !users.is_empty());
+        }
         self.save_ban_record(&portal.remote_id, &record).await
     }
 
