@@ -44,6 +44,9 @@ pub(super) struct Puppet {
     /// Invite-only channels (folded) the bot was asked to invite this puppet to: the join is
     /// retried once, when the invite arrives.
     awaiting_invite: Mutex<HashSet<String>>,
+    /// When an IRC invite last became a Matrix invite (at most one per [`INVITE_INTERVAL`]:
+    /// an IRC user cannot flood the Matrix user with invites, nor the homeserver with rooms).
+    last_invite: Mutex<Option<std::time::Instant>>,
 }
 
 impl Puppet {
@@ -216,6 +219,7 @@ impl Inner {
             last_saved: AtomicI64::new(0),
             notify_room: Mutex::new(notify_room),
             awaiting_invite: Mutex::default(),
+            last_invite: Mutex::default(),
         });
         net.puppets.add_nick(net.fold(&wanted), user_id);
         net.puppets
@@ -792,6 +796,9 @@ async fn invite_timeout(
 /// How long a puppet waits for the bot's invite to an invite-only channel.
 const INVITE_WAIT: Duration = Duration::from_secs(15);
 
+/// IRC invites of one puppet become Matrix invites at most this often.
+const INVITE_INTERVAL: Duration = Duration::from_secs(10);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -840,7 +847,26 @@ impl Inner {
         if !super::valid_channel(chan) || !net.is_channel(chan) {
             return Ok(());
         }
-        let portal = match self.ctx.store().portal_by_remote(&net.portal_id(chan)).await? {
+        let existing = self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?;
+        let joined = match &existing {
+            Some(portal) => self.ctx.store().membership(&portal.room_id, &p.user_id).await?,
+            None => None,
+        };
+        if joined.as_deref() != Some("join") {
+            let mut last = lock(&p.last_invite);
+            if last.is_some_and(|t| t.elapsed() < INVITE_INTERVAL) {
+                tracing::debug!(
+                    network = net.id,
+                    user_id = p.user_id,
+                    chan,
+                    from,
+                    "IRC invite dropped (too many)"
+                );
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let portal = match existing {
             Some(portal) => portal,
             None if net.config.dynamic_channels => {
                 let alias = self.alias_for(net, chan);
@@ -858,8 +884,7 @@ impl Inner {
                 return Ok(());
             }
         };
-        let membership = self.ctx.store().membership(&portal.room_id, &p.user_id).await?;
-        if membership.as_deref() == Some("join") {
+        if joined.as_deref() == Some("join") {
             if !p.conn.in_channel(chan) {
                 p.set_notify_room(&portal.room_id);
                 if p.conn.channels().len() >= net.config.max_channels_per_user as usize {
