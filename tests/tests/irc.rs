@@ -1321,10 +1321,11 @@ async fn invite_only_channels_and_irc_invites() -> anyhow::Result<()> {
 }
 
 /// Keyed channels: `!join #chan key` has the bot join with the key, puppets join with it too,
-/// and a key changed with `MODE +k` is learnt for the next puppet.
+/// both rejoin with it after a restart, and a key changed with `MODE +k` is learnt for the next
+/// puppet.
 #[tokio::test]
 async fn keyed_channel_puppets_join_with_the_key() -> anyhow::Result<()> {
-    let env = start_on(Ircd::start_inspircd_moderated().await?, "puppets", "").await?;
+    let mut env = start_on(Ircd::start_inspircd_moderated().await?, "puppets", "").await?;
     let port = env.ircd.port();
     let t = Duration::from_secs(30);
     let mut op = IrcClient::connect(port, "ircop").await?;
@@ -1337,6 +1338,13 @@ async fn keyed_channel_puppets_join_with_the_key() -> anyhow::Result<()> {
     let room = alice.wait_for_invite(t).await?;
     alice.join(&room).await?;
     op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+
+    // After a restart the bot and alice's puppet come back in with the key.
+    op.seen.clear();
+    env.bridge.restart().await?;
+    let back = Duration::from_secs(90);
+    op.wait_for(back, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+    op.wait_for(back, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
 
     // A new key: the bot sees the change, and bob's puppet joins with it.
     op.raw("MODE #keyed -k sekrit\r\nMODE #keyed +k changed\r\n").await?;

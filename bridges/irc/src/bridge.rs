@@ -379,7 +379,39 @@ impl Inner {
         if created || key.is_some() {
             net.bot.join(channel, key).await.map_err(bridge_err)?;
         }
+        if key.is_some() {
+            self.remember_channel_key(net, channel, key).await?;
+        }
         Ok((portal, created))
+    }
+
+    /// A channel's key (from `!join #chan key`, `MODE +k` or the channel's modes): the bot
+    /// rejoins with it after a reconnect, puppets join with it, and it is kept in the portal's
+    /// metadata for the bot's join at the next start.
+    async fn remember_channel_key(
+        &self,
+        net: &Network,
+        channel: &str,
+        key: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        net.bot.remember_key(channel, key);
+        let Some(mut portal) = self.ctx.store().portal_by_remote(&net.portal_id(channel)).await?
+        else {
+            return Ok(());
+        };
+        if portal.metadata.get("key").and_then(Value::as_str) == key {
+            return Ok(());
+        }
+        match key {
+            Some(k) => portal.metadata["key"] = json!(k),
+            None => {
+                if let Some(m) = portal.metadata.as_object_mut() {
+                    m.remove("key");
+                }
+            }
+        }
+        self.ctx.store().upsert_portal(&portal).await?;
+        Ok(())
     }
 
     fn portal_spec(&self, net: &Network, channel: &str) -> PortalSpec {
@@ -769,7 +801,8 @@ impl Inner {
                             }
                         }
                         ('k', key) => {
-                            net.bot.remember_key(chan, if set { key.as_deref() } else { None })
+                            let key = if set { key.as_deref() } else { None };
+                            self.remember_channel_key(net, chan, key).await?;
                         }
                         // Bans the bot sets are a Matrix moderator's, mirrored already.
                         ('b', Some(mask)) if !from_me => {
@@ -835,7 +868,7 @@ impl Inner {
                     .mode_changes(line.param(2), &line.params[3.min(line.params.len())..]);
                 for (set, mode, key) in changes {
                     if set && mode == 'k' && key.as_deref().is_some_and(|k| k != "*") {
-                        net.bot.remember_key(line.param(1), key.as_deref());
+                        self.remember_channel_key(net, line.param(1), key.as_deref()).await?;
                     }
                 }
             }
@@ -1203,7 +1236,8 @@ impl Bridge for IrcBridge {
             ) else {
                 continue;
             };
-            net.bot.join(chan, None).await.map_err(bridge_err)?;
+            let key = portal.metadata.get("key").and_then(Value::as_str);
+            net.bot.join(chan, key).await.map_err(bridge_err)?;
         }
         let puppet_gauge = trestle::metrics::prometheus::IntGaugeVec::new(
             trestle::metrics::prometheus::Opts::new(
