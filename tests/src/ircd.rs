@@ -154,6 +154,16 @@ general {
 };
 "#;
 
+/// What InspIRCd adds to [`INSPIRCD_CONF`] for channel moderation tests: a channel's creator
+/// is its operator (`defaultmodes` with `o`), and every user's host is cloaked (`+x` on
+/// connect, full cloaks prefixed `cloak-`), as many networks do.
+const INSPIRCD_MODERATION_CONF: &str = r#"
+<module name="md5">
+<module name="cloaking">
+<module name="conn_umodes">
+<cloak mode="full" key="trestle-test-cloak-key-0123456789abcdef" prefix="cloak-" ignorecase="no">
+"#;
+
 /// The link password between InspIRCd and Atheme (loopback only).
 const LINK_PASSWORD: &str = "trestle-link";
 
@@ -180,20 +190,26 @@ impl Ircd {
 
     /// Starts InspIRCd 3 on a free port (see [`IrcdKind::InspIrcd`]).
     pub async fn start_inspircd() -> anyhow::Result<Self> {
-        Self::start_inspircd_inner(false).await
+        Self::start_inspircd_inner(false, false).await
+    }
+
+    /// Starts InspIRCd 3 (see [`IrcdKind::InspIrcd`]) where a channel's creator is its
+    /// operator and every user's host is cloaked (`cloak-…`; other users see only that).
+    pub async fn start_inspircd_moderated() -> anyhow::Result<Self> {
+        Self::start_inspircd_inner(false, true).await
     }
 
     /// Starts InspIRCd 3 (see [`IrcdKind::InspIrcd`]) with Atheme services linked to it:
     /// NickServ for accounts, SASL PLAIN and EXTERNAL through SaslServ, and a TLS listener
     /// ([`Ircd::tls_port`]) asking for client certificates. Returns once NickServ answers.
     pub async fn start_inspircd_with_services() -> anyhow::Result<Self> {
-        Self::start_inspircd_inner(true).await
+        Self::start_inspircd_inner(true, false).await
     }
 
-    async fn start_inspircd_inner(services: bool) -> anyhow::Result<Self> {
+    async fn start_inspircd_inner(services: bool, moderated: bool) -> anyhow::Result<Self> {
         let mut last = None;
         for _ in 0..3 {
-            match Self::try_start_inspircd(services).await {
+            match Self::try_start_inspircd(services, moderated).await {
                 Ok(this) => return Ok(this),
                 Err(e) => last = Some(e),
             }
@@ -201,12 +217,18 @@ impl Ircd {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("InspIRCd did not start")))
     }
 
-    async fn try_start_inspircd(services: bool) -> anyhow::Result<Self> {
+    async fn try_start_inspircd(services: bool, moderated: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-inspircd-").tempdir()?;
         let port = free_port();
         let sport = free_port().to_string();
         let tls_port = services.then(free_port);
         let mut conf = INSPIRCD_CONF.to_owned();
+        if moderated {
+            conf = conf
+                .replace("defaultmodes=\"nt\"", "defaultmodes=\"not\"")
+                .replace("limit=\"20000\">", "limit=\"20000\" modes=\"+x\">");
+            conf.push_str(INSPIRCD_MODERATION_CONF);
+        }
         if services {
             conf.push_str(INSPIRCD_SERVICES_CONF);
             self_signed(

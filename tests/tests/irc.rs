@@ -1096,3 +1096,265 @@ async fn sasl_external_with_the_bots_certificate() -> anyhow::Result<()> {
     assert_eq!(logged_in.as_deref(), Some("bridgecert"));
     Ok(())
 }
+
+/// A member's membership event in `room`, as `user` sees it.
+async fn member_event(user: &MatrixUser, room: &str, who: &str) -> Option<Value> {
+    user.state(room, "m.room.member", who).await.ok()?
+}
+
+/// Waits until `who` has `membership` in `room` (as `user` sees it); returns the event content.
+async fn wait_membership(
+    user: &MatrixUser,
+    room: &str,
+    who: &str,
+    membership: &str,
+) -> anyhow::Result<Value> {
+    trestle_e2e::wait_for(&format!("{who} {membership}"), Duration::from_secs(30), || async {
+        let m = member_event(user, room, who).await?;
+        (m["membership"] == membership).then_some(m)
+    })
+    .await
+}
+
+/// Reads what `irc` receives for `d`, without waiting for anything in particular.
+async fn drain(irc: &mut IrcClient, d: Duration) {
+    let _ = irc.wait_for(d, |_| false).await;
+}
+
+/// Creates alice's admin room with the bot and waits for its welcome.
+async fn admin_room(alice: &MatrixUser) -> anyhow::Result<String> {
+    let t = Duration::from_secs(30);
+    let admin = alice
+        .create_room(serde_json::json!({"invite": ["@ircbot:localhost"], "is_direct": true}))
+        .await?;
+    alice
+        .wait_for_message(&admin, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("admin room")
+        })
+        .await?;
+    Ok(admin)
+}
+
+/// IRC bans become Matrix bans: masks of a ghost's and of a puppet's `user@host` ban them in
+/// the portal (by the bot, naming who banned and the mask), `-b` lifts them; bans the bot
+/// sets for a Matrix moderator never come back as a second Matrix action.
+#[tokio::test]
+async fn irc_bans_mirror_as_matrix_bans() -> anyhow::Result<()> {
+    let mut env = start_on(Ircd::start_inspircd_moderated().await?, "puppets", "").await?;
+    let port = env.ircd.port();
+    let t = Duration::from_secs(30);
+    let mut op = IrcClient::connect(port, "ircop").await?;
+    op.join("#bans").await?; // first in: channel operator
+    let mut victim = IrcClient::connect(port, "victim").await?;
+    victim.join("#bans").await?;
+    // bob watches (his own puppet is never matched); alice is the one banned.
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    let room = bob.join("#irc_local_#bans:localhost").await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+    op.raw("MODE #bans +o MatrixBridge\r\n").await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("bob[m]")).await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    alice.join(&room).await?;
+    let joined =
+        op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+    // The host other users see: a cloak, never the address.
+    let host = joined.raw.split_once('@').and_then(|(_, r)| r.split(' ').next()).unwrap_or("");
+    assert!(host.starts_with("cloak-"), "{}", joined.raw);
+    let mask = format!("*!*alice@{host}");
+    let ghost = "@irc_local_victim:localhost";
+    wait_membership(&bob, &room, ghost, "join").await?;
+
+    // A mask of a ghost's user name and cloaked host (known to the bridge from its WHO when it
+    // joined: victim has said nothing since): the ghost is banned in the room, by the bot,
+    // saying who and what.
+    op.raw("MODE #bans +b *!*victim@cloak-*\r\n").await?;
+    let ban = wait_membership(&bob, &room, ghost, "ban").await?;
+    let reason = ban["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ircop") && reason.contains("*!*victim@cloak-*"), "{ban}");
+    // The bot (an operator) does not kick or ban on IRC in return.
+    drain(&mut victim, Duration::from_secs(3)).await;
+    assert!(
+        !victim.seen.iter().any(|l| l.command == "KICK"),
+        "victim kicked: {:?}",
+        victim.seen.iter().map(|l| &l.raw).collect::<Vec<_>>()
+    );
+
+    // A mask of alice's puppet's cloaked host (bob's puppet has the same host, another user
+    // name): alice is banned, bob is not, and her puppet leaves the channel.
+    op.raw(&format!("MODE #bans +b {mask}\r\n")).await?;
+    let ban = wait_membership(&bob, &room, "@alice:localhost", "ban").await?;
+    let reason = ban["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ircop") && reason.contains(&mask), "{ban}");
+    let ev = member_event(&bob, &room, "@alice:localhost").await.unwrap_or_default();
+    assert_eq!(ev["membership"], "ban");
+    op.wait_for(t, |l| l.command == "PART" && l.nick.as_deref() == Some("alice[m]")).await?;
+    assert_eq!(
+        member_event(&bob, &room, "@bob:localhost").await.unwrap_or_default()["membership"],
+        "join"
+    );
+    // An extended ban is no hostmask: ignored.
+    op.raw("MODE #bans +b R:someaccount\r\n").await?;
+
+    // What the mask banned survives a restart of the bridge.
+    op.seen.clear();
+    env.bridge.restart().await?;
+    op.wait_for(Duration::from_secs(60), |l| {
+        l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")
+    })
+    .await?;
+    op.raw("MODE #bans +o MatrixBridge\r\n").await?;
+    // `-b`: unbanned; she can come back, and her puppet with her.
+    op.raw(&format!("MODE #bans -b {mask}\r\n")).await?;
+    let unban = wait_membership(&bob, &room, "@alice:localhost", "leave").await?;
+    assert!(unban["reason"].as_str().is_some_and(|r| r.contains("ircop")), "{unban}");
+    alice.join(&room).await?;
+    op.seen.clear();
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+    op.raw("MODE #bans -b *!*victim@cloak-*\r\n").await?;
+    wait_membership(&bob, &room, ghost, "leave").await?;
+    assert_eq!(
+        member_event(&bob, &room, "@bob:localhost").await.unwrap_or_default()["membership"],
+        "join"
+    );
+
+    // A Matrix ban of the ghost (alice is a bridge admin): the bot bans on IRC once, and its
+    // own MODE +b coming back changes nothing on Matrix.
+    victim.raw("PART #bans\r\n").await?;
+    victim.join("#bans").await?;
+    wait_membership(&bob, &room, ghost, "join").await?;
+    op.seen.clear();
+    alice
+        .post(
+            &format!("/rooms/{room}/ban"),
+            serde_json::json!({"user_id": ghost, "reason": "spam"}),
+        )
+        .await?;
+    op.wait_for(t, |l| {
+        l.command == "MODE"
+            && l.nick.as_deref() == Some("MatrixBridge")
+            && l.params.get(1).is_some_and(|m| m == "+b")
+            && l.params.get(2).is_some_and(|m| m == "victim!*@*")
+    })
+    .await?;
+    alice.post(&format!("/rooms/{room}/unban"), serde_json::json!({"user_id": ghost})).await?;
+    op.wait_for(t, |l| {
+        l.command == "MODE"
+            && l.nick.as_deref() == Some("MatrixBridge")
+            && l.params.get(1).is_some_and(|m| m == "-b")
+    })
+    .await?;
+    drain(&mut op, Duration::from_secs(4)).await;
+    let modes = op
+        .seen
+        .iter()
+        .filter(|l| l.command == "MODE" && l.nick.as_deref() == Some("MatrixBridge"))
+        .count();
+    assert_eq!(modes, 2, "{:?}", op.seen.iter().map(|l| &l.raw).collect::<Vec<_>>());
+    let events = bob.messages(&room, 300).await?;
+    let by_bot_after: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == ghost
+                && e["sender"] == "@ircbot:localhost"
+                && matches!(e["content"]["membership"].as_str(), Some("ban" | "leave"))
+        })
+        .collect();
+    // Only the IRC ban and unban of earlier, none for alice's Matrix ban and unban.
+    assert_eq!(by_bot_after.len(), 2, "{by_bot_after:?}");
+    assert_eq!(member_event(&bob, &room, ghost).await.unwrap_or_default()["membership"], "leave");
+    Ok(())
+}
+
+/// Invite-only channels: where the bot is no operator, the user is told who can let their
+/// puppet in, and an IRC invite then does; where the bot is operator, it invites the puppet
+/// itself. An IRC invite to a channel not bridged yet is a Matrix invite to its new portal.
+#[tokio::test]
+async fn invite_only_channels_and_irc_invites() -> anyhow::Result<()> {
+    let env = start_on(Ircd::start_inspircd_moderated().await?, "puppets", "").await?;
+    let port = env.ircd.port();
+    let t = Duration::from_secs(30);
+    let mut op = IrcClient::connect(port, "ircop").await?;
+    op.join("#inv").await?;
+    op.raw("MODE #inv +i\r\nINVITE MatrixBridge #inv\r\n").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join("#irc_local_#inv:localhost").await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+
+    // The bot is no operator: alice is told, with her nick and the channel.
+    let told = alice
+        .wait_for_message(&room, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("invite-only")
+        })
+        .await?;
+    assert!(body(&told).contains("#inv") && body(&told).contains("/invite alice[m]"), "{told}");
+    // An operator invites her puppet: it joins.
+    op.raw("INVITE alice[m] #inv\r\n").await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+
+    // The bot made operator: bob's puppet is invited by the bot, and joins.
+    op.raw("MODE #inv +o MatrixBridge\r\n").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    bob.join(&room).await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("bob[m]")).await?;
+    let events = bob.messages(&room, 100).await?;
+    assert!(
+        !events.iter().any(|e| body(e).contains("invite-only") && body(e).contains("bob[m]")),
+        "bob was told he could not join"
+    );
+
+    // An IRC invite to a channel with no portal: a Matrix invite; accepting it joins.
+    op.join("#elsewhere").await?;
+    op.raw("INVITE alice[m] #elsewhere\r\n").await?;
+    let invited = alice.wait_for_invite(t).await?;
+    let portal = alice.join(&invited).await?;
+    op.wait_for(t, |l| {
+        l.command == "JOIN"
+            && l.nick.as_deref() == Some("alice[m]")
+            && l.params.first().is_some_and(|c| c == "#elsewhere")
+    })
+    .await?;
+    op.privmsg("#elsewhere", "welcome in").await?;
+    alice.wait_for_message(&portal, t, |e| body(e) == "welcome in").await?;
+    Ok(())
+}
+
+/// Keyed channels: `!join #chan key` has the bot join with the key, puppets join with it too,
+/// both rejoin with it after a restart, and a key changed with `MODE +k` is learnt for the next
+/// puppet.
+#[tokio::test]
+async fn keyed_channel_puppets_join_with_the_key() -> anyhow::Result<()> {
+    let mut env = start_on(Ircd::start_inspircd_moderated().await?, "puppets", "").await?;
+    let port = env.ircd.port();
+    let t = Duration::from_secs(30);
+    let mut op = IrcClient::connect(port, "ircop").await?;
+    op.join("#keyed").await?;
+    op.raw("MODE #keyed +k sekrit\r\n").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let admin = admin_room(&alice).await?;
+    command(&alice, &admin, "!join #keyed sekrit", "Invited you to #keyed").await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+    let room = alice.wait_for_invite(t).await?;
+    alice.join(&room).await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+
+    // After a restart the bot and alice's puppet come back in with the key.
+    op.seen.clear();
+    env.bridge.restart().await?;
+    let back = Duration::from_secs(90);
+    op.wait_for(back, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
+    op.wait_for(back, |l| l.command == "JOIN" && l.nick.as_deref() == Some("alice[m]")).await?;
+
+    // A new key: the bot sees the change, and bob's puppet joins with it.
+    op.raw("MODE #keyed -k sekrit\r\nMODE #keyed +k changed\r\n").await?;
+    op.wait_for(t, |l| l.command == "MODE" && l.params.get(2).is_some_and(|k| k == "changed"))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    bob.join("#irc_local_#keyed:localhost").await?;
+    op.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("bob[m]")).await?;
+    let events = bob.messages(&room, 100).await?;
+    assert!(!events.iter().any(|e| body(e).contains("Cannot join")), "a puppet was refused");
+    Ok(())
+}

@@ -36,6 +36,7 @@ use crate::{
     format::{irc_to_runs, runs_to_irc},
 };
 
+mod bans;
 mod commands;
 mod ircv3;
 mod puppet;
@@ -64,6 +65,8 @@ struct Network {
     recent_quits: Mutex<std::collections::VecDeque<std::time::Instant>>,
     /// `!whois` in flight: folded nick → replies so far, and who waits for them.
     whois: Mutex<WhoisWaiters>,
+    /// `user@host` of the nicks the bot has seen (folded nick →), for ban masks.
+    hosts: Mutex<HashMap<String, String>>,
 }
 
 /// A recent message of a room: (event id, sender's name, text).
@@ -256,13 +259,13 @@ impl Network {
             .unwrap_or(0)
     }
 
-    /// Whether `nick` is a channel operator (or above: `a`, `q`) of `channel`, as far as the
-    /// modes seen tell.
-    fn is_chanop(&self, channel: &str, nick: &str) -> bool {
+    /// Whether `nick` holds one of the channel `modes` (`o`, `h`, …) in `channel`, as far as
+    /// the modes seen tell.
+    fn has_mode(&self, channel: &str, nick: &str, modes: &[char]) -> bool {
         lock(&self.member_modes)
             .get(&self.portal_id(channel))
             .and_then(|members| members.get(&self.fold(nick)))
-            .is_some_and(|modes| modes.iter().any(|m| matches!(m, 'o' | 'a' | 'q')))
+            .is_some_and(|held| held.iter().any(|m| modes.contains(m)))
     }
 
     /// Forgets a member's modes (in one channel, or everywhere).
@@ -393,19 +396,53 @@ impl Inner {
         names.insert(user_id.to_owned(), one_line(name));
     }
 
-    /// Creates (or finds) the portal for a channel and has the bot join it.
+    /// Creates (or finds) the portal for a channel and has the bot join it (with `key`, for a
+    /// keyed channel: then also when the portal existed, as the bot may have failed to join).
     async fn open_portal(
         &self,
         net: &Network,
         channel: &str,
         alias: Option<&str>,
+        key: Option<&str>,
     ) -> Result<(Portal, bool), BridgeError> {
         let spec = self.portal_spec(net, channel);
         let (portal, created) = self.ctx.ensure_portal(&spec, alias).await?;
-        if created {
-            net.bot.join(channel, None).await.map_err(bridge_err)?;
+        if created || key.is_some() {
+            net.bot.join(channel, key).await.map_err(bridge_err)?;
+        }
+        if key.is_some() {
+            self.remember_channel_key(net, channel, key).await?;
         }
         Ok((portal, created))
+    }
+
+    /// A channel's key (from `!join #chan key`, `MODE +k` or the channel's modes): the bot
+    /// rejoins with it after a reconnect, puppets join with it, and it is kept in the portal's
+    /// metadata for the bot's join at the next start.
+    async fn remember_channel_key(
+        &self,
+        net: &Network,
+        channel: &str,
+        key: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        net.bot.remember_key(channel, key);
+        let Some(mut portal) = self.ctx.store().portal_by_remote(&net.portal_id(channel)).await?
+        else {
+            return Ok(());
+        };
+        if portal.metadata.get("key").and_then(Value::as_str) == key {
+            return Ok(());
+        }
+        match key {
+            Some(k) => portal.metadata["key"] = json!(k),
+            None => {
+                if let Some(m) = portal.metadata.as_object_mut() {
+                    m.remove("key");
+                }
+            }
+        }
+        self.ctx.store().upsert_portal(&portal).await?;
+        Ok(())
     }
 
     fn portal_spec(&self, net: &Network, channel: &str) -> PortalSpec {
@@ -613,7 +650,7 @@ impl Inner {
         // have no RELAYMSG form.
         if msg.msgtype != MessageType::Notice
             && let Some(separators) = net.bot.cap_value(crate::conn::RELAYMSG_CAP)
-            && net.is_chanop(channel, &net.bot.nick())
+            && net.has_mode(channel, &net.bot.nick(), &['q', 'a', 'o'])
         {
             let nicklen = net.bot.isupport().nicklen.unwrap_or(30);
             let nick = relay_nick(&name, &separators, nicklen);
@@ -668,6 +705,19 @@ impl Inner {
         let me = net.bot.nick();
         let cm = net.bot.isupport().casemapping;
         let from_me = line.nick().is_some_and(|n| cm.eq(n, &me));
+        // Every prefix tells a nick's `user@host` (puppets' too), as other users see it.
+        net.note_host(&line);
+        match line.command.as_str() {
+            "NICK" => net.move_host(line.nick().unwrap_or_default(), Some(line.param(0))),
+            "QUIT" => net.move_host(line.nick().unwrap_or_default(), None),
+            "CHGHOST" if !line.param(1).is_empty() => {
+                net.set_host(
+                    line.nick().unwrap_or_default(),
+                    &format!("{}@{}", line.param(0), line.param(1)),
+                );
+            }
+            _ => {}
+        }
         // What our puppets do on IRC is what Matrix users did: never bridged back. The msgid of
         // a puppet's channel message is learnt here, from the bot's copy: it comes before any
         // IRC reply to it (one connection, in order), which the puppet's echo would not.
@@ -746,6 +796,11 @@ impl Inner {
             "JOIN" => {
                 let Some(nick) = line.nick() else { return Ok(()) };
                 if from_me {
+                    // Who is there, with their hosts (for bans), and the channel's modes
+                    // (its key).
+                    let chan = line.param(0);
+                    net.bot.send(IrcLine::new("WHO", &[chan])).await.map_err(bridge_err)?;
+                    net.bot.send(IrcLine::new("MODE", &[chan])).await.map_err(bridge_err)?;
                     return Ok(());
                 }
                 // Back from a netsplit: their ghost never left.
@@ -772,6 +827,12 @@ impl Inner {
                     self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?
                 {
                     let ghost = net.ghost_user_id(&nick, &domain);
+                    // Banned in the room already (an IRC ban mirrored): nothing left to do.
+                    if self.ctx.store().membership(&portal.room_id, &ghost).await?.as_deref()
+                        == Some("ban")
+                    {
+                        return Ok(());
+                    }
                     if line.command == "KICK" {
                         // The bot kicks the ghost, saying who kicked on IRC and why.
                         let by = line.nick().unwrap_or("the server");
@@ -810,7 +871,17 @@ impl Inner {
                             }
                         }
                         ('k', key) => {
-                            net.bot.remember_key(chan, if set { key.as_deref() } else { None })
+                            let key = if set { key.as_deref() } else { None };
+                            self.remember_channel_key(net, chan, key).await?;
+                        }
+                        // Bans the bot sets are a Matrix moderator's, mirrored already.
+                        ('b', Some(mask)) if !from_me => {
+                            let by = line.nick().unwrap_or("the server");
+                            if set {
+                                self.irc_ban(net, chan, &portal, by, &mask).await?;
+                            } else {
+                                self.irc_unban(net, chan, &portal, by, &mask).await?;
+                            }
                         }
                         _ => {}
                     }
@@ -859,6 +930,20 @@ impl Inner {
                     self.hold_split(net, nick, line.param(0), held);
                 }
             }
+            // The channel's modes, asked for when the bot joins: its key, if any.
+            "324" => {
+                let changes = net
+                    .bot
+                    .isupport()
+                    .mode_changes(line.param(2), &line.params[3.min(line.params.len())..]);
+                for (set, mode, key) in changes {
+                    if set && mode == 'k' && key.as_deref().is_some_and(|k| k != "*") {
+                        self.remember_channel_key(net, line.param(1), key.as_deref()).await?;
+                    }
+                }
+            }
+            // WHO replies: hosts of the members of a channel the bot joined.
+            "352" => net.set_host(line.param(5), &format!("{}@{}", line.param(2), line.param(3))),
             // WHOIS replies, for `!whois`.
             "311" | "312" | "319" | "330" | "301" | "317" | "318" | "401" => {
                 let nick = line.param(1);
@@ -1059,6 +1144,15 @@ impl Inner {
         room_id: &str,
     ) -> Result<(), BridgeError> {
         let ghost = net.ghost_user_id(nick, self.ctx.domain());
+        if self.ctx.store().membership(room_id, &ghost).await?.as_deref() == Some("ban") {
+            tracing::debug!(
+                network = net.id,
+                nick,
+                room_id,
+                "ghost banned from the room; not joined"
+            );
+            return Ok(());
+        }
         self.ensure_nick_ghost(net, &ghost, nick).await?;
         self.ctx.intent(&ghost).ensure_joined(room_id).await?;
         Ok(())
@@ -1201,6 +1295,7 @@ impl Bridge for IrcBridge {
                 split: Mutex::default(),
                 recent_quits: Mutex::default(),
                 whois: Mutex::default(),
+                hosts: Mutex::default(),
             });
             receivers.push((Arc::clone(&net), events));
             networks.insert(id.clone(), net);
@@ -1217,7 +1312,8 @@ impl Bridge for IrcBridge {
             ) else {
                 continue;
             };
-            net.bot.join(chan, None).await.map_err(bridge_err)?;
+            let key = portal.metadata.get("key").and_then(Value::as_str);
+            net.bot.join(chan, key).await.map_err(bridge_err)?;
         }
         let puppet_gauge = trestle::metrics::prometheus::IntGaugeVec::new(
             trestle::metrics::prometheus::Opts::new(

@@ -69,8 +69,8 @@ pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
     let commands: [(&str, &str, &str, PermissionLevel, Handler); 12] = [
         (
             "join",
-            "<#channel> [network]",
-            "Bridge an IRC channel and invite you to its room",
+            "<#channel> [key] [network]",
+            "Bridge an IRC channel (with its key, if it has one) and invite you to its room",
             User,
             |i, b| Box::pin(join(i, b)),
         ),
@@ -140,6 +140,17 @@ fn channel_arg(inv: &CommandInvocation, i: usize) -> Result<String, CommandError
     }
 }
 
+/// A channel key as IRC allows it: no spaces, commas, control characters, at most 100 bytes.
+fn key_arg(key: &str) -> Result<String, CommandError> {
+    if key.is_empty()
+        || key.len() > 100
+        || key.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',' || c == ':')
+    {
+        return Err(failed("not a valid channel key (no spaces, commas or control characters)"));
+    }
+    Ok(key.to_owned())
+}
+
 /// Argument `i` as a nick valid on `net`.
 fn nick_arg(net: &Network, inv: &CommandInvocation, i: usize) -> Result<String, CommandError> {
     let nick = inv.arg(i)?;
@@ -164,12 +175,27 @@ fn own_network(b: &Inner, inv: &CommandInvocation, i: usize) -> Result<Arc<Netwo
 async fn join(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
     let b = &b.inner;
     let chan = channel_arg(&inv, 0)?;
-    let net = network(b, &inv, 1)?;
+    // `[key] [network]`, in either order: an argument naming a network is the network.
+    let (mut net_arg, mut key) = (None, None);
+    for (i, a) in inv.args.iter().enumerate().skip(1) {
+        if net_arg.is_none() && b.networks.contains_key(a.as_str()) {
+            net_arg = Some(i);
+        } else if key.is_none() {
+            key = Some(key_arg(a)?);
+        } else {
+            return Err(failed(format!("unexpected argument {a}")));
+        }
+    }
+    let net = match net_arg {
+        Some(i) => network(b, &inv, i)?,
+        None => b.networks.values().next().cloned().ok_or_else(|| failed("no network"))?,
+    };
     if !net.config.dynamic_channels {
         return Err(failed("this network only bridges configured channels"));
     }
     let alias = b.alias_for(&net, &chan);
-    let (portal, _) = b.open_portal(&net, &chan, alias.as_deref()).await.map_err(failed)?;
+    let (portal, _) =
+        b.open_portal(&net, &chan, alias.as_deref(), key.as_deref()).await.map_err(failed)?;
     b.ctx.bot().invite(&portal.room_id, &inv.sender).await.map_err(failed)?;
     Ok(format!("Invited you to {chan} on {}.", net.config.name))
 }
@@ -381,5 +407,13 @@ mod tests {
         assert!(raw_command(":evil!x@y PRIVMSG #a :b").is_err());
         assert!(raw_command("PRIVMSG #a :b\r\nQUIT").is_err());
         assert!(raw_command("").is_err());
+    }
+
+    #[test]
+    fn channel_keys_are_checked() {
+        assert_eq!(key_arg("sekrit").ok().as_deref(), Some("sekrit"));
+        for bad in ["", "a b", "a,b", "a\r\nQUIT", "a\0", ":x", &"k".repeat(101)] {
+            assert!(key_arg(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! restart reconnects recently active users only, through the network's connection pacer.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{
         Arc, Mutex,
@@ -41,6 +41,12 @@ pub(super) struct Puppet {
     last_saved: AtomicI64,
     /// Where to tell the user about their connection (nick collisions, kicks, bans).
     notify_room: Mutex<Option<String>>,
+    /// Invite-only channels (folded) the bot was asked to invite this puppet to: the join is
+    /// retried once, when the invite arrives.
+    awaiting_invite: Mutex<HashSet<String>>,
+    /// When an IRC invite last became a Matrix invite (at most one per [`INVITE_INTERVAL`]:
+    /// an IRC user cannot flood the Matrix user with invites, nor the homeserver with rooms).
+    last_invite: Mutex<Option<std::time::Instant>>,
 }
 
 impl Puppet {
@@ -212,6 +218,8 @@ impl Inner {
             last_active: AtomicI64::new(now),
             last_saved: AtomicI64::new(0),
             notify_room: Mutex::new(notify_room),
+            awaiting_invite: Mutex::default(),
+            last_invite: Mutex::default(),
         });
         net.puppets.add_nick(net.fold(&wanted), user_id);
         net.puppets
@@ -224,7 +232,7 @@ impl Inner {
             && let Some(chans) = s.settings.get("channels").and_then(Value::as_array)
         {
             for c in chans.iter().filter_map(Value::as_str) {
-                puppet.conn.join(c, None).await.map_err(bridge_err)?;
+                puppet.conn.join(c, net.bot.key(c).as_deref()).await.map_err(bridge_err)?;
             }
         }
         self.puppet_gauge.with_label_values(&[net.id.as_str()]).inc();
@@ -336,7 +344,7 @@ impl Inner {
         let channels = self.drop_puppet(net, user_id, "Reconnecting").await;
         let p = self.puppet_notifying(net, user_id, notify_room).await?;
         for c in &channels {
-            p.conn.join(c, None).await.map_err(bridge_err)?;
+            p.conn.join(c, net.bot.key(c).as_deref()).await.map_err(bridge_err)?;
         }
         Ok(channels.len())
     }
@@ -367,7 +375,8 @@ impl Inner {
                     net.config.max_channels_per_user
                 )));
             }
-            p.conn.join(channel, None).await.map_err(bridge_err)?;
+            // A keyed channel's key is the bot's (from `!join #chan key` or `MODE +k`).
+            p.conn.join(channel, net.bot.key(channel).as_deref()).await.map_err(bridge_err)?;
             self.save(net, &p).await;
         }
         Ok(p)
@@ -699,8 +708,56 @@ async fn puppet_loop(
                         )
                         .await;
                     }
-                    // Cannot join: banned, invite only, bad key, full, too many channels.
-                    "471" | "473" | "474" | "475" | "405" => {
+                    // Our own JOIN: any invite awaited for the channel has done its work.
+                    "JOIN" if line.nick().is_some_and(|n| cm.eq(n, &me)) => {
+                        lock(&p.awaiting_invite).remove(&net.fold(line.param(0)));
+                    }
+                    "INVITE" if cm.eq(line.param(0), &me) => {
+                        let (chan, from) = (line.param(1), line.nick().unwrap_or_default());
+                        if lock(&p.awaiting_invite).contains(&net.fold(chan))
+                            && cm.eq(from, &net.bot.nick())
+                        {
+                            // The bot let us in: the one retry.
+                            let _ = p.conn.join(chan, net.bot.key(chan).as_deref()).await;
+                        } else if let Err(e) = b.irc_invite(&net, &p, from, chan).await {
+                            tracing::warn!(network = net.id, user_id = p.user_id, chan, error = %e, "could not bridge an IRC invite");
+                        }
+                    }
+                    // Invite only: the bot invites the puppet where it is a channel operator
+                    // (once), else the user is told who can let them in.
+                    "473" => {
+                        let chan = line.param(1).to_owned();
+                        let folded = net.fold(&chan);
+                        if lock(&p.awaiting_invite).contains(&folded) {
+                            // Another refusal of a join sent before the invite came (a
+                            // reconnect's rejoin, say); the invite's timeout has the last word.
+                            continue;
+                        }
+                        if net.can_invite(&chan) {
+                            lock(&p.awaiting_invite).insert(folded.clone());
+                            tracing::info!(
+                                network = net.id,
+                                user_id = p.user_id,
+                                chan,
+                                "invite-only: the bot invites the puppet"
+                            );
+                            let invite = IrcLine::new("INVITE", &[&me, &chan]);
+                            if net.bot.send(invite).await.is_ok() {
+                                tokio::spawn(invite_timeout(
+                                    Arc::clone(&b),
+                                    Arc::clone(&net),
+                                    Arc::clone(&p),
+                                    chan,
+                                    me,
+                                ));
+                                continue;
+                            }
+                        }
+                        lock(&p.awaiting_invite).remove(&folded);
+                        b.cannot_join_invite_only(&net, &p, &chan, &me).await;
+                    }
+                    // Cannot join: banned, bad key, full, too many channels.
+                    "471" | "474" | "475" | "405" => {
                         let chan = line.param(1).to_owned();
                         let _ = p.conn.part(&chan, "").await;
                         b.tell(
@@ -718,6 +775,137 @@ async fn puppet_loop(
                 }
             }
         }
+    }
+}
+
+/// The bot's invite did not get the puppet in within [`INVITE_WAIT`] (it lost its operator
+/// status, say): the user is told as if the bot could not invite.
+async fn invite_timeout(
+    b: Arc<Inner>,
+    net: Arc<Network>,
+    p: Arc<Puppet>,
+    chan: String,
+    nick: String,
+) {
+    tokio::time::sleep(INVITE_WAIT).await;
+    if lock(&p.awaiting_invite).remove(&net.fold(&chan)) {
+        b.cannot_join_invite_only(&net, &p, &chan, &nick).await;
+    }
+}
+
+/// How long a puppet waits for the bot's invite to an invite-only channel.
+const INVITE_WAIT: Duration = Duration::from_secs(15);
+
+/// IRC invites of one puppet become Matrix invites at most this often.
+const INVITE_INTERVAL: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Network {
+    /// Whether the bot may invite to `channel`: it is a channel operator (or half-op) there.
+    fn can_invite(&self, channel: &str) -> bool {
+        self.has_mode(channel, &self.bot.nick(), &['q', 'a', 'o', 'h'])
+    }
+}
+
+impl Inner {
+    /// The puppet could not join an invite-only channel: it forgets the channel, and the user
+    /// is told how to get in.
+    async fn cannot_join_invite_only(&self, net: &Network, p: &Puppet, chan: &str, nick: &str) {
+        if !p.conn.in_channel(chan) {
+            // Told already (the refusal of a second JOIN of the same attempt).
+            return;
+        }
+        let _ = p.conn.part(chan, "").await;
+        self.tell(
+            p,
+            &format!(
+                "Cannot join {chan} on {}: the channel is invite-only (+i). A channel operator there can let you in with /invite {nick} {chan}.",
+                net.config.name
+            ),
+        )
+        .await;
+        self.save(net, p).await;
+    }
+
+    /// An IRC user invited a puppet to a channel: its user is invited to the channel's portal
+    /// (opened if needed, as `!join` does); the puppet joins when they accept. A user in the
+    /// portal already has the puppet join now.
+    async fn irc_invite(
+        &self,
+        net: &Network,
+        p: &Puppet,
+        from: &str,
+        chan: &str,
+    ) -> Result<(), BridgeError> {
+        if !super::valid_channel(chan) || !net.is_channel(chan) {
+            return Ok(());
+        }
+        let existing = self.ctx.store().portal_by_remote(&net.portal_id(chan)).await?;
+        let joined = match &existing {
+            Some(portal) => self.ctx.store().membership(&portal.room_id, &p.user_id).await?,
+            None => None,
+        };
+        if joined.as_deref() != Some("join") {
+            let mut last = lock(&p.last_invite);
+            if last.is_some_and(|t| t.elapsed() < INVITE_INTERVAL) {
+                tracing::debug!(
+                    network = net.id,
+                    user_id = p.user_id,
+                    chan,
+                    from,
+                    "IRC invite dropped (too many)"
+                );
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let portal = match existing {
+            Some(portal) => portal,
+            None if net.config.dynamic_channels => {
+                let alias = self.alias_for(net, chan);
+                self.open_portal(net, chan, alias.as_deref(), None).await?.0
+            }
+            None => {
+                self.tell(
+                    p,
+                    &format!(
+                        "{from} invited you to {chan} on {}, which this bridge does not bridge.",
+                        net.config.name
+                    ),
+                )
+                .await;
+                return Ok(());
+            }
+        };
+        if joined.as_deref() == Some("join") {
+            if !p.conn.in_channel(chan) {
+                p.set_notify_room(&portal.room_id);
+                if p.conn.channels().len() >= net.config.max_channels_per_user as usize {
+                    self.tell(
+                        p,
+                        &format!(
+                            "{from} invited you to {chan}, but your IRC connection is in {} channels already, the most allowed.",
+                            net.config.max_channels_per_user
+                        ),
+                    )
+                    .await;
+                    return Ok(());
+                }
+                p.conn.join(chan, net.bot.key(chan).as_deref()).await.map_err(bridge_err)?;
+                self.save(net, p).await;
+            }
+            return Ok(());
+        }
+        let reason = crate::conn::line::one_line(&crate::format::strip_codes(&format!(
+            "{from} invited you to {chan} on {}",
+            net.config.name
+        )));
+        self.ctx.bot().invite_with_reason(&portal.room_id, &p.user_id, Some(&reason)).await?;
+        tracing::info!(network = net.id, user_id = p.user_id, chan, from, "IRC invite bridged");
+        Ok(())
     }
 }
 

@@ -426,6 +426,13 @@ impl IrcConnection {
         }
     }
 
+    /// The key we join a channel with, if any (given to [`join`](Self::join), or learnt from
+    /// `MODE +k`).
+    pub fn key(&self, channel: &str) -> Option<String> {
+        let st = self.lock();
+        st.channels.get(&st.isupport.casemapping.fold(channel)).and_then(|(_, k)| k.clone())
+    }
+
     /// Leaves a channel.
     pub async fn part(&self, channel: &str, reason: &str) -> Result<(), SendError> {
         let folded = self.isupport().casemapping.fold(channel);
