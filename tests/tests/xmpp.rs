@@ -1902,3 +1902,105 @@ async fn catch_up_body(env: &mut Env) -> anyhow::Result<()> {
     assert_eq!(seen.iter().filter(|s| s.body == "from Matrix before the downtime").count(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn rooms_without_an_archive_use_the_join_history() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = join_history_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn join_history_body(env: &mut Env) -> anyhow::Result<()> {
+    // xalice creates a room and turns its archive off: the room has no XEP-0313.
+    let xa = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    xa.join("nomam", "XAlice").await?;
+    xa.wait_stanza(T, |s| s.contains("id=\"unlock\"") && s.contains("type=\"result\"")).await?;
+    let field = |var: &str, value: &str| {
+        let mut f = payload("field", "jabber:x:data", &[("var", var)]);
+        f.append_child(
+            tokio_xmpp::minidom::Element::builder("value", "jabber:x:data")
+                .append(value.to_owned())
+                .build(),
+        );
+        f
+    };
+    let mut form = payload("x", "jabber:x:data", &[("type", "submit")]);
+    form.append_child(field("FORM_TYPE", "http://jabber.org/protocol/muc#roomconfig"));
+    form.append_child(field("muc#roomconfig_enablearchiving", "0"));
+    let mut query = payload("query", "http://jabber.org/protocol/muc#owner", &[]);
+    query.append_child(form);
+    xa.send(
+        stanza("iq", &[("type", "set"), ("id", "noarchive"), ("to", &format!("nomam@{MUC}"))])
+            .append(query)
+            .build(),
+    )?;
+    let answer = xa.wait_stanza(T, |s| s.contains("id=\"noarchive\"")).await?;
+    assert!(answer.contains("type=\"result\""), "{answer}");
+    let info = xa
+        .iq_get(&format!("nomam@{MUC}"), "query", "http://jabber.org/protocol/disco#info")
+        .await?;
+    assert!(!info.contains("urn:xmpp:mam:2"), "the room must have no archive: {info}");
+
+    xa.say("nomam", "n1", "join history one")?;
+    xa.wait_message(T, |s| s.body == "join history one").await?;
+    xa.say("nomam", "n2", "join history two")?;
+    xa.wait_message(T, |s| s.body == "join history two").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The portal is created: the join history is bridged once, in order, with its times.
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join(&format!("#xmpp_nomam_{MUC}:localhost")).await?;
+    alice.wait_for_message(&room, T, |e| body(e) == "join history two").await?;
+    let puppet = format!("from=\"nomam@{MUC}/alice\"");
+    xa.wait_presence(T, |p| p.contains(&puppet)).await?;
+    alice.send_text(&room, "from Matrix in nomam").await?;
+    xa.wait_message(T, |s| s.body == "from Matrix in nomam").await?;
+    xa.say("nomam", "n3", "live in nomam")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "live in nomam").await?;
+
+    // Down, two messages, up: caught up from the join history since the last message.
+    env.bridge.kill_hard();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    xa.say("nomam", "n4", "while away one")?;
+    xa.wait_message(T, |s| s.body == "while away one").await?;
+    xa.say("nomam", "n5", "while away two")?;
+    xa.wait_message(T, |s| s.body == "while away two").await?;
+    env.bridge.restart().await?;
+    alice.wait_for_message(&room, T, |e| body(e) == "while away two").await?;
+    xa.wait_presence(T, |p| p.contains(&puppet)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    xa.say("nomam", "n6", "live after the restart")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "live after the restart").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let events = alice.messages(&room, 200).await?;
+    let created = events
+        .iter()
+        .find(|e| e["type"] == "m.room.create")
+        .and_then(|e| e["origin_server_ts"].as_u64())
+        .unwrap_or_default();
+    let ghost = "@xmpp_nomam=40conference.localhost/_x_alice:localhost";
+    let mut at = Vec::new();
+    for text in [
+        "join history one",
+        "join history two",
+        "live in nomam",
+        "while away one",
+        "while away two",
+        "live after the restart",
+    ] {
+        let i = only(&events, text, |e| body(e) == text)?;
+        assert_eq!(events[i]["sender"], ghost, "{text}");
+        at.push(i);
+    }
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "in order: {at:?}");
+    for i in &at[..2] {
+        assert!(events[*i]["origin_server_ts"].as_u64().unwrap_or(u64::MAX) < created);
+    }
+    // The Matrix user's own message, in the join history too, is not bridged back.
+    let own = only(&events, "own", |e| body(e) == "from Matrix in nomam")?;
+    assert_eq!(events[own]["sender"], alice.user_id.as_str());
+    let log = plain(&env.bridge.child.log_tail(400));
+    assert!(log.contains("archive=false"), "{log}");
+    Ok(())
+}

@@ -60,6 +60,9 @@ const TYPING: Duration = Duration::from_secs(30);
 const SEEN: usize = 10_000;
 /// Messages asked for per page of a room's archive (Prosody answers at most 50 by default).
 const ARCHIVE_PAGE: u32 = 50;
+/// How much earlier than the cursor's time a catch-up by time starts (the cursor's time is the
+/// bridge's clock, the history's the server's); what is repeated is dropped as bridged before.
+const CLOCK_MARGIN_MS: i64 = 5_000;
 /// Live messages of one room held while its catch-up runs; more are dropped (and logged).
 const HELD: usize = 10_000;
 
@@ -302,7 +305,11 @@ impl Inner {
         let (wanted, limit) = match (&cursor, backfill) {
             (_, true) => (Some(ArchiveFrom::Before(None)), cfg.initial_messages),
             (Some(c), false) if cfg.max_catchup > 0 => (
-                Some(c.sid.clone().map_or(ArchiveFrom::Start(c.ts), ArchiveFrom::After)),
+                Some(
+                    c.sid
+                        .clone()
+                        .map_or(ArchiveFrom::Start(c.ts - CLOCK_MARGIN_MS), ArchiveFrom::After),
+                ),
                 cfg.max_catchup,
             ),
             _ => (None, 0),
@@ -315,9 +322,10 @@ impl Inner {
         let history = match (&wanted, archive) {
             (None, _) | (Some(_), true) => JoinHistory::None,
             (Some(ArchiveFrom::Before(_)), false) => JoinHistory::Last(limit),
-            (Some(_), false) => {
-                JoinHistory::Since { ms: cursor.as_ref().map_or(0, |c| c.ts), max: limit }
-            }
+            (Some(_), false) => JoinHistory::Since {
+                ms: cursor.as_ref().map_or(0, |c| c.ts - CLOCK_MARGIN_MS),
+                max: limit,
+            },
         };
         {
             let mut st = self.state();
@@ -434,7 +442,7 @@ impl Inner {
                                 room = key,
                                 "the archive lost the cursor; catching up by time"
                             );
-                            at = ArchiveFrom::Start(c.ts);
+                            at = ArchiveFrom::Start(c.ts - CLOCK_MARGIN_MS);
                             continue;
                         }
                         tracing::warn!(room = key, why, "the room's archive refused a query");
@@ -489,7 +497,7 @@ impl Inner {
     }
 
     /// One message of the room's archive: bridged like a live one, with its original time,
-    /// unless it is the bot's or a Matrix user's own (their origin-id is a known event).
+    /// unless it is the bot's or a Matrix user's own (see [`Self::bridged_before`]).
     async fn bridge_archived(
         &self,
         room: &RoomJid,
@@ -508,15 +516,7 @@ impl Inner {
         msg.stamp_ms = a.stamp_ms.or(msg.stamp_ms);
         msg.delayed = true;
         let key = room.bare();
-        let ours = msg.nick == self.cfg().bot_nick || self.state().is_ours(&key, &msg.nick);
-        let mut own_event = false;
-        if let (Some(oid), Some(portal)) = (
-            msg.origin_id.as_ref().or(msg.id.as_ref()).filter(|i| i.starts_with('$')),
-            self.ctx.store().portal_by_remote(&room.remote_id()).await?,
-        ) {
-            own_event = self.ctx.store().message_by_event(&portal.room_id, oid).await?.is_some();
-        }
-        if ours || own_event {
+        if msg.nick == self.cfg().bot_nick || self.state().is_ours(&key, &msg.nick) {
             let ts = msg.stamp_ms.unwrap_or_else(now_ms);
             self.move_cursor(&key, Some(&a.archive_id), ts).await;
             return Ok(());
@@ -1448,14 +1448,52 @@ impl Inner {
         let sid = msg.stanza_id.clone();
         let relation = msg.replaces.is_some() || msg.retracts.is_some() || msg.reactions.is_some();
         let ts = if history { msg.stamp_ms.unwrap_or_else(now_ms) } else { now_ms() };
+        // Chat states and markers are not archived: only messages move the cursor.
+        let content = msg.body.is_some() || msg.oob_url.is_some() || msg.reactions.is_some();
         self.bridge_room_message(room, msg, history).await?;
-        if let Some(sid) = &sid {
-            if relation {
-                self.ctx.store().kv_set(&format!("xmpp.done:{key}:{sid}"), "1").await?;
-            }
-            self.move_cursor(&key, Some(sid), ts).await;
+        if let (Some(sid), true) = (&sid, relation) {
+            self.ctx.store().kv_set(&format!("xmpp.done:{key}:{sid}"), "1").await?;
+        }
+        if sid.is_some() || content {
+            self.move_cursor(&key, sid.as_deref(), ts).await;
         }
         Ok(())
+    }
+
+    /// Whether a message of the room's history was bridged before, or came from Matrix: its
+    /// stanza-id is mapped (or its correction, retraction or reaction applied), its origin-id
+    /// is a Matrix event the bridge knows (a Matrix user's own message), or its sender's id is
+    /// mapped (rooms without stanza-ids).
+    async fn bridged_before(
+        &self,
+        room: &RoomJid,
+        room_id: &str,
+        msg: &MucMessage,
+    ) -> Result<bool, BridgeError> {
+        let key = room.bare();
+        let store = self.ctx.store();
+        if let Some(sid) = &msg.stanza_id
+            && (store.kv_get(&format!("xmpp.sid:{key}:{sid}")).await?.is_some()
+                || store.kv_get(&format!("xmpp.done:{key}:{sid}")).await?.is_some())
+        {
+            return Ok(true);
+        }
+        let oid = msg.origin_id.as_ref().or(msg.id.as_ref());
+        if let Some(oid) = oid.filter(|i| i.starts_with('$'))
+            && store.message_by_event(room_id, oid).await?.is_some()
+        {
+            return Ok(true);
+        }
+        if let Some(id) = msg.id.as_ref().or(msg.origin_id.as_ref()) {
+            let ghost = self.ids.ghost_of(room, &msg.nick);
+            let remote = format!("{ghost}|{id}");
+            if msg.replaces.is_none()
+                && !store.messages_by_remote(room_id, &remote).await?.is_empty()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The work of [`Self::room_message`].
@@ -1507,14 +1545,18 @@ impl Inner {
             }
             return Ok(());
         }
-        if let Some(sid) = &msg.stanza_id {
+        let known = if history {
+            self.bridged_before(room, &portal.room_id, &msg).await?
+        } else if let Some(sid) = &msg.stanza_id {
             let store = self.ctx.store();
-            if store.kv_get(&format!("xmpp.sid:{key}:{sid}")).await?.is_some()
+            store.kv_get(&format!("xmpp.sid:{key}:{sid}")).await?.is_some()
                 || store.kv_get(&format!("xmpp.done:{key}:{sid}")).await?.is_some()
-            {
-                tracing::debug!(room = key, sid, "dropping a message bridged before");
-                return Ok(());
-            }
+        } else {
+            false
+        };
+        if known {
+            tracing::debug!(room = key, sid = msg.stanza_id, "dropping a message bridged before");
+            return Ok(());
         }
         let dedupe = msg
             .stanza_id
