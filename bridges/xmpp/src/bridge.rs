@@ -134,6 +134,42 @@ struct Cursor {
     ts: i64,
 }
 
+/// What a room's history sync asks for, and at most how many messages: a new portal's last
+/// messages, or what came after the cursor; nothing when the config says none or there is no
+/// cursor yet.
+fn history_wanted(
+    cursor: Option<&Cursor>,
+    backfill: bool,
+    cfg: &crate::config::HistoryConfig,
+) -> (Option<ArchiveFrom>, u32) {
+    let (wanted, limit) = match (cursor, backfill) {
+        (_, true) => (ArchiveFrom::Before(None), cfg.initial_messages),
+        (Some(c), false) => (
+            c.sid.clone().map_or(ArchiveFrom::Start(c.ts - CLOCK_MARGIN_MS), ArchiveFrom::After),
+            cfg.max_catchup,
+        ),
+        (None, false) => return (None, 0),
+    };
+    if limit == 0 { (None, 0) } else { (Some(wanted), limit) }
+}
+
+/// What the bot's join asks for: nothing when the room's archive has the history (or none is
+/// wanted), else the join history (the last `limit` messages, or those since the cursor).
+fn join_history(
+    wanted: Option<&ArchiveFrom>,
+    archive: bool,
+    cursor: Option<&Cursor>,
+    limit: u32,
+) -> JoinHistory {
+    match (wanted, archive) {
+        (None, _) | (Some(_), true) => JoinHistory::None,
+        (Some(ArchiveFrom::Before(_)), false) => JoinHistory::Last(limit),
+        (Some(_), false) => {
+            JoinHistory::Since { ms: cursor.map_or(0, |c| c.ts - CLOCK_MARGIN_MS), max: limit }
+        }
+    }
+}
+
 /// Now, in Unix milliseconds.
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -301,32 +337,12 @@ impl Inner {
         let backfill_key = format!("xmpp.backfill:{key}");
         let backfill = self.ctx.store().kv_get(&backfill_key).await?.is_some();
         let cursor = self.cursor(&key).await?;
-        // What is wanted, and at most how much.
-        let (wanted, limit) = match (&cursor, backfill) {
-            (_, true) => (Some(ArchiveFrom::Before(None)), cfg.initial_messages),
-            (Some(c), false) if cfg.max_catchup > 0 => (
-                Some(
-                    c.sid
-                        .clone()
-                        .map_or(ArchiveFrom::Start(c.ts - CLOCK_MARGIN_MS), ArchiveFrom::After),
-                ),
-                cfg.max_catchup,
-            ),
-            _ => (None, 0),
-        };
-        let wanted = wanted.filter(|_| limit > 0);
+        let (wanted, limit) = history_wanted(cursor.as_ref(), backfill, &cfg);
         let archive = match &wanted {
             Some(_) => self.has_archive(room, generation).await,
             None => false,
         };
-        let history = match (&wanted, archive) {
-            (None, _) | (Some(_), true) => JoinHistory::None,
-            (Some(ArchiveFrom::Before(_)), false) => JoinHistory::Last(limit),
-            (Some(_), false) => JoinHistory::Since {
-                ms: cursor.as_ref().map_or(0, |c| c.ts - CLOCK_MARGIN_MS),
-                max: limit,
-            },
-        };
+        let history = join_history(wanted.as_ref(), archive, cursor.as_ref(), limit);
         {
             let mut st = self.state();
             let r = st.rooms.entry(key.clone()).or_default();
@@ -3226,6 +3242,37 @@ fn human_size(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_syncs_ask_for_what_was_missed() {
+        use crate::config::HistoryConfig;
+        let cfg = HistoryConfig { initial_messages: 20, max_catchup: 500 };
+        let sid = Cursor { sid: Some("s1".into()), ts: 100_000 };
+        let time = Cursor { sid: None, ts: 100_000 };
+        // A new portal: its last messages, from the archive or the join history.
+        let (w, n) = history_wanted(None, true, &cfg);
+        assert_eq!((w.clone(), n), (Some(ArchiveFrom::Before(None)), 20));
+        assert_eq!(join_history(w.as_ref(), true, None, n), JoinHistory::None);
+        assert_eq!(join_history(w.as_ref(), false, None, n), JoinHistory::Last(20));
+        // After downtime: after the cursor's message, or by time (with the margin).
+        let (w, n) = history_wanted(Some(&sid), false, &cfg);
+        assert_eq!((w.clone(), n), (Some(ArchiveFrom::After("s1".into())), 500));
+        assert_eq!(
+            join_history(w.as_ref(), false, Some(&sid), n),
+            JoinHistory::Since { ms: 95_000, max: 500 }
+        );
+        let (w, _) = history_wanted(Some(&time), false, &cfg);
+        assert_eq!(w, Some(ArchiveFrom::Start(95_000)));
+        // Nothing without a cursor, or when the config says none.
+        assert_eq!(history_wanted(None, false, &cfg), (None, 0));
+        let none = HistoryConfig { initial_messages: 0, max_catchup: 0 };
+        assert_eq!(history_wanted(None, true, &none), (None, 0));
+        assert_eq!(history_wanted(Some(&sid), false, &none), (None, 0));
+        assert_eq!(join_history(None, false, Some(&sid), 0), JoinHistory::None);
+        // The cursor survives a round trip through the store's text.
+        let text = serde_json::to_string(&sid).unwrap();
+        assert_eq!(serde_json::from_str::<Cursor>(&text).unwrap(), sid);
+    }
 
     #[test]
     fn affiliations_and_roles_map_to_power_levels() {
