@@ -1422,6 +1422,10 @@ impl Inner {
             if r.catchup.is_some() {
                 // The room's history is being bridged: this comes after it.
                 if r.held.len() < HELD {
+                    tracing::debug!(
+                        room = key,
+                        "holding a live message until the history is bridged"
+                    );
                     r.held.push(msg);
                 } else {
                     tracing::warn!(
