@@ -1728,3 +1728,306 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// `log` without its ANSI colours.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut escape = false;
+    for c in log.chars() {
+        match (escape, c) {
+            (false, '\x1b') => escape = true,
+            (true, 'm') => escape = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// The position of the only event of `events` matching `pred`; fails when there is none or more
+/// than one.
+fn only(events: &[Value], what: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<usize> {
+    let found: Vec<usize> =
+        events.iter().enumerate().filter(|(_, e)| pred(e)).map(|(i, _)| i).collect();
+    match found.as_slice() {
+        [i] => Ok(*i),
+        _ => anyhow::bail!("{what}: {} matching events, one expected", found.len()),
+    }
+}
+
+#[tokio::test]
+async fn history_of_a_room_is_backfilled_when_its_portal_is_created() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = backfill_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn backfill_body(env: &mut Env) -> anyhow::Result<()> {
+    // XMPP users talk before the room has a portal (the room archives it, XEP-0313).
+    let xa = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    let xb = XmppClient::connect(env.prosody.c2s_port(), "xbob", "secret-pass").await?;
+    xa.join("hist", "XAlice").await?;
+    // xalice created the room: it is locked until her configuration is accepted.
+    xa.wait_stanza(T, |s| s.contains("id=\"unlock\"") && s.contains("type=\"result\"")).await?;
+    xb.join("hist", "XBob").await?;
+    xa.say("hist", "h1", "history one")?;
+    xa.wait_message(T, |s| s.body == "history one").await?;
+    xb.say("hist", "h2", "history two <b>&amp;</b>")?;
+    xa.wait_message(T, |s| s.body == "history two <b>&amp;</b>").await?;
+    xa.say("hist", "h3", "history three")?;
+    xa.wait_message(T, |s| s.body == "history three").await?;
+    // A correction in the archive edits the message, it is not a new one.
+    xa.say_with(
+        "hist",
+        "h4",
+        "history one (fixed)",
+        vec![payload("replace", "urn:xmpp:message-correct:0", &[("id", "h1")])],
+    )?;
+    xa.wait_message(T, |s| s.body == "history one (fixed)").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // A Matrix user joins through the alias: the portal is created and the history comes first.
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join(&format!("#xmpp_hist_{MUC}:localhost")).await?;
+    alice.wait_for_message(&room, T, |e| body(e) == "history three").await?;
+    xb.wait_presence(T, |p| p.contains(&format!("from=\"hist@{MUC}/MatrixBridge\""))).await?;
+    xb.say("hist", "l1", "live after the portal")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "live after the portal").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let events = alice.messages(&room, 200).await?;
+    let created = events
+        .iter()
+        .find(|e| e["type"] == "m.room.create")
+        .and_then(|e| e["origin_server_ts"].as_u64())
+        .ok_or_else(|| anyhow::anyhow!("no m.room.create in {events:?}"))?;
+    let ghost = |nick: &str| format!("@xmpp_hist=40conference.localhost/_x_{nick}:localhost");
+    let mut at = Vec::new();
+    for (text, nick) in
+        [("history one", "alice"), ("history two <b>&amp;</b>", "bob"), ("history three", "alice")]
+    {
+        let i = only(&events, text, |e| body(e) == text)?;
+        let e = &events[i];
+        assert_eq!(e["sender"], ghost(nick).as_str(), "{text}: {e}");
+        let ts = e["origin_server_ts"].as_u64().unwrap_or(u64::MAX);
+        assert!(ts < created, "{text} keeps its original time: {ts} < {created}");
+        at.push(i);
+    }
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "the history in order: {at:?}");
+    // Text stays text (XEP-0393 styling only, no HTML from XMPP).
+    assert!(events[at[1]]["content"].get("formatted_body").is_none(), "{}", events[at[1]]);
+    // The correction edits the first message.
+    let first = events[at[0]]["event_id"].as_str().unwrap_or_default();
+    let edit = only(&events, "the correction", |e| {
+        e["content"]["m.new_content"]["body"] == "history one (fixed)"
+    })?;
+    assert_eq!(events[edit]["content"]["m.relates_to"]["event_id"], first);
+    assert_eq!(events[edit]["content"]["m.relates_to"]["rel_type"], "m.replace");
+    assert!(events.iter().all(|e| body(e) != "history one (fixed)"), "no plain duplicate");
+    // The live message comes after the history.
+    let live = only(&events, "the live message", |e| body(e) == "live after the portal")?;
+    assert!(live > at[2] && live > edit, "live {live} after the history {at:?}");
+    // It came from the room's archive (XEP-0313).
+    let log = plain(&env.bridge.child.log_tail(400));
+    assert!(log.contains("bridging the room's history room=\"hist@"), "{log}");
+    assert!(log.contains("archive=true"), "{log}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_said_while_the_bridge_was_down_are_caught_up_once() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = catch_up_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn catch_up_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "down").await?;
+    xmpp.say("down", "d0", "before the downtime")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "before the downtime").await?;
+    alice.send_text(&room, "from Matrix before the downtime").await?;
+    xmpp.wait_message(T, |s| s.body == "from Matrix before the downtime").await?;
+
+    // The bridge dies (the room only notices when messages to its occupants bounce).
+    env.bridge.kill_hard();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (id, text) in [("w1", "while down 1"), ("w2", "while down 2"), ("w3", "while down 3")] {
+        xmpp.say("down", id, text)?;
+        xmpp.wait_message(T, |s| s.body == text).await?;
+    }
+    xmpp.say_with(
+        "down",
+        "w4",
+        "before the downtime (fixed)",
+        vec![payload("replace", "urn:xmpp:message-correct:0", &[("id", "d0")])],
+    )?;
+    xmpp.wait_message(T, |s| s.body == "before the downtime (fixed)").await?;
+
+    // It comes back: what was said meanwhile arrives once, in order, then live messages.
+    let presences = xmpp.presences().len();
+    env.bridge.restart().await?;
+    trestle_e2e::wait_for("the bot to come back", T, || async {
+        let from = format!("from=\"down@{MUC}/MatrixBridge\"");
+        xmpp.presences()[presences..]
+            .iter()
+            .any(|p| p.contains(&from) && !p.contains("unavailable"))
+            .then_some(())
+    })
+    .await?;
+    xmpp.say("down", "l1", "live after the restart")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "live after the restart").await?;
+
+    let check = |events: &[Value]| -> anyhow::Result<()> {
+        let ghost = "@xmpp_down=40conference.localhost/_x_alice:localhost";
+        let mut at = Vec::new();
+        for text in ["before the downtime", "while down 1", "while down 2", "while down 3"] {
+            let i = only(events, text, |e| body(e) == text)?;
+            assert_eq!(events[i]["sender"], ghost, "{text}");
+            at.push(i);
+        }
+        let live = only(events, "live", |e| body(e) == "live after the restart")?;
+        at.push(live);
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "in order: {at:?}");
+        // The Matrix user's own message, in the archive too, is not bridged back.
+        let own = only(events, "own", |e| body(e) == "from Matrix before the downtime")?;
+        assert_eq!(events[own]["sender"], alice.user_id.as_str());
+        // The correction made while the bridge was away edits the message.
+        let edit = only(events, "the correction", |e| {
+            e["content"]["m.new_content"]["body"] == "before the downtime (fixed)"
+        })?;
+        assert_eq!(events[edit]["content"]["m.relates_to"]["event_id"], events[at[0]]["event_id"]);
+        assert!(edit > at[3] && edit < live, "the correction in order: {edit}");
+        Ok(())
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    check(&alice.messages(&room, 200).await?)?;
+    let log = plain(&env.bridge.child.log_tail(400));
+    assert!(
+        log.contains("bridging the room's history room=\"down@") && log.contains("count=4"),
+        "{log}"
+    );
+
+    // Another restart with nothing said meanwhile: nothing is posted again.
+    let presences = xmpp.presences().len();
+    env.bridge.restart().await?;
+    trestle_e2e::wait_for("the bot to come back again", T, || async {
+        let from = format!("from=\"down@{MUC}/MatrixBridge\"");
+        xmpp.presences()[presences..]
+            .iter()
+            .any(|p| p.contains(&from) && !p.contains("unavailable"))
+            .then_some(())
+    })
+    .await?;
+    xmpp.say("down", "l2", "live after the second restart")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "live after the second restart").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 200).await?;
+    check(&events)?;
+    only(&events, "live 2", |e| body(e) == "live after the second restart")?;
+    // Nothing from Matrix went to XMPP twice either.
+    let seen = xmpp.messages();
+    assert_eq!(seen.iter().filter(|s| s.body == "from Matrix before the downtime").count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rooms_without_an_archive_use_the_join_history() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = join_history_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn join_history_body(env: &mut Env) -> anyhow::Result<()> {
+    // xalice creates a room and turns its archive off: the room has no XEP-0313.
+    let xa = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    xa.join("nomam", "XAlice").await?;
+    xa.wait_stanza(T, |s| s.contains("id=\"unlock\"") && s.contains("type=\"result\"")).await?;
+    let field = |var: &str, value: &str| {
+        let mut f = payload("field", "jabber:x:data", &[("var", var)]);
+        f.append_child(
+            tokio_xmpp::minidom::Element::builder("value", "jabber:x:data")
+                .append(value.to_owned())
+                .build(),
+        );
+        f
+    };
+    let mut form = payload("x", "jabber:x:data", &[("type", "submit")]);
+    form.append_child(field("FORM_TYPE", "http://jabber.org/protocol/muc#roomconfig"));
+    form.append_child(field("muc#roomconfig_enablearchiving", "0"));
+    let mut query = payload("query", "http://jabber.org/protocol/muc#owner", &[]);
+    query.append_child(form);
+    xa.send(
+        stanza("iq", &[("type", "set"), ("id", "noarchive"), ("to", &format!("nomam@{MUC}"))])
+            .append(query)
+            .build(),
+    )?;
+    let answer = xa.wait_stanza(T, |s| s.contains("id=\"noarchive\"")).await?;
+    assert!(answer.contains("type=\"result\""), "{answer}");
+    let info = xa
+        .iq_get(&format!("nomam@{MUC}"), "query", "http://jabber.org/protocol/disco#info")
+        .await?;
+    assert!(!info.contains("urn:xmpp:mam:2"), "the room must have no archive: {info}");
+
+    xa.say("nomam", "n1", "join history one")?;
+    xa.wait_message(T, |s| s.body == "join history one").await?;
+    xa.say("nomam", "n2", "join history two")?;
+    xa.wait_message(T, |s| s.body == "join history two").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The portal is created: the join history is bridged once, in order, with its times.
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let room = alice.join(&format!("#xmpp_nomam_{MUC}:localhost")).await?;
+    alice.wait_for_message(&room, T, |e| body(e) == "join history two").await?;
+    let puppet = format!("from=\"nomam@{MUC}/alice\"");
+    xa.wait_presence(T, |p| p.contains(&puppet)).await?;
+    alice.send_text(&room, "from Matrix in nomam").await?;
+    xa.wait_message(T, |s| s.body == "from Matrix in nomam").await?;
+    xa.say("nomam", "n3", "live in nomam")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "live in nomam").await?;
+
+    // Down, two messages, up: caught up from the join history since the last message.
+    env.bridge.kill_hard();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    xa.say("nomam", "n4", "while away one")?;
+    xa.wait_message(T, |s| s.body == "while away one").await?;
+    xa.say("nomam", "n5", "while away two")?;
+    xa.wait_message(T, |s| s.body == "while away two").await?;
+    env.bridge.restart().await?;
+    alice.wait_for_message(&room, T, |e| body(e) == "while away two").await?;
+    xa.wait_presence(T, |p| p.contains(&puppet)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    xa.say("nomam", "n6", "live after the restart")?;
+    alice.wait_for_message(&room, T, |e| body(e) == "live after the restart").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let events = alice.messages(&room, 200).await?;
+    let created = events
+        .iter()
+        .find(|e| e["type"] == "m.room.create")
+        .and_then(|e| e["origin_server_ts"].as_u64())
+        .unwrap_or_default();
+    let ghost = "@xmpp_nomam=40conference.localhost/_x_alice:localhost";
+    let mut at = Vec::new();
+    for text in [
+        "join history one",
+        "join history two",
+        "live in nomam",
+        "while away one",
+        "while away two",
+        "live after the restart",
+    ] {
+        let i = only(&events, text, |e| body(e) == text)?;
+        assert_eq!(events[i]["sender"], ghost, "{text}");
+        at.push(i);
+    }
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "in order: {at:?}");
+    for i in &at[..2] {
+        assert!(events[*i]["origin_server_ts"].as_u64().unwrap_or(u64::MAX) < created);
+    }
+    // The Matrix user's own message, in the join history too, is not bridged back.
+    let own = only(&events, "own", |e| body(e) == "from Matrix in nomam")?;
+    assert_eq!(events[own]["sender"], alice.user_id.as_str());
+    let log = plain(&env.bridge.child.log_tail(400));
+    assert!(log.contains("archive=false"), "{log}");
+    Ok(())
+}

@@ -8,6 +8,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha1::{Digest as _, Sha1};
 use tokio::sync::{mpsc, oneshot};
@@ -44,7 +45,7 @@ use crate::{
     config::{Standing, XmppConfig},
     conn::{self, ConnConfig, ConnError, ConnEvent, XmppSender},
     ids::{Ids, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
-    stanzas::{self, MucPresence},
+    stanzas::{self, ArchiveFrom, ArchivedMessage, JoinHistory, MucMessage, MucPresence},
 };
 
 /// How long a join or a message reflection is waited for.
@@ -57,6 +58,13 @@ const BOT_JOIN_TRIES: u32 = 5;
 const TYPING: Duration = Duration::from_secs(30);
 /// Stanza ids remembered for dedupe.
 const SEEN: usize = 10_000;
+/// Messages asked for per page of a room's archive (Prosody answers at most 50 by default).
+const ARCHIVE_PAGE: u32 = 50;
+/// How much earlier than the cursor's time a catch-up by time starts (the cursor's time is the
+/// bridge's clock, the history's the server's); what is repeated is dropped as bridged before.
+const CLOCK_MARGIN_MS: i64 = 5_000;
+/// Live messages of one room held while its catch-up runs; more are dropped (and logged).
+const HELD: usize = 10_000;
 
 /// The XMPP bridge.
 pub struct XmppBridge {
@@ -106,6 +114,67 @@ struct RoomState {
     marked: HashMap<String, String>,
     /// Occupant nick → real bare JID, for occupants the room shows it for (needed to ban).
     real_jids: HashMap<String, String>,
+    /// The connection generation whose history catch-up runs for the room: live messages wait
+    /// in `held` until it is done, so that they come after the history.
+    catchup: Option<u64>,
+    /// Live messages held while the catch-up runs, in order.
+    held: Vec<MucMessage>,
+    /// What the bot's join asks for.
+    join_history: JoinHistory,
+    /// Whether delayed messages (the join history the bot asked for) are bridged: until the
+    /// first live message or the subject, which ends the history (XEP-0045 §7.2.15).
+    accept_history: bool,
+}
+
+/// Where the bridge is in a room's history: the last message it bridged (its stanza-id, when
+/// it had one) and when it was sent. Kept per room (`xmpp.cursor:<room>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Cursor {
+    sid: Option<String>,
+    ts: i64,
+}
+
+/// What a room's history sync asks for, and at most how many messages: a new portal's last
+/// messages, or what came after the cursor; nothing when the config says none or there is no
+/// cursor yet.
+fn history_wanted(
+    cursor: Option<&Cursor>,
+    backfill: bool,
+    cfg: &crate::config::HistoryConfig,
+) -> (Option<ArchiveFrom>, u32) {
+    let (wanted, limit) = match (cursor, backfill) {
+        (_, true) => (ArchiveFrom::Before(None), cfg.initial_messages),
+        (Some(c), false) => (
+            c.sid.clone().map_or(ArchiveFrom::Start(c.ts - CLOCK_MARGIN_MS), ArchiveFrom::After),
+            cfg.max_catchup,
+        ),
+        (None, false) => return (None, 0),
+    };
+    if limit == 0 { (None, 0) } else { (Some(wanted), limit) }
+}
+
+/// What the bot's join asks for: nothing when the room's archive has the history (or none is
+/// wanted), else the join history (the last `limit` messages, or those since the cursor).
+fn join_history(
+    wanted: Option<&ArchiveFrom>,
+    archive: bool,
+    cursor: Option<&Cursor>,
+    limit: u32,
+) -> JoinHistory {
+    match (wanted, archive) {
+        (None, _) | (Some(_), true) => JoinHistory::None,
+        (Some(ArchiveFrom::Before(_)), false) => JoinHistory::Last(limit),
+        (Some(_), false) => {
+            JoinHistory::Since { ms: cursor.map_or(0, |c| c.ts - CLOCK_MARGIN_MS), max: limit }
+        }
+    }
+}
+
+/// Now, in Unix milliseconds.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Resolves with the room's stanza-id for a reflected message, or the error condition.
@@ -132,6 +201,8 @@ struct State {
     avatars: HashMap<String, String>,
     /// Matrix user → the avatar hash their occupants announce (`""`: none).
     photos: HashMap<String, String>,
+    /// Archive query id → its room and the results received so far.
+    archive: HashMap<String, (String, Vec<ArchivedMessage>)>,
 }
 
 impl State {
@@ -211,10 +282,286 @@ impl Inner {
     }
 
     fn join_bot(&self, room: &RoomJid) {
+        let history = self.state().rooms.get(&room.bare()).map(|r| r.join_history);
         if let Some(to) = stanzas::occupant(room, &self.cfg().bot_nick)
-            && let Err(e) = self.xmpp.send(stanzas::join(&self.bot, &to))
+            && let Err(e) =
+                self.xmpp.send(stanzas::bot_join(&self.bot, &to, history.unwrap_or_default()))
         {
             tracing::warn!(room = room.bare(), error = %e, "could not join the room");
+        }
+    }
+
+    /// A portal was created for `room`: its recent history is bridged first (when
+    /// `history.initial_messages` asks for any), then what is said live.
+    fn portal_new(&self, room: &RoomJid) {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let room = room.clone();
+        // The mark survives a restart before the bot is in the room.
+        tokio::spawn(async move {
+            let key = format!("xmpp.backfill:{}", room.bare());
+            if me.cfg().history.initial_messages > 0
+                && let Err(e) = me.ctx.store().kv_set(&key, "1").await
+            {
+                tracing::warn!(room = room.bare(), error = %e, "cannot mark a room for backfill");
+            }
+            if let Some(generation) = me.xmpp.generation() {
+                me.start_sync(&room, generation);
+            }
+        });
+    }
+
+    /// Joins the bot to `room` on connection `generation`, bridging the room's history first
+    /// (see [`Self::sync_room`]); live messages of the room wait until it is done.
+    fn start_sync(&self, room: &RoomJid, generation: u64) {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        self.state().rooms.entry(room.bare()).or_default().catchup = Some(generation);
+        let room = room.clone();
+        tokio::spawn(async move { me.sync_room(&room, generation).await });
+    }
+
+    /// Joins the bot to `room` and bridges what the room said that the bridge has not seen:
+    /// for a new portal (marked `xmpp.backfill:<room>`) its last `history.initial_messages`
+    /// messages, otherwise what was said after the room's cursor (the last message bridged),
+    /// at most `history.max_catchup`. From the room's archive (XEP-0313) when it has one, else
+    /// from the join history. Then the live messages held meanwhile are bridged, in order.
+    async fn sync_room(&self, room: &RoomJid, generation: u64) {
+        if let Err(e) = self.catch_up(room, generation).await {
+            tracing::warn!(room = room.bare(), error = %e, "could not bridge the room's history");
+        }
+        self.release_held(room, generation).await;
+    }
+
+    async fn catch_up(&self, room: &RoomJid, generation: u64) -> Result<(), BridgeError> {
+        let key = room.bare();
+        let cfg = self.cfg().history.clone();
+        let backfill_key = format!("xmpp.backfill:{key}");
+        let backfill = self.ctx.store().kv_get(&backfill_key).await?.is_some();
+        let cursor = self.cursor(&key).await?;
+        let (wanted, limit) = history_wanted(cursor.as_ref(), backfill, &cfg);
+        let archive = match &wanted {
+            Some(_) => self.has_archive(room, generation).await,
+            None => false,
+        };
+        let history = join_history(wanted.as_ref(), archive, cursor.as_ref(), limit);
+        {
+            let mut st = self.state();
+            let r = st.rooms.entry(key.clone()).or_default();
+            r.join_history = history;
+            r.accept_history = history != JoinHistory::None;
+        }
+        tracing::info!(room = key, ?wanted, archive, ?history, "joining the room");
+        self.join_bot(room);
+        self.wait_for_bot_patiently(&key, generation).await?;
+        if let (Some(from), true) = (wanted, archive) {
+            self.bridge_archive(room, generation, from, limit, cursor.as_ref()).await?;
+        }
+        if backfill {
+            self.ctx.store().kv_delete(&backfill_key).await?;
+        }
+        if self.cursor(&key).await?.is_none() {
+            // From now on what is said here is caught up after downtime.
+            self.move_cursor(&key, None, now_ms()).await;
+        }
+        Ok(())
+    }
+
+    /// Waits for the bot's join of `room` while the bridge still tries it (see
+    /// `BOT_JOIN_TRIES`) on connection `generation`.
+    async fn wait_for_bot_patiently(&self, room: &str, generation: u64) -> Result<(), BridgeError> {
+        loop {
+            match self.wait_for_bot(room, generation).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let failures = self.state().rooms.get(room).map_or(0, |r| r.bot_failures);
+                    if self.xmpp.generation() != Some(generation) || failures > BOT_JOIN_TRIES {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `room` advertises an archive (XEP-0313) in its disco#info. A room that does not
+    /// exist yet has none.
+    async fn has_archive(&self, room: &RoomJid, generation: u64) -> bool {
+        let id = format!("disco-{}", rand::random::<u64>());
+        let Some(iq) = stanzas::disco_info_get(&self.bot, room, &id) else { return false };
+        match self.request(room, iq, generation).await {
+            Ok(Ok(Some(info))) => stanzas::has_feature(&info, stanzas::NS_MAM),
+            Ok(Ok(None)) => false,
+            Ok(Err(why)) => {
+                tracing::debug!(room = room.bare(), why, "no disco#info from the room");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(room = room.bare(), error = %e, "cannot ask the room's disco#info");
+                false
+            }
+        }
+    }
+
+    /// One page of `room`'s archive: its messages (oldest first) and its end, or `Err(why)`
+    /// when the room refuses the query.
+    async fn archive_page(
+        &self,
+        room: &RoomJid,
+        generation: u64,
+        at: &ArchiveFrom,
+        max: u32,
+    ) -> Result<Result<(Vec<ArchivedMessage>, stanzas::ArchiveFin), String>, BridgeError> {
+        let n = rand::random::<u64>();
+        let (id, queryid) = (format!("mam-{n}"), format!("q{n}"));
+        let Some(iq) = stanzas::mam_query(&self.bot, room, &id, &queryid, at, max) else {
+            return Err(BridgeError::Permanent("cannot address the room".to_owned()));
+        };
+        self.state().archive.insert(queryid.clone(), (room.bare(), Vec::new()));
+        let answer = self.request(room, iq, generation).await;
+        let messages = self.state().archive.remove(&queryid).map(|(_, m)| m).unwrap_or_default();
+        Ok(match answer? {
+            Ok(Some(fin)) => match stanzas::read_mam_fin(&fin) {
+                Some(fin) => Ok((messages, fin)),
+                None => Err("the answer has no <fin/>".to_owned()),
+            },
+            Ok(None) => Err("the answer is empty".to_owned()),
+            Err(why) => Err(why),
+        })
+    }
+
+    /// Bridges `room`'s archive from `from` (at most `limit` messages, oldest first): the last
+    /// `limit` messages for `Before(None)`, else forward from the cursor (by time when the
+    /// room no longer knows the cursor's message). When more were said than `limit`, the rest
+    /// is left out and the room is told.
+    async fn bridge_archive(
+        &self,
+        room: &RoomJid,
+        generation: u64,
+        from: ArchiveFrom,
+        limit: u32,
+        cursor: Option<&Cursor>,
+    ) -> Result<(), BridgeError> {
+        let key = room.bare();
+        let mut messages: Vec<ArchivedMessage> = Vec::new();
+        let mut at = from;
+        let mut more = false;
+        let backwards = matches!(at, ArchiveFrom::Before(_));
+        loop {
+            let want = limit.saturating_sub(u32::try_from(messages.len()).unwrap_or(u32::MAX));
+            let page =
+                match self.archive_page(room, generation, &at, want.min(ARCHIVE_PAGE)).await? {
+                    Ok(p) => p,
+                    Err(why) => {
+                        if let (ArchiveFrom::After(_), Some(c)) = (&at, cursor)
+                            && why.contains("item-not-found")
+                        {
+                            // The cursor's message is gone from the archive: go by its time.
+                            tracing::info!(
+                                room = key,
+                                "the archive lost the cursor; catching up by time"
+                            );
+                            at = ArchiveFrom::Start(c.ts - CLOCK_MARGIN_MS);
+                            continue;
+                        }
+                        tracing::warn!(room = key, why, "the room's archive refused a query");
+                        break;
+                    }
+                };
+            let (mut got, fin) = page;
+            let count = u32::try_from(got.len()).unwrap_or(u32::MAX);
+            if backwards {
+                got.append(&mut messages);
+                messages = got;
+            } else {
+                messages.append(&mut got);
+            }
+            let full = u32::try_from(messages.len()).unwrap_or(u32::MAX) >= limit;
+            let next = if backwards { fin.first.clone() } else { fin.last.clone() };
+            if fin.complete || count == 0 || next.is_none() {
+                break;
+            }
+            if full {
+                more = !backwards;
+                break;
+            }
+            at = match (backwards, next) {
+                (true, n) => ArchiveFrom::Before(n),
+                (false, Some(n)) => ArchiveFrom::After(n),
+                (false, None) => break,
+            };
+        }
+        if backwards && messages.len() > limit as usize {
+            messages.drain(..messages.len() - limit as usize);
+        }
+        messages.truncate(limit as usize);
+        tracing::info!(room = key, count = messages.len(), more, "bridging the room's history");
+        for a in messages {
+            if self.xmpp.generation() != Some(generation) {
+                return Err(retry("the XMPP connection dropped during the catch-up"));
+            }
+            if let Err(e) = retry_remote(|| self.bridge_archived(room, &a)).await {
+                tracing::warn!(room = key, sid = a.archive_id, error = %e, "could not bridge a message of the history");
+            }
+        }
+        if more && let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? {
+            self.ctx
+                .notice(
+                    &portal.room_id,
+                    &format!("More than {limit} messages were said in {key} while the bridge was away; the later ones were not bridged (history.max_catchup)."),
+                )
+                .await;
+        }
+        Ok(())
+    }
+
+    /// One message of the room's archive: bridged like a live one, with its original time,
+    /// unless it is the bot's or a Matrix user's own (see [`Self::bridged_before`]).
+    async fn bridge_archived(
+        &self,
+        room: &RoomJid,
+        a: &ArchivedMessage,
+    ) -> Result<(), BridgeError> {
+        let m = &a.message;
+        let from_room = m.from.as_ref().is_some_and(|f| f.to_bare().to_string() == room.bare());
+        let Some(mut msg) = stanzas::read_muc_message(m, room).filter(|_| from_room) else {
+            return Ok(());
+        };
+        if !matches!(m.type_, XMessageType::Groupchat) {
+            return Ok(());
+        }
+        // The archive's id is the room's stanza-id.
+        msg.stanza_id = Some(a.archive_id.clone());
+        msg.stamp_ms = a.stamp_ms.or(msg.stamp_ms);
+        msg.delayed = true;
+        let key = room.bare();
+        if msg.nick == self.cfg().bot_nick || self.state().is_ours(&key, &msg.nick) {
+            let ts = msg.stamp_ms.unwrap_or_else(now_ms);
+            self.move_cursor(&key, Some(&a.archive_id), ts).await;
+            return Ok(());
+        }
+        self.room_message(room, msg, true).await
+    }
+
+    /// Bridges the live messages of `room` held while its catch-up ran (in order), then lets
+    /// new ones through; unless a newer catch-up (a reconnect) took over the room.
+    async fn release_held(&self, room: &RoomJid, generation: u64) {
+        let key = room.bare();
+        loop {
+            let batch = {
+                let mut st = self.state();
+                let r = st.rooms.entry(key.clone()).or_default();
+                if r.catchup != Some(generation) {
+                    return;
+                }
+                if r.held.is_empty() {
+                    r.catchup = None;
+                    return;
+                }
+                std::mem::take(&mut r.held)
+            };
+            for msg in batch {
+                if let Err(e) = retry_remote(|| self.room_message(room, msg.clone(), false)).await {
+                    tracing::error!(room = key, error = %e, "could not bridge an XMPP message");
+                }
+            }
         }
     }
 
@@ -785,7 +1132,7 @@ impl Inner {
         let (portal, created) =
             self.ctx.ensure_portal(&self.portal_spec(room), Some(&alias)).await?;
         if created {
-            self.join_bot(room);
+            self.portal_new(room);
         }
         let why = match (inviter, reason) {
             (Some(who), Some(r)) => format!("{who} invited you on XMPP: {r}"),
@@ -984,7 +1331,7 @@ impl Inner {
                 }
                 for portal in &portals {
                     if let Some(room) = Self::room_of(portal) {
-                        self.join_bot(&room);
+                        self.start_sync(&room, generation);
                     }
                 }
                 tracing::info!(generation, rooms = portals.len(), "rejoining the bridged rooms");
@@ -1065,6 +1412,23 @@ impl Inner {
             }
             return Ok(());
         }
+        // A result of the bot's archive query (XEP-0313), from the room itself.
+        if recipient.is_none()
+            && from.resource().is_none()
+            && let (Some(room), true) = (&room, allowed)
+            && let Some(a) = stanzas::read_mam_result(m)
+        {
+            let mut st = self.state();
+            match st.archive.get_mut(&a.queryid) {
+                Some((r, list)) if *r == room.bare() => {
+                    if list.len() < ARCHIVE_PAGE as usize * 2 {
+                        list.push(a);
+                    }
+                }
+                _ => tracing::debug!(room = room.bare(), "ignoring an unexpected archive result"),
+            }
+            return Ok(());
+        }
         if matches!(m.type_, XMessageType::Chat | XMessageType::Normal)
             && let Some(mxid) = &recipient
             && !self.cfg().muc_services.iter().any(|s| s == from.domain().as_str())
@@ -1105,23 +1469,158 @@ impl Inner {
         };
         let key = room.bare();
         // Reflections of our own messages: resolve the sender's waiter, bridge nothing.
-        if let Some(oid) = &msg.origin_id
-            && let Some(tx) = self.state().reflections.remove(&(key.clone(), oid.clone()))
-        {
+        let reflected = msg
+            .origin_id
+            .as_ref()
+            .and_then(|oid| self.state().reflections.remove(&(key.clone(), oid.clone())));
+        if let Some(tx) = reflected {
             let _ = tx.send(Ok(msg.stanza_id.clone()));
+            // The room's archive has it too: the catch-up starts after it.
+            let catching_up = self.state().rooms.get(&key).is_some_and(|r| r.catchup.is_some());
+            if let (Some(sid), false) = (&msg.stanza_id, catching_up) {
+                self.move_cursor(&key, Some(sid), now_ms()).await;
+            }
             return Ok(());
         }
         // Every occupant of ours gets a copy: only the bot's is read.
         if recipient.is_some() {
             return Ok(());
         }
-        if msg.delayed || msg.nick == self.cfg().bot_nick || self.state().is_ours(&key, &msg.nick) {
+        if msg.nick == self.cfg().bot_nick || self.state().is_ours(&key, &msg.nick) {
             return Ok(());
         }
+        if msg.delayed {
+            // The join history: bridged only when the bot asked for it (a room without an
+            // archive, see `sync_room`).
+            {
+                let mut st = self.state();
+                let Some(r) = st.rooms.get_mut(&key).filter(|r| r.accept_history) else {
+                    return Ok(());
+                };
+                if msg.subject.is_some() && msg.body.is_none() {
+                    // The subject ends the join history.
+                    r.accept_history = false;
+                }
+            }
+            return self.room_message(&room, msg, true).await;
+        }
+        {
+            let mut st = self.state();
+            let r = st.rooms.entry(key.clone()).or_default();
+            r.accept_history = false;
+            if r.catchup.is_some() {
+                // The room's history is being bridged: this comes after it.
+                if r.held.len() < HELD {
+                    tracing::debug!(
+                        room = key,
+                        "holding a live message until the history is bridged"
+                    );
+                    r.held.push(msg);
+                } else {
+                    tracing::warn!(
+                        room = key,
+                        "too many messages held during the catch-up; dropping one"
+                    );
+                }
+                return Ok(());
+            }
+        }
+        self.room_message(&room, msg, false).await
+    }
+
+    /// Records that the bridge is at the message `sid` (sent at `ts`) in `room`'s history.
+    async fn move_cursor(&self, room: &str, sid: Option<&str>, ts: i64) {
+        let cursor = Cursor { sid: sid.map(str::to_owned), ts };
+        let value = serde_json::to_string(&cursor).unwrap_or_default();
+        if let Err(e) = self.ctx.store().kv_set(&format!("xmpp.cursor:{room}"), &value).await {
+            tracing::warn!(room, error = %e, "cannot record the room's history cursor");
+        }
+    }
+
+    /// Where the bridge is in `room`'s history, if it has bridged anything there.
+    async fn cursor(&self, room: &str) -> Result<Option<Cursor>, BridgeError> {
+        let v = self.ctx.store().kv_get(&format!("xmpp.cursor:{room}")).await?;
+        Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    /// An occupant's message in `room`, live or (`history`) from the room's history (its
+    /// archive or the join history): bridged once (by its stanza-id), then the room's cursor
+    /// moves to it. Corrections, retractions and reactions are remembered as done, so that the
+    /// history never applies them twice.
+    async fn room_message(
+        &self,
+        room: &RoomJid,
+        msg: MucMessage,
+        history: bool,
+    ) -> Result<(), BridgeError> {
+        let key = room.bare();
+        let sid = msg.stanza_id.clone();
+        let relation = msg.replaces.is_some() || msg.retracts.is_some() || msg.reactions.is_some();
+        let ts = if history { msg.stamp_ms.unwrap_or_else(now_ms) } else { now_ms() };
+        // Chat states and markers are not archived: only messages move the cursor.
+        let content = msg.body.is_some() || msg.oob_url.is_some() || msg.reactions.is_some();
+        self.bridge_room_message(room, msg, history).await?;
+        if let (Some(sid), true) = (&sid, relation) {
+            self.ctx.store().kv_set(&format!("xmpp.done:{key}:{sid}"), "1").await?;
+        }
+        if sid.is_some() || content {
+            self.move_cursor(&key, sid.as_deref(), ts).await;
+        }
+        Ok(())
+    }
+
+    /// Whether a message of the room's history was bridged before, or came from Matrix: its
+    /// stanza-id is mapped (or its correction, retraction or reaction applied), its origin-id
+    /// is a Matrix event the bridge knows (a Matrix user's own message), or its sender's id is
+    /// mapped (rooms without stanza-ids).
+    async fn bridged_before(
+        &self,
+        room: &RoomJid,
+        room_id: &str,
+        msg: &MucMessage,
+    ) -> Result<bool, BridgeError> {
+        let key = room.bare();
+        let store = self.ctx.store();
+        if let Some(sid) = &msg.stanza_id
+            && (store.kv_get(&format!("xmpp.sid:{key}:{sid}")).await?.is_some()
+                || store.kv_get(&format!("xmpp.done:{key}:{sid}")).await?.is_some())
+        {
+            return Ok(true);
+        }
+        let oid = msg.origin_id.as_ref().or(msg.id.as_ref());
+        if let Some(oid) = oid.filter(|i| i.starts_with('$'))
+            && store.message_by_event(room_id, oid).await?.is_some()
+        {
+            return Ok(true);
+        }
+        if let Some(id) = msg.id.as_ref().or(msg.origin_id.as_ref()) {
+            let ghost = self.ids.ghost_of(room, &msg.nick);
+            let remote = format!("{ghost}|{id}");
+            if msg.replaces.is_none()
+                && !store.messages_by_remote(room_id, &remote).await?.is_empty()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The work of [`Self::room_message`].
+    async fn bridge_room_message(
+        &self,
+        room: &RoomJid,
+        msg: MucMessage,
+        history: bool,
+    ) -> Result<(), BridgeError> {
+        let key = room.bare();
         let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? else {
             return Ok(());
         };
         if let (Some(subject), None) = (&msg.subject, &msg.body) {
+            if history {
+                // An old subject: the current one comes on every join.
+                return Ok(());
+            }
             let changed = {
                 let mut st = self.state();
                 let r = st.rooms.entry(key.clone()).or_default();
@@ -1155,6 +1654,19 @@ impl Inner {
             }
             return Ok(());
         }
+        let known = if history {
+            self.bridged_before(room, &portal.room_id, &msg).await?
+        } else if let Some(sid) = &msg.stanza_id {
+            let store = self.ctx.store();
+            store.kv_get(&format!("xmpp.sid:{key}:{sid}")).await?.is_some()
+                || store.kv_get(&format!("xmpp.done:{key}:{sid}")).await?.is_some()
+        } else {
+            false
+        };
+        if known {
+            tracing::debug!(room = key, sid = msg.stanza_id, "dropping a message bridged before");
+            return Ok(());
+        }
         let dedupe = msg
             .stanza_id
             .clone()
@@ -1166,7 +1678,7 @@ impl Inner {
             tracing::debug!(room = key, id = k, "dropping a duplicate message");
             return Ok(());
         }
-        let ghost = self.ids.ghost_of(&room, &msg.nick);
+        let ghost = self.ids.ghost_of(room, &msg.nick);
         self.ctx
             .ensure_ghost(
                 &ghost,
@@ -1199,6 +1711,11 @@ impl Inner {
             }
             return Ok(());
         }
+        let content_less = msg.body.is_none() && msg.oob_url.is_none() && msg.reactions.is_none();
+        if history && (msg.displayed.is_some() || content_less) {
+            // Old markers and chat states mean nothing now.
+            return Ok(());
+        }
         // XEP-0085: composing → typing; any other state, or a message, ends it.
         let typing = msg.chat_state.as_deref() == Some("composing") && msg.body.is_none();
         let was = {
@@ -1210,17 +1727,18 @@ impl Inner {
                 r.ghosts_typing.remove(&ghost)
             }
         };
-        if (typing || (was && (msg.chat_state.is_some() || msg.body.is_some())))
+        if !history
+            && (typing || (was && (msg.chat_state.is_some() || msg.body.is_some())))
             && let Err(e) =
                 self.ctx.intent(&ghost).set_typing(&portal.room_id, typing, TYPING).await
         {
             tracing::debug!(error = %e, ghost, "could not set typing");
         }
         if let Some((target, keys)) = &msg.reactions {
-            return self.xmpp_reactions(&portal.room_id, &room, &ghost, target, keys, &cause).await;
+            return self.xmpp_reactions(&portal.room_id, room, &ghost, target, keys, &cause).await;
         }
         if let (Some(id), None) = (&msg.displayed, &msg.body) {
-            return self.xmpp_displayed(&portal.room_id, &room, &ghost, id).await;
+            return self.xmpp_displayed(&portal.room_id, room, &ghost, id).await;
         }
         // A file (XEP-0066), unless it is a correction: those only change the text.
         let file = msg.oob_url.clone().filter(|_| msg.replaces.is_none());
@@ -1244,17 +1762,33 @@ impl Inner {
                     "m.new_content": text_content(msgtype, &text),
                     "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
                 });
+            } else if history {
+                // A correction of a message older than the history bridged: not a new message.
+                tracing::debug!(room = key, orig, "skipping a correction of an unknown message");
+                return Ok(());
             }
         } else if let Some((id, to)) = &msg.reply_to
             && let Some(target) =
-                self.target_event(&portal.room_id, &room, id, to.as_deref()).await?
+                self.target_event(&portal.room_id, room, id, to.as_deref()).await?
         {
             content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target}});
         }
-        let event_id = self
-            .ctx
-            .send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, None)
-            .await?;
+        // History keeps its original time (timestamp massaging), never later than now.
+        let ts = history
+            .then_some(msg.stamp_ms)
+            .flatten()
+            .map(|t| u64::try_from(t.clamp(0, now_ms())).unwrap_or_default());
+        let event_id =
+            self.ctx.send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, ts).await?;
+        if msg.replaces.is_none()
+            && msg.id.is_none()
+            && msg.origin_id.is_none()
+            && let Some(sid) = &msg.stanza_id
+        {
+            // No id of the sender's: the stanza-id alone keeps it from being bridged twice.
+            self.ctx.store().kv_set(&format!("xmpp.sid:{key}:{sid}"), &event_id).await?;
+            self.ctx.store().kv_set(&format!("xmpp.ev:{event_id}"), sid).await?;
+        }
         if msg.replaces.is_none()
             && let Some(id) = msg.id.as_ref().or(msg.origin_id.as_ref())
         {
@@ -1264,7 +1798,7 @@ impl Inner {
                 &event_id,
                 &ghost,
                 msg.stanza_id.as_deref(),
-                &room,
+                room,
             )
             .await?;
             self.remember_text(&event_id, &text).await?;
@@ -1893,7 +2427,7 @@ impl Bridge for XmppBridge {
 
     async fn portal_created(&self, portal: &Portal) -> Result<(), BridgeError> {
         if let Some(room) = Inner::room_of(portal) {
-            self.inner.join_bot(&room);
+            self.inner.portal_new(&room);
         }
         Ok(())
     }
@@ -2801,6 +3335,37 @@ fn human_size(n: u64) -> String {
 mod tests {
     use super::*;
     use crate::config::PowerLevelsConfig;
+
+    #[test]
+    fn history_syncs_ask_for_what_was_missed() {
+        use crate::config::HistoryConfig;
+        let cfg = HistoryConfig { initial_messages: 20, max_catchup: 500 };
+        let sid = Cursor { sid: Some("s1".into()), ts: 100_000 };
+        let time = Cursor { sid: None, ts: 100_000 };
+        // A new portal: its last messages, from the archive or the join history.
+        let (w, n) = history_wanted(None, true, &cfg);
+        assert_eq!((w.clone(), n), (Some(ArchiveFrom::Before(None)), 20));
+        assert_eq!(join_history(w.as_ref(), true, None, n), JoinHistory::None);
+        assert_eq!(join_history(w.as_ref(), false, None, n), JoinHistory::Last(20));
+        // After downtime: after the cursor's message, or by time (with the margin).
+        let (w, n) = history_wanted(Some(&sid), false, &cfg);
+        assert_eq!((w.clone(), n), (Some(ArchiveFrom::After("s1".into())), 500));
+        assert_eq!(
+            join_history(w.as_ref(), false, Some(&sid), n),
+            JoinHistory::Since { ms: 95_000, max: 500 }
+        );
+        let (w, _) = history_wanted(Some(&time), false, &cfg);
+        assert_eq!(w, Some(ArchiveFrom::Start(95_000)));
+        // Nothing without a cursor, or when the config says none.
+        assert_eq!(history_wanted(None, false, &cfg), (None, 0));
+        let none = HistoryConfig { initial_messages: 0, max_catchup: 0 };
+        assert_eq!(history_wanted(None, true, &none), (None, 0));
+        assert_eq!(history_wanted(Some(&sid), false, &none), (None, 0));
+        assert_eq!(join_history(None, false, Some(&sid), 0), JoinHistory::None);
+        // The cursor survives a round trip through the store's text.
+        let text = serde_json::to_string(&sid).unwrap();
+        assert_eq!(serde_json::from_str::<Cursor>(&text).unwrap(), sid);
+    }
 
     #[test]
     fn affiliations_and_roles_map_to_power_levels_and_back() {

@@ -41,6 +41,9 @@ pub struct XmppConfig {
     /// The Matrix power levels that stand for XMPP affiliations and roles, both ways.
     #[serde(default)]
     pub power_levels: PowerLevelsConfig,
+    /// Room history: backfill of new portals and catch-up after downtime.
+    #[serde(default)]
+    pub history: HistoryConfig,
 }
 
 /// The Matrix power levels of XMPP affiliations and roles (XEP-0045), used both ways: an
@@ -107,6 +110,28 @@ pub enum Standing {
     /// The `owner` affiliation.
     Owner,
 }
+
+/// Room history bridged when the bridge (re)joins a room: the recent history of a new portal,
+/// and what was said while the bridge was away (from the room's archive, XEP-0313).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Messages of the room's recent history bridged when its portal is created (0: none).
+    #[serde(default = "default_initial_messages")]
+    pub initial_messages: u32,
+    /// Most messages bridged after downtime per room (0: no catch-up); older ones are skipped.
+    #[serde(default = "default_max_catchup")]
+    pub max_catchup: u32,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self { initial_messages: default_initial_messages(), max_catchup: default_max_catchup() }
+    }
+}
+
+/// Largest history limits accepted (one archive query page holds at most 100 messages).
+pub const MAX_HISTORY: u32 = 10_000;
 
 /// How files sent from XMPP are downloaded before they are uploaded to the homeserver.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -198,6 +223,12 @@ fn default_admin_level() -> i64 {
 }
 fn default_moderator_level() -> i64 {
     50
+}
+fn default_initial_messages() -> u32 {
+    20
+}
+fn default_max_catchup() -> u32 {
+    500
 }
 fn default_file_max() -> u64 {
     50 * 1024 * 1024
@@ -349,6 +380,14 @@ impl BridgeConfig for XmppConfig {
         if self.files.timeout_secs == 0 {
             errors.push(ConfigError::invalid("bridge.files.timeout_secs", "must be at least 1"));
         }
+        for (key, n) in [
+            ("bridge.history.initial_messages", self.history.initial_messages),
+            ("bridge.history.max_catchup", self.history.max_catchup),
+        ] {
+            if n > MAX_HISTORY {
+                errors.push(ConfigError::invalid(key, format!("must be at most {MAX_HISTORY}")));
+            }
+        }
         errors
     }
 }
@@ -369,6 +408,8 @@ mod tests {
         let c = load(&example_config::<XmppConfig>("xmpp", 9899)).unwrap();
         assert_eq!(c.bridge.component.port, 5347);
         assert_eq!(c.bridge.alias_template, "xmpp_{room}_{service}");
+        assert_eq!(c.bridge.history.initial_messages, 20);
+        assert_eq!(c.bridge.history.max_catchup, 500);
         assert!(
             !format!("{:?}", c.bridge.component).contains("CHANGE_ME"),
             "the secret is redacted"
@@ -395,6 +436,8 @@ mod tests {
             ("reconnect_min_ms: 1000", "reconnect_min_ms: 0", "bridge.connection.reconnect_min_ms"),
             ("write_queue: 1024", "write_queue: 0", "bridge.connection.write_queue"),
             ("max_bytes: 52428800", "max_bytes: 0", "bridge.files.max_bytes"),
+            ("initial_messages: 20", "initial_messages: 20000", "bridge.history.initial_messages"),
+            ("max_catchup: 500", "max_catchup: 10001", "bridge.history.max_catchup"),
             ("bot_localpart: bridge", "bot_localpart: Bridge!", "bridge.bot_localpart"),
             ("  bot_nick: MatrixBridge", "  bot_nick: MatrixBridge\n  colour: red", "colour"),
         ] {

@@ -3,11 +3,13 @@
 //! characters XML 1.0 cannot carry.
 
 use xmpp_parsers::{
+    date::DateTime,
     disco::{DiscoInfoResult, Identity},
+    iq::Iq,
     jid::{FullJid, Jid},
     message::{Id, Lang, Message, MessageType},
     message_correct::Replace,
-    minidom::{Element, rxml::xml_ncname},
+    minidom::{Element, Node, rxml::xml_ncname},
     muc::{Muc, muc::History},
     ns,
     presence::{Presence, Show, Type as PresenceType},
@@ -47,6 +49,13 @@ pub const NS_MARKERS: &str = "urn:xmpp:chat-markers:0";
 
 /// XEP-0066 out-of-band data (files; also what XEP-0363 uploads are shared with).
 pub const NS_OOB: &str = "jabber:x:oob";
+
+/// XEP-0313 message archive management.
+pub const NS_MAM: &str = "urn:xmpp:mam:2";
+/// XEP-0059 result set management.
+pub const NS_RSM: &str = "http://jabber.org/protocol/rsm";
+/// XEP-0297 stanza forwarding.
+pub const NS_FORWARD: &str = "urn:xmpp:forward:0";
 
 /// XEP-0054 vCards.
 pub const NS_VCARD: &str = "vcard-temp";
@@ -90,6 +99,219 @@ pub fn join(from: &FullJid, to: &FullJid) -> Presence {
     let mut p = Presence::available().with_from(from.clone()).with_to(to.clone());
     p.add_payload(Muc::new().with_history(History::new().with_maxstanzas(0)));
     p
+}
+
+/// What the bot asks for when it joins a room (XEP-0045 §7.2.14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JoinHistory {
+    /// No history (it comes from the archive, or is not wanted).
+    #[default]
+    None,
+    /// The last `n` messages.
+    Last(u32),
+    /// Messages since a time, at most `max`.
+    Since {
+        /// The time (Unix milliseconds).
+        ms: i64,
+        /// The most messages.
+        max: u32,
+    },
+}
+
+/// The bot's join of a room, asking for `history`.
+pub fn bot_join(from: &FullJid, to: &FullJid, history: JoinHistory) -> Presence {
+    let h = match history {
+        JoinHistory::None => History::new().with_maxstanzas(0),
+        JoinHistory::Last(n) => History::new().with_maxstanzas(n),
+        JoinHistory::Since { ms, max } => match iso8601(ms).parse::<DateTime>() {
+            Ok(t) => History::new().with_since(t).with_maxstanzas(max),
+            Err(_) => History::new().with_maxstanzas(0),
+        },
+    };
+    let mut p = Presence::available().with_from(from.clone()).with_to(to.clone());
+    p.add_payload(Muc::new().with_history(h));
+    p
+}
+
+/// A XEP-0082 date-time (`2026-12-03T15:11:21.123Z`) as Unix milliseconds.
+pub fn parse_stamp(s: &str) -> Option<i64> {
+    s.trim().parse::<DateTime>().ok().map(|d| d.0.timestamp_millis())
+}
+
+/// Unix milliseconds as a XEP-0082 date-time in UTC (`2026-12-03T15:11:21.123Z`).
+pub fn iso8601(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // The proleptic Gregorian date of a day count since 1970-01-01, by 400-year eras.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A disco#info request (XEP-0030) from `from` to `room`.
+pub fn disco_info_get(from: &FullJid, room: &RoomJid, id: &str) -> Option<Iq> {
+    Some(Iq::Get {
+        from: Some(from.clone().into()),
+        to: Some(Jid::new(&room.bare()).ok()?),
+        id: id.to_owned(),
+        payload: Element::builder("query", ns::DISCO_INFO).build(),
+    })
+}
+
+/// Whether a disco#info result advertises `feature`.
+pub fn has_feature(info: &Element, feature: &str) -> bool {
+    info.children().any(|c| c.is("feature", ns::DISCO_INFO) && c.attr("var") == Some(feature))
+}
+
+/// Which page of a room's archive (XEP-0313) a query asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveFrom {
+    /// The page before the message with this archive id; `None`: the last page.
+    Before(Option<String>),
+    /// The page after the message with this archive id (the room's stanza-id).
+    After(String),
+    /// The first page from this time on (Unix milliseconds).
+    Start(i64),
+}
+
+/// A query of `room`'s archive (XEP-0313) by `from`, one RSM page of at most `max`; `queryid`
+/// marks the results.
+pub fn mam_query(
+    from: &FullJid,
+    room: &RoomJid,
+    id: &str,
+    queryid: &str,
+    at: &ArchiveFrom,
+    max: u32,
+) -> Option<Iq> {
+    let field = |var: &str, value: &str, hidden: bool| {
+        let mut f = Element::builder("field", ns::DATA_FORMS).attr(xml_ncname!("var").into(), var);
+        if hidden {
+            f = f.attr(xml_ncname!("type").into(), "hidden");
+        }
+        f.append(Element::builder("value", ns::DATA_FORMS).append(value).build()).build()
+    };
+    let mut form = Element::builder("x", ns::DATA_FORMS)
+        .attr(xml_ncname!("type").into(), "submit")
+        .append(field("FORM_TYPE", NS_MAM, true));
+    if let ArchiveFrom::Start(ms) = at {
+        form = form.append(field("start", &iso8601(*ms), false));
+    }
+    let mut set = Element::builder("set", NS_RSM)
+        .append(Element::builder("max", NS_RSM).append(max.to_string()).build());
+    match at {
+        ArchiveFrom::Before(id) => {
+            let mut before = Element::builder("before", NS_RSM);
+            if let Some(id) = id {
+                before = before.append(id.as_str());
+            }
+            set = set.append(before.build());
+        }
+        ArchiveFrom::After(sid) => {
+            set = set.append(Element::builder("after", NS_RSM).append(sid.as_str()).build());
+        }
+        ArchiveFrom::Start(_) => {}
+    }
+    let query = Element::builder("query", NS_MAM)
+        .attr(xml_ncname!("queryid").into(), queryid)
+        .append(form.build())
+        .append(set.build())
+        .build();
+    Some(Iq::Set {
+        from: Some(from.clone().into()),
+        to: Some(Jid::new(&room.bare()).ok()?),
+        id: id.to_owned(),
+        payload: query,
+    })
+}
+
+/// The end of an archive query (XEP-0313 §4.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveFin {
+    /// Whether the query reached the end of the archive (its start, for a `before` query).
+    pub complete: bool,
+    /// The archive id of the page's first message.
+    pub first: Option<String>,
+    /// The archive id of the page's last message.
+    pub last: Option<String>,
+}
+
+/// One message of an archive query's results (XEP-0313 §4.2).
+#[derive(Debug, Clone)]
+pub struct ArchivedMessage {
+    /// The query it answers.
+    pub queryid: String,
+    /// Its archive id: the room's stanza-id.
+    pub archive_id: String,
+    /// When it was sent (Unix milliseconds), from the forwarded `<delay/>`.
+    pub stamp_ms: Option<i64>,
+    /// The message as the room sent it.
+    pub message: Message,
+}
+
+/// Reads an archive result (`<result><forwarded><delay/><message/></forwarded></result>`).
+pub fn read_mam_result(m: &Message) -> Option<ArchivedMessage> {
+    let result = m.payloads.iter().find(|p| p.is("result", NS_MAM))?;
+    let forwarded = result.get_child("forwarded", NS_FORWARD)?;
+    let stamp_ms =
+        forwarded.get_child("delay", ns::DELAY).and_then(|d| d.attr("stamp")).and_then(parse_stamp);
+    let inner = forwarded.children().find(|c| c.name() == "message")?;
+    // Forwarded stanzas are in `jabber:client`; the component's stream reads its own namespace.
+    let message = Message::try_from(with_ns(inner, ns::JABBER_CLIENT, ns::DEFAULT_NS)).ok()?;
+    Some(ArchivedMessage {
+        queryid: result.attr("queryid")?.to_owned(),
+        archive_id: result.attr("id")?.to_owned(),
+        stamp_ms,
+        message,
+    })
+}
+
+/// A copy of `el` with every element in namespace `from` moved to `to`.
+fn with_ns(el: &Element, from: &str, to: &str) -> Element {
+    let ns = el.ns();
+    let mut out = Element::builder(el.name(), if ns == from { to } else { ns.as_str() }).build();
+    *out.attrs_mut() = el.attrs().clone();
+    for node in el.nodes() {
+        match node {
+            Node::Element(c) => {
+                out.append_child(with_ns(c, from, to));
+            }
+            Node::Text(t) => out.append_text_node(t.clone()),
+        }
+    }
+    out
+}
+
+/// Reads an archive query's end (`<fin complete=…><set><first/><last/></set></fin>`).
+pub fn read_mam_fin(fin: &Element) -> Option<ArchiveFin> {
+    if !fin.is("fin", NS_MAM) {
+        return None;
+    }
+    let set = fin.get_child("set", NS_RSM);
+    let id = |name: &str| {
+        set.and_then(|s| s.get_child(name, NS_RSM))
+            .map(|l| l.text().trim().to_owned())
+            .filter(|l| !l.is_empty())
+    };
+    Some(ArchiveFin {
+        complete: matches!(fin.attr("complete"), Some("true" | "1")),
+        first: id("first"),
+        last: id("last"),
+    })
 }
 
 /// An occupant's new availability in a room it is in (`show` none means available).
@@ -312,11 +534,11 @@ pub fn read_mediated_invite(m: &Message) -> Option<(Option<String>, Option<Strin
 
 /// Accepts the default configuration of a room the bot just created (XEP-0045 §10.1.2, an
 /// "instant room"), which unlocks it for everyone else.
-pub fn instant_room(from: &FullJid, room: &RoomJid, id: &str) -> Option<xmpp_parsers::iq::Iq> {
+pub fn instant_room(from: &FullJid, room: &RoomJid, id: &str) -> Option<Iq> {
     let form =
         Element::builder("x", ns::DATA_FORMS).attr(xml_ncname!("type").into(), "submit").build();
     let query = Element::builder("query", NS_MUC_OWNER).append(form).build();
-    Some(xmpp_parsers::iq::Iq::Set {
+    Some(Iq::Set {
         from: Some(from.clone().into()),
         to: Some(Jid::new(&room.bare()).ok()?),
         id: id.to_owned(),
@@ -334,7 +556,7 @@ pub fn muc_admin(
     who: (&str, &str),
     change: (&str, &str),
     reason: Option<&str>,
-) -> Option<xmpp_parsers::iq::Iq> {
+) -> Option<Iq> {
     let attr = |name: &str| xmpp_parsers::minidom::rxml::NcName::try_from(name).ok();
     let mut item = Element::builder("item", NS_MUC_ADMIN)
         .attr(attr(who.0)?, who.1)
@@ -343,7 +565,7 @@ pub fn muc_admin(
         item = item.append(Element::builder("reason", NS_MUC_ADMIN).append(r).build());
     }
     let query = Element::builder("query", NS_MUC_ADMIN).append(item.build()).build();
-    Some(xmpp_parsers::iq::Iq::Set {
+    Some(Iq::Set {
         from: Some(from.clone().into()),
         to: Some(Jid::new(&room.bare()).ok()?),
         id: id.to_owned(),
@@ -359,7 +581,7 @@ pub fn moderation(
     id: &str,
     stanza_id: &str,
     reason: Option<&str>,
-) -> Option<xmpp_parsers::iq::Iq> {
+) -> Option<Iq> {
     let mut moderate = Element::builder("moderate", NS_MODERATE_0)
         .append(Element::builder("retract", NS_RETRACT_0).build());
     if let Some(r) = reason.map(xml_safe).filter(|r| !r.trim().is_empty()) {
@@ -369,7 +591,7 @@ pub fn moderation(
         .attr(xml_ncname!("id").into(), stanza_id)
         .append(moderate.build())
         .build();
-    Some(xmpp_parsers::iq::Iq::Set {
+    Some(Iq::Set {
         from: Some(from.clone().into()),
         to: Some(Jid::new(&room.bare()).ok()?),
         id: id.to_owned(),
@@ -434,6 +656,8 @@ pub struct MucMessage {
     pub subject: Option<String>,
     /// Whether the message carries `<delay/>` (history).
     pub delayed: bool,
+    /// The `<delay stamp>` (Unix milliseconds), when it has a valid one.
+    pub stamp_ms: Option<i64>,
     /// XEP-0308: the id of the corrected message.
     pub replaces: Option<String>,
     /// XEP-0424: the id of the retracted message.
@@ -480,6 +704,7 @@ pub fn read_muc_message(m: &Message, room: &RoomJid) -> Option<MucMessage> {
             out.origin_id = p.attr("id").map(str::to_owned);
         } else if p.is("delay", ns::DELAY) {
             out.delayed = true;
+            out.stamp_ms = p.attr("stamp").and_then(parse_stamp);
         } else if p.is("replace", ns::MESSAGE_CORRECT) {
             out.replaces = p.attr("id").map(str::to_owned);
         } else if p.is("retract", NS_RETRACT) {
@@ -632,8 +857,8 @@ pub fn read_muc_presence(p: &Presence) -> Option<MucPresence> {
 /// A vCard request (XEP-0054) from `from` to `to`. Sent to an occupant's room JID, the room
 /// passes it on to the occupant's bare real JID, whose server answers with the stored vCard
 /// (Prosody does so in every room, anonymous or not, as long as `from` is an occupant).
-pub fn vcard_get(from: &FullJid, to: &FullJid, id: &str) -> xmpp_parsers::iq::Iq {
-    xmpp_parsers::iq::Iq::Get {
+pub fn vcard_get(from: &FullJid, to: &FullJid, id: &str) -> Iq {
+    Iq::Get {
         from: Some(from.clone().into()),
         to: Some(to.clone().into()),
         id: id.to_owned(),
@@ -765,6 +990,107 @@ mod tests {
 
     fn xml(m: impl Into<Element>) -> String {
         String::from(&m.into())
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_xep_0082() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(iso8601(1_796_311_881_005), "2026-12-03T15:31:21.005Z");
+        for ms in [0, 86_399_999, 951_782_400_123, 1_796_311_881_005, 4_102_444_800_000] {
+            assert_eq!(parse_stamp(&iso8601(ms)), Some(ms), "{ms}");
+        }
+        assert_eq!(parse_stamp("2026-12-03T16:31:21+01:00"), Some(1_796_311_881_000));
+        assert_eq!(parse_stamp("yesterday"), None);
+        assert_eq!(parse_stamp("<x/>"), None);
+    }
+
+    #[test]
+    fn bot_joins_ask_for_the_history_wanted() {
+        let from = FullJid::new("bridge@matrix.localhost/trestle").unwrap();
+        let to = occupant(&room(), "MatrixBridge").unwrap();
+        let none = xml(bot_join(&from, &to, JoinHistory::None));
+        assert!(none.contains("maxstanzas='0'"), "{none}");
+        let last = xml(bot_join(&from, &to, JoinHistory::Last(20)));
+        assert!(last.contains("maxstanzas='20'"), "{last}");
+        let since =
+            xml(bot_join(&from, &to, JoinHistory::Since { ms: 1_796_311_881_005, max: 500 }));
+        assert!(since.contains("maxstanzas='500'"), "{since}");
+        assert!(since.contains("since='2026-12-03T15:31:21.005"), "{since}");
+    }
+
+    #[test]
+    fn archive_queries_page_with_rsm() {
+        let from = FullJid::new("bridge@matrix.localhost/trestle").unwrap();
+        let q = |at: &ArchiveFrom| xml(mam_query(&from, &room(), "i1", "q1", at, 50).unwrap());
+        let last = q(&ArchiveFrom::Before(None));
+        assert!(last.contains("urn:xmpp:mam:2") && last.contains("queryid='q1'"), "{last}");
+        assert!(last.contains("<max>50</max><before/>"), "{last}");
+        assert!(last.contains("to='test@conference.localhost'"), "{last}");
+        let after = q(&ArchiveFrom::After("a<b".to_owned()));
+        assert!(after.contains("<after>a&lt;b</after>"), "{after}");
+        let start = q(&ArchiveFrom::Start(0));
+        assert!(start.contains("var='start'") && start.contains("1970-01-01T00:00:00.000Z"));
+        assert!(!start.contains("<after") && !start.contains("<before"), "{start}");
+    }
+
+    #[test]
+    fn archive_results_and_their_end_are_read() {
+        let text = format!(
+            "<message xmlns='{ns}' from='test@conference.localhost' to='bridge@matrix.localhost/trestle'>\
+             <result xmlns='urn:xmpp:mam:2' queryid='q1' id='sid-1'>\
+             <forwarded xmlns='urn:xmpp:forward:0'><delay xmlns='urn:xmpp:delay' stamp='2026-12-03T15:31:21Z'/>\
+             <message xmlns='jabber:client' from='test@conference.localhost/alice' type='groupchat' id='m1'>\
+             <body>hello &lt;b&gt;</body><origin-id xmlns='urn:xmpp:sid:0' id='m1'/></message>\
+             </forwarded></result></message>",
+            ns = ns::DEFAULT_NS
+        );
+        let m = Message::try_from(text.parse::<Element>().unwrap()).unwrap();
+        let a = read_mam_result(&m).expect("an archive result");
+        assert_eq!((a.queryid.as_str(), a.archive_id.as_str()), ("q1", "sid-1"));
+        assert_eq!(a.stamp_ms, Some(1_796_311_881_000));
+        let msg = read_muc_message(&a.message, &room()).unwrap();
+        assert_eq!(msg.nick, "alice");
+        assert_eq!(msg.body.as_deref(), Some("hello <b>"));
+        assert_eq!(msg.origin_id.as_deref(), Some("m1"));
+        assert_eq!(a.message.type_, MessageType::Groupchat);
+
+        // Not a result: a plain message, or one without its ids.
+        let plain =
+            format!("<message xmlns='{}' from='test@conference.localhost'/>", ns::DEFAULT_NS);
+        assert!(
+            read_mam_result(&Message::try_from(plain.parse::<Element>().unwrap()).unwrap())
+                .is_none()
+        );
+
+        let fin: Element = "<fin xmlns='urn:xmpp:mam:2' complete='true'><set xmlns='http://jabber.org/protocol/rsm'>\
+             <first index='0'>a</first><last>b</last></set></fin>"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            read_mam_fin(&fin),
+            Some(ArchiveFin { complete: true, first: Some("a".into()), last: Some("b".into()) })
+        );
+        let open: Element = "<fin xmlns='urn:xmpp:mam:2'/>".parse().unwrap();
+        assert_eq!(
+            read_mam_fin(&open),
+            Some(ArchiveFin { complete: false, first: None, last: None })
+        );
+        let other: Element = "<fin xmlns='urn:other'/>".parse().unwrap();
+        assert_eq!(read_mam_fin(&other), None);
+    }
+
+    #[test]
+    fn delay_stamps_are_read() {
+        let text = format!(
+            "<message xmlns='{}' from='test@conference.localhost/bob' type='groupchat'>\
+             <body>old</body><delay xmlns='urn:xmpp:delay' stamp='1970-01-01T00:00:01Z'/></message>",
+            ns::DEFAULT_NS
+        );
+        let m = Message::try_from(text.parse::<Element>().unwrap()).unwrap();
+        let msg = read_muc_message(&m, &room()).unwrap();
+        assert!(msg.delayed);
+        assert_eq!(msg.stamp_ms, Some(1000));
     }
 
     #[test]
