@@ -528,9 +528,9 @@ impl Inner {
         if net.is_channel(target) {
             return self.puppet_join(net, sender, target, room_id).await;
         }
-        let p = self.puppet(net, sender).await?;
-        p.set_notify_room(room_id);
-        Ok(p)
+        // A private chat is not where the user hears about their connection: the bot is not
+        // in it (its notices would be refused), so the last portal stays the place.
+        self.puppet(net, sender).await
     }
 
     /// Sends a Matrix message (`event`, or its edit) through the sender's puppet to a channel
