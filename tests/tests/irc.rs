@@ -1159,6 +1159,7 @@ async fn sasl_external_with_a_users_certfp() -> anyhow::Result<()> {
         })
         .await?;
 
+    command(&alice, &admin, "!help", "!certfp <network> [remove] — ").await?;
     // Checked arguments; no CertFP without TLS.
     command(&alice, &admin, "!certfp", "usage: certfp").await?;
     command(&alice, &admin, "!certfp local bogus", "usage: certfp").await?;
