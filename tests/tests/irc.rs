@@ -1358,3 +1358,157 @@ async fn keyed_channel_puppets_join_with_the_key() -> anyhow::Result<()> {
     assert!(!events.iter().any(|e| body(e).contains("Cannot join")), "a puppet was refused");
     Ok(())
 }
+
+/// The bodies of a room's recent messages (for failure reports).
+async fn bodies(user: &MatrixUser, room: &str) -> Vec<String> {
+    let events = user.messages(room, 50).await.unwrap_or_default();
+    events.iter().filter(|e| e["type"] == "m.room.message").map(|e| body(e).to_owned()).collect()
+}
+
+/// The 64-hex-digit fingerprint in a `!certfp` answer.
+fn fingerprint_in(text: &str) -> Option<String> {
+    text.split(|c: char| !c.is_ascii_hexdigit())
+        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()))
+        .map(str::to_owned)
+}
+
+/// WHOIS `nick`: the account it is logged in to (330) and the certificate fingerprint the
+/// server reports for it (276), if any.
+async fn whois_account_and_certfp(
+    irc: &mut IrcClient,
+    nick: &str,
+) -> anyhow::Result<(Option<String>, Option<String>)> {
+    let account = whois_account(irc, nick).await?;
+    let fp = irc
+        .seen
+        .iter()
+        .find(|l| l.command == "276")
+        .and_then(|l| l.params.last())
+        .and_then(|m| fingerprint_in(m));
+    Ok((account, fp))
+}
+
+/// CertFP for puppets: over TLS to InspIRCd with Atheme, a Matrix user registers her nick
+/// with NickServ through her puppet (`!cmd`), makes a certificate with `!certfp`, adds its
+/// fingerprint with `CERT ADD` in her private chat with NickServ, reconnects, and the server
+/// shows her puppet presenting that certificate and logged in to the account (SASL EXTERNAL,
+/// no password stored). A certificate not added to any account does not stop the connection,
+/// and she is told why. `!certfp` refuses a network reached without TLS.
+#[tokio::test]
+async fn sasl_external_with_a_users_certfp() -> anyhow::Result<()> {
+    let ircd = Ircd::start_inspircd_with_services().await?;
+    let port = ircd.port();
+    let tls_port = ircd.tls_port().ok_or_else(|| anyhow::anyhow!("no TLS listener"))?;
+    let t = Duration::from_secs(30);
+    // A second network on the same server, reached without TLS.
+    let plain = format!(
+        "    plain:\n      name: Plain IRC\n      host: 127.0.0.1\n      port: {port}\n      tls: false\n      bot_nick: PlainBridge\n      mode: puppets\n"
+    );
+    let env = start_on_port(ircd, tls_port, true, "puppets", &plain).await?;
+    let mut irc = IrcClient::connect(port, "ircwatch").await?;
+    irc.join("#certfp").await?;
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let portal = alice.join("#irc_local_#certfp:localhost").await?;
+    let nick = puppet_rejoined(&mut irc, "#certfp").await?;
+    let (account, fp) = whois_account_and_certfp(&mut irc, &nick).await?;
+    assert_eq!((account, fp), (None, None), "no certificate yet");
+    let admin = alice
+        .create_room(serde_json::json!({"invite": ["@ircbot:localhost"], "is_direct": true}))
+        .await?;
+    alice
+        .wait_for_message(&admin, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("admin room")
+        })
+        .await?;
+
+    command(&alice, &admin, "!help", "!certfp <network> [remove] — ").await?;
+    // Checked arguments; no CertFP without TLS.
+    command(&alice, &admin, "!certfp", "usage: certfp").await?;
+    command(&alice, &admin, "!certfp local bogus", "usage: certfp").await?;
+    command(&alice, &admin, "!certfp plain", "without TLS").await?;
+    command(&alice, &admin, "!certfp nowhere", "no network nowhere").await?;
+
+    // She registers her nick; NickServ answers in a private chat.
+    command(
+        &alice,
+        &admin,
+        "!cmd local PRIVMSG NickServ :REGISTER certfp-pass-1234 alice@example.org",
+        "Sent",
+    )
+    .await?;
+    let dm = alice.wait_for_invite(t).await?;
+    alice.join(&dm).await?;
+    let nickserv = "@irc_local_nickserv:localhost";
+    let answer = alice
+        .wait_for_message(&dm, t, |e| {
+            e["sender"] == nickserv && body(e).contains("is now registered")
+        })
+        .await;
+    if let Err(e) = answer {
+        anyhow::bail!("{e}; the private chat holds {:?}", bodies(&alice, &dm).await);
+    }
+
+    // Her certificate: made once, then shown again; the same fingerprint both times.
+    let made = command(&alice, &admin, "!certfp local", "Made your certificate").await?;
+    let fp = fingerprint_in(&made).ok_or_else(|| anyhow::anyhow!("no fingerprint: {made}"))?;
+    assert!(
+        made.contains(&format!("CERT ADD {fp}")) && made.contains("!reconnect local"),
+        "{made}"
+    );
+    let shown = command(&alice, &admin, "!certfp local", "Your certificate").await?;
+    assert_eq!(fingerprint_in(&shown).as_deref(), Some(fp.as_str()), "{shown}");
+    // Its private key is sealed in the database (no PEM in the clear).
+    let db = std::fs::read(env.dir.path().join("irc.db"))?;
+    assert!(!db.windows(11).any(|w| w == b"PRIVATE KEY"), "a clear private key in the database");
+    // Stored SASL PLAIN credentials would win: she is told.
+    command(&alice, &admin, &format!("!storepass local {nick}:certfp-pass-1234"), "Stored").await?;
+    command(&alice, &admin, "!certfp local", "SASL PLAIN wins").await?;
+    command(&alice, &admin, "!removepass local", "forgotten").await?;
+
+    // CERT ADD through her private chat with NickServ (she is identified since REGISTER).
+    alice.send_text(&dm, &format!("CERT ADD {fp}")).await?;
+    let answer = alice
+        .wait_for_message(&dm, t, |e| {
+            e["sender"] == nickserv && body(e).contains(&fp) && body(e).contains("Added")
+        })
+        .await;
+    if let Err(e) = answer {
+        anyhow::bail!("{e}; the private chat holds {:?}", bodies(&alice, &dm).await);
+    }
+
+    // Reconnected, her puppet presents the certificate and is logged in to her account.
+    irc.seen.clear();
+    command(&alice, &admin, "!reconnect local", "Reconnecting").await?;
+    let nick2 = puppet_rejoined(&mut irc, "#certfp").await?;
+    let (account, seen_fp) = whois_account_and_certfp(&mut irc, &nick2).await?;
+    assert_eq!(seen_fp.as_deref(), Some(fp.as_str()), "the server saw another certificate");
+    assert_eq!(account.as_deref(), Some(nick.as_str()), "not logged in by SASL EXTERNAL");
+
+    // A new certificate, not added to any account: connected without the account, and told.
+    let removed = command(&alice, &admin, "!certfp local remove", "forgotten").await?;
+    assert!(removed.contains(&format!("CERT DEL {fp}")), "{removed}");
+    let made = command(&alice, &admin, "!certfp local", "Made your certificate").await?;
+    let fp2 = fingerprint_in(&made).ok_or_else(|| anyhow::anyhow!("no fingerprint: {made}"))?;
+    assert_ne!(fp2, fp);
+    irc.seen.clear();
+    command(&alice, &admin, "!reconnect local", "Reconnecting").await?;
+    let nick3 = puppet_rejoined(&mut irc, "#certfp").await?;
+    let (account, seen_fp) = whois_account_and_certfp(&mut irc, &nick3).await?;
+    assert_eq!(seen_fp.as_deref(), Some(fp2.as_str()));
+    assert_eq!(account, None);
+    let told = alice
+        .wait_for_message(&portal, t, |e| {
+            e["sender"] == "@ircbot:localhost" && body(e).contains("SASL EXTERNAL")
+        })
+        .await;
+    let told = match told {
+        Ok(told) => told,
+        Err(e) => anyhow::bail!(
+            "{e}; the portal holds {:?}\n--- bridge log:\n{}",
+            bodies(&alice, &portal).await,
+            env.bridge.child.log_tail(40)
+        ),
+    };
+    assert!(body(&told).contains(&format!("CERT ADD {fp2}")), "{told}");
+    Ok(())
+}

@@ -3,6 +3,7 @@
 
 pub mod addr;
 pub mod bridge;
+pub mod certfp;
 pub mod config;
 pub mod conn;
 pub mod format;

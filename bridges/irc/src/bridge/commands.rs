@@ -1,5 +1,6 @@
 //! The commands of the bot's admin room: `!join` and `!listrooms`, a user's own IRC connection
-//! (`!nick`, `!part`, `!storepass`, `!removepass`, `!reconnect`, `!quit`, `!cmd`), `!whois`,
+//! (`!nick`, `!part`, `!storepass`, `!removepass`, `!certfp`, `!reconnect`, `!quit`, `!cmd`),
+//! `!whois`,
 //! and for admins `!plumb` / `!unlink`.
 //!
 //! Every argument that reaches IRC is checked by the connection layer (no CR, LF or NUL can
@@ -66,7 +67,7 @@ type Handler = fn(CommandInvocation, Arc<IrcBridge>) -> trestle::commands::Comma
 /// Registers the commands.
 pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
     use PermissionLevel::{Admin, User};
-    let commands: [(&str, &str, &str, PermissionLevel, Handler); 12] = [
+    let commands: [(&str, &str, &str, PermissionLevel, Handler); 13] = [
         (
             "join",
             "<#channel> [key] [network]",
@@ -94,6 +95,13 @@ pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
         ("removepass", "<network>", "Forget your stored IRC password", User, |i, b| {
             Box::pin(remove_pass(i, b))
         }),
+        (
+            "certfp",
+            "<network> [remove]",
+            "Make (or show) your TLS client certificate for the network, to log in to your account by SASL EXTERNAL; remove forgets it",
+            User,
+            |i, b| Box::pin(certfp(i, b)),
+        ),
         ("reconnect", "[network]", "Reconnect your IRC connection", User, |i, b| {
             Box::pin(reconnect(i, b))
         }),
@@ -268,6 +276,49 @@ async fn remove_pass(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
     let net = network(b, &inv, 0)?;
     b.store_secret(&net, &inv.sender, None).await.map_err(failed)?;
     Ok(format!("Your password for {} is forgotten.", net.config.name))
+}
+
+async fn certfp(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
+    let b = &b.inner;
+    // The network is named: the certificate is for one network's services.
+    inv.arg(0)?;
+    let net = own_network(b, &inv, 0)?;
+    let name = &net.config.name;
+    match inv.args.get(1).map(String::as_str) {
+        None => {}
+        Some(a) if a.eq_ignore_ascii_case("remove") && inv.args.len() == 2 => {
+            return Ok(match b.remove_user_cert(&net, &inv.sender).await.map_err(failed)? {
+                Some(fp) => format!(
+                    "Your certificate for {name} is forgotten; from your next connection (!reconnect {}) it is not sent. Remove it from your account too: /msg NickServ CERT DEL {fp}",
+                    net.id
+                ),
+                None => format!("You have no certificate for {name} (any unreadable one is gone)."),
+            });
+        }
+        Some(_) => return Err(inv.usage_error()),
+    }
+    if !net.config.tls {
+        return Err(failed(format!(
+            "{name} is reached without TLS, and a client certificate is only sent in a TLS handshake: there is no CertFP login there (use !storepass {} account:password)",
+            net.id
+        )));
+    }
+    let (cert, new) = b.user_cert_or_new(&net, &inv.sender).await.map_err(failed)?;
+    let fp = cert.fingerprint();
+    let mut reply = format!(
+        "{} certificate for {name} has the fingerprint (SHA-256):\n{fp}\n\
+         To log in to your account with it: identify to your account, add the certificate with /msg NickServ CERT ADD {fp} (you can write CERT ADD {fp} in your private chat with NickServ), then !reconnect {}. From then on your connection logs in by SASL EXTERNAL, with no password stored here. !certfp {} remove forgets it.",
+        if new { "Made your" } else { "Your" },
+        net.id,
+        net.id
+    );
+    if b.has_sasl_plain(&net, &inv.sender).await {
+        reply.push_str(&format!(
+            "\nYou have an account and password stored with !storepass: they are used instead (SASL PLAIN wins); !removepass {} to log in with the certificate.",
+            net.id
+        ));
+    }
+    Ok(reply)
 }
 
 async fn reconnect(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {

@@ -26,10 +26,17 @@ use trestle::{
 };
 
 use super::{Inner, Network, bridge_err, content_from_irc, now_ms};
-use crate::conn::{ConnEvent, IrcConnection, IrcLine, Outgoing};
+use crate::{
+    certfp::UserCert,
+    conn::{ConnEvent, IrcConnection, IrcLine, Outgoing},
+};
 
 /// Settings are rewritten at most this often just to record activity.
 const TOUCH_SAVE_MS: i64 = 5 * 60 * 1000;
+
+/// The user settings key of a `!certfp` certificate: its PEM text (with the private key),
+/// sealed with the bridge's key like `!storepass` secrets, in base64.
+const CERT_KEY: &str = "client_cert";
 
 /// One Matrix user's connection to a network.
 pub(super) struct Puppet {
@@ -47,6 +54,9 @@ pub(super) struct Puppet {
     /// When an IRC invite last became a Matrix invite (at most one per [`INVITE_INTERVAL`]:
     /// an IRC user cannot flood the Matrix user with invites, nor the homeserver with rooms).
     last_invite: Mutex<Option<std::time::Instant>>,
+    /// The fingerprint of the `!certfp` certificate this connection logs in with (SASL
+    /// EXTERNAL), if it does.
+    sasl_external: Option<String>,
 }
 
 impl Puppet {
@@ -203,6 +213,24 @@ impl Inner {
                 }
             }
         }
+        // `!certfp`: presented in the TLS handshake; SASL EXTERNAL unless PLAIN is stored.
+        let mut sasl_external = None;
+        if net.config.tls
+            && let Some(s) = &saved
+        {
+            match self.open_cert(s).map(|c| c.and_then(|c| Ok((c.client_cert()?, c)))) {
+                Some(Ok((client_cert, cert))) => {
+                    cfg.client_cert = Some(Arc::new(client_cert));
+                    if cfg.sasl.is_none() {
+                        sasl_external = Some(cert.fingerprint().to_owned());
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(network = net.id, user_id, error = %e, "cannot open the stored client certificate; connecting without it");
+                }
+                None => {}
+            }
+        }
         cfg.queue_capacity = 256;
         // The bot, in every portal's channel, maps this puppet's channel messages.
         cfg.channel_echoes = false;
@@ -220,6 +248,7 @@ impl Inner {
             notify_room: Mutex::new(notify_room),
             awaiting_invite: Mutex::default(),
             last_invite: Mutex::default(),
+            sasl_external,
         });
         net.puppets.add_nick(net.fold(&wanted), user_id);
         net.puppets
@@ -315,6 +344,95 @@ impl Inner {
             None => None,
         };
         self.update_settings(net, user_id, |s| s.secret = sealed).await
+    }
+
+    /// The `!certfp` certificate in the user's settings, opened: `None` if there is none.
+    fn open_cert(&self, s: &UserSettings) -> Option<Result<UserCert, crate::certfp::CertError>> {
+        let sealed = s.settings.get(CERT_KEY)?.as_str()?;
+        Some(UserCert::open(sealed, self.ctx.secrets()))
+    }
+
+    /// The user's `!certfp` certificate for `net`, if they have one.
+    pub(super) async fn user_cert(
+        &self,
+        net: &Network,
+        user_id: &str,
+    ) -> Result<Option<UserCert>, BridgeError> {
+        let Some(s) = self.ctx.store().user_settings(user_id, &net.id).await? else {
+            return Ok(None);
+        };
+        self.open_cert(&s).transpose().map_err(|e| {
+            BridgeError::Permanent(format!(
+                "{e} (the bridge's secret key may have changed); remove it with !certfp {} remove",
+                net.id
+            ))
+        })
+    }
+
+    /// `!certfp`: the user's certificate for `net`, generated and stored (sealed) first if
+    /// they have none; with whether it is new. Two concurrent calls store one certificate.
+    pub(super) async fn user_cert_or_new(
+        &self,
+        net: &Network,
+        user_id: &str,
+    ) -> Result<(UserCert, bool), BridgeError> {
+        if let Some(cert) = self.user_cert(net, user_id).await? {
+            return Ok((cert, false));
+        }
+        let cert =
+            UserCert::generate(user_id).map_err(|e| BridgeError::Permanent(e.to_string()))?;
+        let sealed =
+            cert.seal(self.ctx.secrets()).map_err(|e| BridgeError::Permanent(e.to_string()))?;
+        let mut stored = false;
+        self.update_settings(net, user_id, |s| {
+            if s.settings.get(CERT_KEY).is_none_or(Value::is_null) {
+                s.settings[CERT_KEY] = json!(sealed);
+                stored = true;
+            }
+        })
+        .await?;
+        if stored {
+            tracing::info!(
+                network = net.id,
+                user_id,
+                fingerprint = cert.fingerprint(),
+                "client certificate generated"
+            );
+            return Ok((cert, true));
+        }
+        let cert = self.user_cert(net, user_id).await?;
+        Ok((
+            cert.ok_or_else(|| BridgeError::Permanent("the certificate vanished".to_owned()))?,
+            false,
+        ))
+    }
+
+    /// `!certfp <network> remove`: forgets the user's certificate; returns its fingerprint, if
+    /// there was one (and it could be opened).
+    pub(super) async fn remove_user_cert(
+        &self,
+        net: &Network,
+        user_id: &str,
+    ) -> Result<Option<String>, BridgeError> {
+        let fingerprint =
+            self.user_cert(net, user_id).await.ok().flatten().map(|c| c.fingerprint().to_owned());
+        self.update_settings(net, user_id, |s| {
+            if let Some(o) = s.settings.as_object_mut() {
+                o.remove(CERT_KEY);
+            }
+        })
+        .await?;
+        Ok(fingerprint)
+    }
+
+    /// Whether the user stored SASL PLAIN credentials (`!storepass account:password`) for
+    /// `net`, which win over a `!certfp` certificate.
+    pub(super) async fn has_sasl_plain(&self, net: &Network, user_id: &str) -> bool {
+        let saved = self.ctx.store().user_settings(user_id, &net.id).await.ok().flatten();
+        saved
+            .and_then(|s| s.secret)
+            .and_then(|sealed| self.ctx.secrets().open(&sealed).ok())
+            .is_some_and(|secret| secret.contains(':'))
     }
 
     /// Quits and forgets the user's puppet; returns the channels it was in.
@@ -419,9 +537,9 @@ impl Inner {
         if net.is_channel(target) {
             return self.puppet_join(net, sender, target, room_id).await;
         }
-        let p = self.puppet(net, sender).await?;
-        p.set_notify_room(room_id);
-        Ok(p)
+        // A private chat is not where the user hears about their connection: the bot is not
+        // in it (its notices would be refused), so the last portal stays the place.
+        self.puppet(net, sender).await
     }
 
     /// Sends a Matrix message (`event`, or its edit) through the sender's puppet to a channel
@@ -693,8 +811,22 @@ async fn puppet_loop(
                         .await;
                         b.save(&net, &p).await;
                     }
-                    // SASL failed (wrong account or password, nick locked): the connection
-                    // goes on without the account.
+                    // SASL failed (wrong account or password, certificate not added to the
+                    // account, nick locked): the connection goes on without the account.
+                    "902" | "904" | "905" if p.sasl_external.is_some() => {
+                        b.tell(
+                            &p,
+                            &format!(
+                                "Could not log in to your account on {} with your certificate (SASL EXTERNAL): {}. Connected without it; identify to your account, add the certificate with /msg NickServ CERT ADD {} (see !certfp {}), then !reconnect {}.",
+                                net.config.name,
+                                line.params.last().map(String::as_str).unwrap_or(""),
+                                p.sasl_external.as_deref().unwrap_or_default(),
+                                net.id,
+                                net.id
+                            ),
+                        )
+                        .await;
+                    }
                     "902" | "904" | "905" => {
                         b.tell(
                             &p,

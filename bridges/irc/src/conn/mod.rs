@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use isupport::{CaseMapping, Isupport};
 pub use line::{IrcLine, LineError, Source};
-pub use tls::ClientCert;
+pub use tls::{ClientCert, fingerprint};
 
 /// Capabilities requested when the server offers them.
 pub const WANTED_CAPS: &[&str] = &[

@@ -38,6 +38,37 @@ impl ClientCert {
             .map_err(|e| format!("{}: private key: {e}", path.display()))?;
         Ok(Self { chain, key })
     }
+
+    /// Reads the certificate (then its chain, if any) and the private key from PEM text held
+    /// in memory (a user's certificate, opened from the store).
+    pub fn from_pem(pem: &str) -> Result<Self, String> {
+        let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("certificate: {e}"))?;
+        if chain.is_empty() {
+            return Err("no certificate".to_owned());
+        }
+        let key = PrivateKeyDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| format!("private key: {e}"))?;
+        Ok(Self { chain, key })
+    }
+
+    /// The certificate's fingerprint as IRC servers and services show it (CertFP): the
+    /// SHA-256 of the DER certificate, lowercase hex without separators. InspIRCd (`hash=
+    /// "sha256"`, its default), UnrealIRCd, Solanum and Atheme's `CERT ADD` all use this form.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.chain[0])
+    }
+}
+
+/// The SHA-256 CertFP fingerprint of a DER certificate (see [`ClientCert::fingerprint`]).
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    use std::fmt::Write as _;
+    sha2::Sha256::digest(der).iter().fold(String::with_capacity(64), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 #[derive(Debug)]
