@@ -220,6 +220,13 @@ impl State {
         true
     }
 
+    /// Forgets a stanza key recorded by [`Self::first_time`] (its bridging failed).
+    fn forget(&mut self, key: &str) {
+        if self.seen.remove(key) {
+            self.seen_order.retain(|k| k != key);
+        }
+    }
+
     fn is_ours(&self, room: &str, nick: &str) -> bool {
         self.rooms.get(room).is_some_and(|r| r.puppets.values().any(|p| p.nick == nick))
     }
@@ -1678,135 +1685,155 @@ impl Inner {
             tracing::debug!(room = key, id = k, "dropping a duplicate message");
             return Ok(());
         }
-        let ghost = self.ids.ghost_of(room, &msg.nick);
-        self.ctx
-            .ensure_ghost(
-                &ghost,
-                &GhostProfile {
-                    remote_id: format!("{}/{}", key, msg.nick),
-                    displayname: Some(msg.nick.clone()),
-                    avatar_url: None,
-                },
-            )
-            .await?;
-        let cause = format!(
-            "xmpp:{key}:{}",
-            dedupe.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
-        );
-        let txn = self.ctx.txn_id_for(&cause, 0);
-        if let Some(target) = &msg.retracts {
-            let event = self.ctx.store().kv_get(&format!("xmpp.sid:{key}:{target}")).await?;
-            if let Some(event) = event
-                && let Some(map) =
-                    self.ctx.store().message_by_event(&portal.room_id, &event).await?
-                && map.sender == ghost
-            {
-                self.ctx.intent(&ghost).redact(&portal.room_id, &event, None).await?;
-            } else {
-                tracing::info!(
-                    room = key,
-                    nick = msg.nick,
-                    "ignoring a retraction of an unknown or someone else's message"
-                );
-            }
-            return Ok(());
-        }
-        let content_less = msg.body.is_none() && msg.oob_url.is_none() && msg.reactions.is_none();
-        if history && (msg.displayed.is_some() || content_less) {
-            // Old markers and chat states mean nothing now.
-            return Ok(());
-        }
-        // XEP-0085: composing → typing; any other state, or a message, ends it.
-        let typing = msg.chat_state.as_deref() == Some("composing") && msg.body.is_none();
-        let was = {
-            let mut st = self.state();
-            let r = st.rooms.entry(key.clone()).or_default();
-            if typing {
-                !r.ghosts_typing.insert(ghost.clone())
-            } else {
-                r.ghosts_typing.remove(&ghost)
-            }
-        };
-        if !history
-            && (typing || (was && (msg.chat_state.is_some() || msg.body.is_some())))
-            && let Err(e) =
-                self.ctx.intent(&ghost).set_typing(&portal.room_id, typing, TYPING).await
-        {
-            tracing::debug!(error = %e, ghost, "could not set typing");
-        }
-        if let Some((target, keys)) = &msg.reactions {
-            return self.xmpp_reactions(&portal.room_id, room, &ghost, target, keys, &cause).await;
-        }
-        if let (Some(id), None) = (&msg.displayed, &msg.body) {
-            return self.xmpp_displayed(&portal.room_id, room, &ghost, id).await;
-        }
-        // A file (XEP-0066), unless it is a correction: those only change the text.
-        let file = msg.oob_url.clone().filter(|_| msg.replaces.is_none());
-        let Some(body) = msg.body.clone().or_else(|| file.clone()) else { return Ok(()) };
-        let (msgtype, mut text) = match body.strip_prefix("/me ") {
-            Some(rest) => ("m.emote", rest.to_owned()),
-            None => ("m.text", body.clone()),
-        };
-        let mut content = text_content(msgtype, &text);
-        if let Some(url) = &file {
-            let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
-            (content, text) = self.file_content(&ghost, url, caption).await?;
-        }
-        if let Some(orig) = &msg.replaces {
-            let remote = format!("{ghost}|{orig}");
-            let parts = self.ctx.store().messages_by_remote(&portal.room_id, &remote).await?;
-            if let Some(first) = parts.first() {
-                content = json!({
-                    "msgtype": msgtype,
-                    "body": format!("* {text}"),
-                    "m.new_content": text_content(msgtype, &text),
-                    "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
-                });
-            } else if history {
-                // A correction of a message older than the history bridged: not a new message.
-                tracing::debug!(room = key, orig, "skipping a correction of an unknown message");
+        // Marked seen before it is bridged (a copy arriving meanwhile is dropped); a failure
+        // unmarks it, so that the retry of this stanza is not taken for a duplicate.
+        let result: Result<(), BridgeError> = async {
+            let ghost = self.ids.ghost_of(room, &msg.nick);
+            self.ctx
+                .ensure_ghost(
+                    &ghost,
+                    &GhostProfile {
+                        remote_id: format!("{}/{}", key, msg.nick),
+                        displayname: Some(msg.nick.clone()),
+                        avatar_url: None,
+                    },
+                )
+                .await?;
+            let cause = format!(
+                "xmpp:{key}:{}",
+                dedupe.clone().unwrap_or_else(|| rand::random::<u64>().to_string())
+            );
+            let txn = self.ctx.txn_id_for(&cause, 0);
+            if let Some(target) = &msg.retracts {
+                let event = self.ctx.store().kv_get(&format!("xmpp.sid:{key}:{target}")).await?;
+                if let Some(event) = event
+                    && let Some(map) =
+                        self.ctx.store().message_by_event(&portal.room_id, &event).await?
+                    && map.sender == ghost
+                {
+                    self.ctx.intent(&ghost).redact(&portal.room_id, &event, None).await?;
+                } else {
+                    tracing::info!(
+                        room = key,
+                        nick = msg.nick,
+                        "ignoring a retraction of an unknown or someone else's message"
+                    );
+                }
                 return Ok(());
             }
-        } else if let Some((id, to)) = &msg.reply_to
-            && let Some(target) =
-                self.target_event(&portal.room_id, room, id, to.as_deref()).await?
-        {
-            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target}});
-        }
-        // History keeps its original time (timestamp massaging), never later than now.
-        let ts = history
-            .then_some(msg.stamp_ms)
-            .flatten()
-            .map(|t| u64::try_from(t.clamp(0, now_ms())).unwrap_or_default());
-        let event_id =
-            self.ctx.send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, ts).await?;
-        if msg.replaces.is_none()
-            && msg.id.is_none()
-            && msg.origin_id.is_none()
-            && let Some(sid) = &msg.stanza_id
-        {
-            // No id of the sender's: the stanza-id alone keeps it from being bridged twice.
-            self.ctx.store().kv_set(&format!("xmpp.sid:{key}:{sid}"), &event_id).await?;
-            self.ctx.store().kv_set(&format!("xmpp.ev:{event_id}"), sid).await?;
-        }
-        if msg.replaces.is_none()
-            && let Some(id) = msg.id.as_ref().or(msg.origin_id.as_ref())
-        {
-            self.record(
-                &portal.room_id,
-                &format!("{ghost}|{id}"),
-                &event_id,
-                &ghost,
-                msg.stanza_id.as_deref(),
-                room,
-            )
-            .await?;
-            self.remember_text(&event_id, &text).await?;
-            if msg.markable {
-                self.ctx.store().kv_set(&format!("xmpp.markable:{event_id}"), "1").await?;
+            let content_less =
+                msg.body.is_none() && msg.oob_url.is_none() && msg.reactions.is_none();
+            if history && (msg.displayed.is_some() || content_less) {
+                // Old markers and chat states mean nothing now.
+                return Ok(());
             }
+            // XEP-0085: composing → typing; any other state, or a message, ends it.
+            let typing = msg.chat_state.as_deref() == Some("composing") && msg.body.is_none();
+            let was = {
+                let mut st = self.state();
+                let r = st.rooms.entry(key.clone()).or_default();
+                if typing {
+                    !r.ghosts_typing.insert(ghost.clone())
+                } else {
+                    r.ghosts_typing.remove(&ghost)
+                }
+            };
+            if !history
+                && (typing || (was && (msg.chat_state.is_some() || msg.body.is_some())))
+                && let Err(e) =
+                    self.ctx.intent(&ghost).set_typing(&portal.room_id, typing, TYPING).await
+            {
+                tracing::debug!(error = %e, ghost, "could not set typing");
+            }
+            if let Some((target, keys)) = &msg.reactions {
+                return self
+                    .xmpp_reactions(&portal.room_id, room, &ghost, target, keys, &cause)
+                    .await;
+            }
+            if let (Some(id), None) = (&msg.displayed, &msg.body) {
+                return self.xmpp_displayed(&portal.room_id, room, &ghost, id).await;
+            }
+            // A file (XEP-0066), unless it is a correction: those only change the text.
+            let file = msg.oob_url.clone().filter(|_| msg.replaces.is_none());
+            let Some(body) = msg.body.clone().or_else(|| file.clone()) else { return Ok(()) };
+            let (msgtype, mut text) = match body.strip_prefix("/me ") {
+                Some(rest) => ("m.emote", rest.to_owned()),
+                None => ("m.text", body.clone()),
+            };
+            let mut content = text_content(msgtype, &text);
+            if let Some(url) = &file {
+                let caption = Some(body.trim()).filter(|b| !b.is_empty() && *b != url.trim());
+                (content, text) = self.file_content(&ghost, url, caption).await?;
+            }
+            if let Some(orig) = &msg.replaces {
+                let remote = format!("{ghost}|{orig}");
+                let parts = self.ctx.store().messages_by_remote(&portal.room_id, &remote).await?;
+                if let Some(first) = parts.first() {
+                    content = json!({
+                        "msgtype": msgtype,
+                        "body": format!("* {text}"),
+                        "m.new_content": text_content(msgtype, &text),
+                        "m.relates_to": {"rel_type": "m.replace", "event_id": first.event_id},
+                    });
+                } else if history {
+                    // A correction of a message older than the history bridged: not a new message.
+                    tracing::debug!(
+                        room = key,
+                        orig,
+                        "skipping a correction of an unknown message"
+                    );
+                    return Ok(());
+                }
+            } else if let Some((id, to)) = &msg.reply_to
+                && let Some(target) =
+                    self.target_event(&portal.room_id, room, id, to.as_deref()).await?
+            {
+                content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target}});
+            }
+            // History keeps its original time (timestamp massaging), never later than now.
+            let ts = history
+                .then_some(msg.stamp_ms)
+                .flatten()
+                .map(|t| u64::try_from(t.clamp(0, now_ms())).unwrap_or_default());
+            let event_id = self
+                .ctx
+                .send_as(&ghost, &portal.room_id, "m.room.message", content, &txn, ts)
+                .await?;
+            if msg.replaces.is_none()
+                && msg.id.is_none()
+                && msg.origin_id.is_none()
+                && let Some(sid) = &msg.stanza_id
+            {
+                // No id of the sender's: the stanza-id alone keeps it from being bridged twice.
+                self.ctx.store().kv_set(&format!("xmpp.sid:{key}:{sid}"), &event_id).await?;
+                self.ctx.store().kv_set(&format!("xmpp.ev:{event_id}"), sid).await?;
+            }
+            if msg.replaces.is_none()
+                && let Some(id) = msg.id.as_ref().or(msg.origin_id.as_ref())
+            {
+                self.record(
+                    &portal.room_id,
+                    &format!("{ghost}|{id}"),
+                    &event_id,
+                    &ghost,
+                    msg.stanza_id.as_deref(),
+                    room,
+                )
+                .await?;
+                self.remember_text(&event_id, &text).await?;
+                if msg.markable {
+                    self.ctx.store().kv_set(&format!("xmpp.markable:{event_id}"), "1").await?;
+                }
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        if result.is_err()
+            && let Some(k) = &dedupe
+        {
+            self.state().forget(&format!("{key}|{k}"));
+        }
+        result
     }
 
     /// A 1:1 message from an XMPP user to a Matrix user's JID: the user's ghost brings it to a
@@ -3398,6 +3425,16 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_stanza_whose_bridging_failed_is_not_a_duplicate_on_retry() {
+        let mut st = State::default();
+        assert!(st.first_time("room|s1".into()));
+        assert!(!st.first_time("room|s1".into()));
+        st.forget("room|s1");
+        assert!(st.first_time("room|s1".into()));
+        assert_eq!(st.seen_order.iter().filter(|k| *k == "room|s1").count(), 1);
     }
 
     #[test]
