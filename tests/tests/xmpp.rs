@@ -668,6 +668,67 @@ async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing_body(
 }
 
 #[tokio::test]
+async fn entity_capabilities_are_announced_and_answered() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = entity_capabilities_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+/// XEP-0115: the presence of a Matrix user's occupant carries the caps of what puppets support;
+/// disco#info at `node#ver` answers exactly that (the XMPP client can check the hash), and an
+/// unknown node is `item-not-found`.
+async fn entity_capabilities_body(env: &mut Env) -> anyhow::Result<()> {
+    let (_alice, _room, xmpp) = portal(env, "caps").await?;
+    let from = format!("from=\"caps@{MUC}/alice\"");
+    let presence = xmpp
+        .wait_presence(T, |p| p.contains(&from) && p.contains("http://jabber.org/protocol/caps"))
+        .await?;
+    let attr = |name: &str| {
+        let key = format!("{name}=\"");
+        let start = presence.find(&key)? + key.len();
+        Some(presence[start..].split('"').next()?.to_owned())
+    };
+    let (node, ver) = (attr("node").expect("a node"), attr("ver").expect("a ver"));
+    assert_eq!(attr("hash").as_deref(), Some("sha-1"), "{presence}");
+    let puppet = format!("alice=3alocalhost@{COMPONENT}/trestle");
+    let ask = |id: &'static str, node: String| {
+        xmpp.send(
+            stanza("iq", &[("type", "get"), ("id", id), ("to", &puppet)])
+                .append(payload(
+                    "query",
+                    "http://jabber.org/protocol/disco#info",
+                    &[("node", &node)],
+                ))
+                .build(),
+        )
+    };
+    ask("caps1", format!("{node}#{ver}"))?;
+    let info = xmpp.wait_stanza(T, |s| s.contains("id=\"caps1\"")).await?;
+    assert!(info.contains("type=\"result\"") && info.contains(&format!("#{ver}")), "{info}");
+    // The client's own check (XEP-0115 §5.4): the hash of the identities and features answered.
+    let mut features: Vec<&str> = info
+        .split("<feature ")
+        .skip(1)
+        .filter_map(|f| f.split("var=\"").nth(1)?.split('"').next())
+        .collect();
+    features.sort_unstable();
+    assert!(features.contains(&"http://jabber.org/protocol/caps"), "{info}");
+    let mut s = "client/bot//<".to_owned();
+    for f in &features {
+        s.push_str(f);
+        s.push('<');
+    }
+    use sha1::Digest as _;
+    let expected =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sha1::Sha1::digest(s));
+    assert_eq!(ver, expected, "{info}");
+    ask("caps2", format!("{node}#not-our-ver"))?;
+    let wrong = xmpp.wait_stanza(T, |s| s.contains("id=\"caps2\"")).await?;
+    assert!(wrong.contains("type=\"error\"") && wrong.contains("item-not-found"), "{wrong}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn component_answers_disco_version_and_ping_and_rejects_private_messages()
 -> anyhow::Result<()> {
     let mut env = start().await?;

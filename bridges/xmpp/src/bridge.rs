@@ -2303,8 +2303,17 @@ impl Inner {
             (_, false) => {
                 Iq::from_error(id, stanzas::error(DefinedCondition::ItemNotFound, "no such user"))
             }
+            // A query for another node than our capabilities' (XEP-0115 §6.2) names nothing.
+            (Iq::Get { payload, .. }, true)
+                if payload.is("query", ns::DISCO_INFO)
+                    && payload
+                        .attr("node")
+                        .is_some_and(|n| for_component || n != stanzas::user_caps_node()) =>
+            {
+                Iq::from_error(id, stanzas::error(DefinedCondition::ItemNotFound, "no such node"))
+            }
             (Iq::Get { payload, .. }, true) if payload.is("query", ns::DISCO_INFO) => {
-                let info = if for_component {
+                let mut info = if for_component {
                     stanzas::disco_info(
                         &self
                             .ctx
@@ -2317,6 +2326,7 @@ impl Inner {
                 } else {
                     stanzas::disco_info_user()
                 };
+                info.node = payload.attr("node").map(str::to_owned);
                 Iq::from_result(id, Some(info))
             }
             (Iq::Get { payload, .. }, true) if payload.is("query", ns::DISCO_ITEMS) => {

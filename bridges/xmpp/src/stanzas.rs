@@ -2,9 +2,13 @@
 //! xmpp-parsers/minidom (never by string concatenation), and text from Matrix is first cleared of
 //! characters XML 1.0 cannot carry.
 
+use base64::Engine as _;
+use sha1::{Digest as _, Sha1};
 use xmpp_parsers::{
+    caps::{Caps, compute_disco, hash_caps},
     date::DateTime,
     disco::{DiscoInfoResult, Identity},
+    hashes::{Algo, Hash},
     iq::Iq,
     jid::{FullJid, Jid},
     message::{Id, Lang, Message, MessageType},
@@ -98,6 +102,7 @@ pub fn occupant(room: &RoomJid, nick: &str) -> Option<FullJid> {
 pub fn join(from: &FullJid, to: &FullJid) -> Presence {
     let mut p = Presence::available().with_from(from.clone()).with_to(to.clone());
     p.add_payload(Muc::new().with_history(History::new().with_maxstanzas(0)));
+    p.add_payload(user_caps());
     p
 }
 
@@ -130,6 +135,7 @@ pub fn bot_join(from: &FullJid, to: &FullJid, history: JoinHistory) -> Presence 
     };
     let mut p = Presence::available().with_from(from.clone()).with_to(to.clone());
     p.add_payload(Muc::new().with_history(h));
+    p.add_payload(user_caps());
     p
 }
 
@@ -322,6 +328,7 @@ pub fn occupant_presence(
     status: Option<&str>,
 ) -> Presence {
     let mut p = Presence::available().with_from(from.clone()).with_to(to.clone());
+    p.add_payload(user_caps());
     p.show = show;
     if let Some(s) = status.map(xml_safe).filter(|s| !s.trim().is_empty()) {
         p.set_status("", s);
@@ -962,12 +969,30 @@ pub fn disco_info(name: &str) -> DiscoInfoResult {
     }
 }
 
+/// The node of the bridge's entity capabilities (XEP-0115): the project's address.
+pub const CAPS_NODE: &str = env!("CARGO_PKG_REPOSITORY");
+
+/// The entity capabilities (XEP-0115) that presences of puppets and the bot carry: the SHA-1
+/// `ver` of [`disco_info_user`], so that clients learn what they support without asking each.
+pub fn user_caps() -> Caps {
+    let ver = compute_disco(&disco_info_user());
+    let hash = hash_caps(&ver, Algo::Sha_1)
+        .unwrap_or_else(|_| Hash::new(Algo::Sha_1, Sha1::digest(&ver).to_vec()));
+    Caps::new(CAPS_NODE, hash)
+}
+
+/// The `node#ver` under which [`user_caps`] may be queried (disco#info with a node).
+pub fn user_caps_node() -> String {
+    let caps = user_caps();
+    format!("{}#{}", caps.node, base64::engine::general_purpose::STANDARD.encode(&caps.ver))
+}
+
 /// The disco#info of a Matrix user's puppet or the bot: a client.
 pub fn disco_info_user() -> DiscoInfoResult {
     DiscoInfoResult {
         node: None,
         identities: vec![Identity::new_anonymous::<_, _, String, String>("client", "bot")],
-        features: [ns::DISCO_INFO, ns::PING, ns::VERSION, NS_VCARD]
+        features: [ns::DISCO_INFO, ns::CAPS, ns::PING, ns::VERSION, NS_VCARD]
             .iter()
             .map(|f| (*f).to_owned())
             .collect(),
@@ -983,6 +1008,31 @@ pub fn is_groupchat(m: &Message) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entity_capabilities_hash_what_disco_info_answers() {
+        // XEP-0115 §5.1 by hand: identities `category/type/lang/name<`, then the sorted
+        // features each followed by `<`; SHA-1; base64.
+        let info = disco_info_user();
+        // `features` is a sorted set.
+        let mut s = "client/bot//<".to_owned();
+        for f in &info.features {
+            s.push_str(f);
+            s.push('<');
+        }
+        let ver = base64::engine::general_purpose::STANDARD.encode(Sha1::digest(s.as_bytes()));
+        assert_eq!(user_caps_node(), format!("{CAPS_NODE}#{ver}"));
+        assert!(info.features.iter().any(|f| f == ns::CAPS));
+        // Every available presence of ours carries them.
+        let from = FullJid::new("u@c/r").unwrap();
+        let to = FullJid::new("room@muc/nick").unwrap();
+        for p in [join(&from, &to), bot_join(&from, &to, JoinHistory::None)] {
+            let el = Element::from(p);
+            let c = el.get_child("c", ns::CAPS).expect("caps in the presence");
+            assert_eq!(c.attr("ver"), Some(ver.as_str()));
+            assert_eq!(c.attr("hash"), Some("sha-1"));
+        }
+    }
 
     fn room() -> RoomJid {
         RoomJid::new("test", "conference.localhost").unwrap()
