@@ -1863,17 +1863,20 @@ async fn occupant_ids_body(env: &mut Env) -> anyhow::Result<()> {
     assert!(senders.iter().all(|s| *s == ghost || *s == alice.user_id), "{senders:?}");
     assert_eq!(events.iter().filter(|e| body(e) == "reply from Matrix").count(), 1);
 
-    // Leaving for good is still a leave of that ghost.
-    xmpp.send(
-        stanza("presence", &[("to", &format!("occ@{MUC}/XAlice2")), ("type", "unavailable")])
-            .build(),
-    )?;
-    alice
+    // A Matrix kick of the ghost (by a user with the power to on Matrix) is asked of the room
+    // for the occupant's current nick; the room refuses it (the user's occupant is only a
+    // participant there, the bridge ignores its bot's own power changes), which names the nick.
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 50).await?;
+    alice.post(&format!("/rooms/{room}/kick"), json!({"user_id": ghost, "reason": "bye"})).await?;
+    let notice = alice
         .wait_for_message(&room, T, |e| {
-            e["type"] == "m.room.member"
-                && e["state_key"] == ghost.as_str()
-                && e["content"]["membership"] == "leave"
+            e["content"]["msgtype"] == "m.notice" && body(e).starts_with("Could not kick")
         })
         .await?;
+    assert!(body(&notice).starts_with("Could not kick XAlice2 on XMPP"), "{notice}");
+    assert!(
+        body(&notice).contains("not-allowed") || body(&notice).contains("forbidden"),
+        "{notice}"
+    );
     Ok(())
 }
