@@ -1880,3 +1880,23 @@ async fn occupant_ids_body(env: &mut Env) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn forged_occupant_ids_are_ignored_in_rooms_without_them() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = forged_occupant_ids_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn forged_occupant_ids_body(env: &mut Env) -> anyhow::Result<()> {
+    // This room does not advertise XEP-0421, so it passes a client's own <occupant-id/> on:
+    // the bridge must not trust it (the ghost stays the nick's).
+    let (alice, room, xmpp) = portal(env, "forge").await?;
+    let forged = payload("occupant-id", "urn:xmpp:occupant-id:0", &[("id", "someone-else")]);
+    xmpp.say_with("forge", "f1", "with a forged occupant-id", vec![forged])?;
+    let seen = xmpp.wait_message(T, |s| s.body == "with a forged occupant-id").await?;
+    assert!(seen.xml.contains("someone-else"), "the room passes it on: {}", seen.xml);
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "with a forged occupant-id").await?;
+    assert_eq!(m["sender"], "@xmpp_forge=40conference.localhost/_x_alice:localhost");
+    Ok(())
+}
