@@ -41,7 +41,20 @@ pub struct Prosody {
 
 impl Prosody {
     /// Writes the config, registers `users` (`(name, password)` on `localhost`) and starts it.
+    /// Its rooms do not stamp XEP-0421 occupant-ids (see [`Self::start_with_occupant_ids`]).
     pub async fn start(users: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with(users, false).await
+    }
+
+    /// Like [`Self::start`], with XEP-0421 occupant-ids in the rooms: Prosody 0.12's MUC has
+    /// them built in (`muc/occupant_id.lib.lua`, on unless `muc_occupant_id = false`): every
+    /// occupant presence and groupchat message carries the room's `<occupant-id/>` (client ones
+    /// stripped) and the rooms advertise `urn:xmpp:occupant-id:0`.
+    pub async fn start_with_occupant_ids(users: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with(users, true).await
+    }
+
+    async fn start_with(users: &[(&str, &str)], occupant_ids: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("trestle-prosody-").tempdir()?;
         let (c2s_port, s2s_port, component_port) = (free_port(), free_port(), free_port());
         let data = dir.path().join("data");
@@ -75,6 +88,7 @@ Component "{MUC}" "muc"
     modules_enabled = {{ {muc_modules} }}
     muc_log_by_default = true
     muc_room_default_change_subject = true
+    muc_occupant_id = {occupant_ids}
 Component "{COMPONENT}"
     component_secret = "{SECRET}"
 "#,

@@ -22,8 +22,18 @@ struct Env {
 }
 
 async fn start() -> anyhow::Result<Env> {
+    start_with(false).await
+}
+
+/// Like [`start`]; with `occupant_ids`, Prosody's rooms stamp XEP-0421 occupant-ids.
+async fn start_with(occupant_ids: bool) -> anyhow::Result<Env> {
     let dir = tempfile::Builder::new().prefix("trestle-xmpp-").tempdir()?;
-    let prosody = Prosody::start(&[("xalice", "secret-pass"), ("xbob", "secret-pass")]).await?;
+    let users = [("xalice", "secret-pass"), ("xbob", "secret-pass")];
+    let prosody = if occupant_ids {
+        Prosody::start_with_occupant_ids(&users).await?
+    } else {
+        Prosody::start(&users).await?
+    };
     let d = Deployment::new(dir.path(), "xmpp");
     let config = |hs: &str| {
         format!(
@@ -2090,5 +2100,194 @@ async fn join_history_body(env: &mut Env) -> anyhow::Result<()> {
     assert_eq!(events[own]["sender"], alice.user_id.as_str());
     let log = plain(&env.bridge.child.log_tail(400));
     assert!(log.contains("archive=false"), "{log}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn nick_changes_keep_the_ghost_in_rooms_with_occupant_ids() -> anyhow::Result<()> {
+    let mut env = start_with(true).await?;
+    let r = occupant_ids_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+/// The `id` of the XEP-0421 `<occupant-id/>` in a stanza (XML with `"` quotes).
+fn occupant_id_in(xml: &str) -> Option<String> {
+    let at = xml.find("<occupant-id ")?;
+    let tag = &xml[at..at + xml[at..].find('>')?];
+    let id = tag.split("id=\"").nth(1)?;
+    Some(id.split('"').next()?.to_owned())
+}
+
+async fn occupant_ids_body(env: &mut Env) -> anyhow::Result<()> {
+    let (alice, room, xmpp) = portal(env, "occ").await?;
+    // The room really stamps occupant-ids (Prosody's own XEP-0421).
+    let own = xmpp
+        .wait_presence(T, |p| {
+            p.contains(&format!("occ@{MUC}/XAlice\"")) && p.contains("code=\"110\"")
+        })
+        .await?;
+    let id = occupant_id_in(&own).ok_or_else(|| anyhow::anyhow!("no occupant-id in {own}"))?;
+    let members = |events: &[Value], who: &str| -> Vec<(String, String)> {
+        events
+            .iter()
+            .filter(|e| e["type"] == "m.room.member" && e["state_key"] == who)
+            .map(|e| {
+                (
+                    e["content"]["membership"].as_str().unwrap_or_default().to_owned(),
+                    e["content"]["displayname"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    // The occupant's ghost is keyed by its occupant-id, not by its nick.
+    let m = alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["content"]["displayname"] == "XAlice"
+                && e["state_key"].as_str().is_some_and(|k| k.starts_with("@xmpp_occ"))
+        })
+        .await?;
+    let ghost = m["state_key"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        ghost.starts_with("@xmpp_occ=3a") && ghost.ends_with("=40conference.localhost:localhost"),
+        "{ghost}"
+    );
+    assert_eq!(ghost, ghost.to_lowercase());
+    let nick_ghost = |nick: &str| format!("@xmpp_occ=40conference.localhost/{nick}:localhost");
+    assert_eq!(alice.profile(&ghost).await?["displayname"], "XAlice");
+
+    // A message before the nick change.
+    xmpp.say("occ", "o1", "before the change")?;
+    let before = alice.wait_for_message(&room, T, |e| body(e) == "before the change").await?;
+    assert_eq!(before["sender"], ghost.as_str());
+    let before_event = before["event_id"].as_str().unwrap_or_default().to_owned();
+    let before_sid = xmpp
+        .wait_message(T, |s| s.body == "before the change")
+        .await?
+        .stanza_id
+        .expect("the room stamps a stanza-id");
+
+    // The nick change: the same ghost, renamed; nobody leaves or joins.
+    xmpp.send(stanza("presence", &[("to", &format!("occ@{MUC}/XAlice2"))]).build())?;
+    let renamed = xmpp
+        .wait_presence(T, |p| {
+            p.contains(&format!("occ@{MUC}/XAlice2\"")) && p.contains("code=\"110\"")
+        })
+        .await?;
+    assert_eq!(occupant_id_in(&renamed).as_deref(), Some(id.as_str()), "{renamed}");
+    alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == ghost.as_str()
+                && e["content"]["displayname"] == "XAlice2"
+        })
+        .await?;
+    assert_eq!(alice.profile(&ghost).await?["displayname"], "XAlice2");
+
+    // A message after it comes from the same ghost; so does a correction of the earlier one.
+    xmpp.say("occ", "o2", "after the change")?;
+    let after = alice.wait_for_message(&room, T, |e| body(e) == "after the change").await?;
+    assert_eq!(after["sender"], ghost.as_str());
+    xmpp.say_with(
+        "occ",
+        "o3",
+        "before the change (fixed)",
+        vec![payload("replace", "urn:xmpp:message-correct:0", &[("id", "o1")])],
+    )?;
+    let fixed = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["m.new_content"]["body"] == "before the change (fixed)"
+        })
+        .await?;
+    assert_eq!(fixed["sender"], ghost.as_str());
+    assert_eq!(fixed["content"]["m.relates_to"]["event_id"], before_event.as_str());
+
+    // A Matrix reply to the message from before the change reaches the occupant's new nick.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "reply from Matrix",
+                "m.relates_to": {"m.in_reply_to": {"event_id": before_event}}}),
+        )
+        .await?;
+    let seen = xmpp.wait_message(T, |s| s.body.ends_with("reply from Matrix")).await?;
+    assert_eq!(seen.nick, "alice");
+    assert!(seen.xml.contains(&format!("to=\"occ@{MUC}/XAlice2\"")), "{}", seen.xml);
+    assert!(seen.xml.contains(&format!("id=\"{before_sid}\"")), "{}", seen.xml);
+    assert!(seen.body.starts_with("> XAlice2: "), "{}", seen.body);
+    // A reaction on it goes to the room's stanza-id of that message.
+    alice
+        .send(
+            &room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": before_event, "key": "👍"}}),
+        )
+        .await?;
+    let target = format!("id=\"{before_sid}\"");
+    xmpp.wait_stanza(T, |s| s.contains("urn:xmpp:reactions:0") && s.contains(&target)).await?;
+
+    // XMPP reactions from the renamed occupant are its ghost's.
+    react(&xmpp, "occ", "o4", &before_sid, &["🎉"])?;
+    let r = alice
+        .wait_for_message(&room, T, |e| {
+            e["type"] == "m.reaction" && e["content"]["m.relates_to"]["key"] == "🎉"
+        })
+        .await?;
+    assert_eq!(r["sender"], ghost.as_str());
+
+    // In Matrix, one ghost all along: joined once, renamed, never left; no nick ghosts; the
+    // Matrix user's own occupant (known by its occupant-id) never came back as a ghost.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = alice.messages(&room, 200).await?;
+    let ours = members(&events, &ghost);
+    assert!(ours.iter().all(|(m, _)| m == "join"), "{ours:?}");
+    assert!(ours.iter().any(|(_, n)| n == "XAlice2"), "{ours:?}");
+    for nick in ["_x_alice", "_x_alice2"] {
+        assert!(members(&events, &nick_ghost(nick)).is_empty(), "{nick}");
+    }
+    let senders: std::collections::HashSet<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .filter_map(|e| e["sender"].as_str())
+        .collect();
+    assert!(senders.iter().all(|s| *s == ghost || *s == alice.user_id), "{senders:?}");
+    assert_eq!(events.iter().filter(|e| body(e) == "reply from Matrix").count(), 1);
+
+    // A Matrix kick of the ghost (by a user with the power to on Matrix) is asked of the room
+    // for the occupant's current nick; the room refuses it (the user's occupant is only a
+    // participant there, the bridge ignores its bot's own power changes), which names the nick.
+    set_power_as_bot(env, &alice, &room, &alice.user_id, 50).await?;
+    alice.post(&format!("/rooms/{room}/kick"), json!({"user_id": ghost, "reason": "bye"})).await?;
+    let notice = alice
+        .wait_for_message(&room, T, |e| {
+            e["content"]["msgtype"] == "m.notice" && body(e).starts_with("Could not kick")
+        })
+        .await?;
+    assert!(body(&notice).starts_with("Could not kick XAlice2 on XMPP"), "{notice}");
+    assert!(
+        body(&notice).contains("not-allowed") || body(&notice).contains("forbidden"),
+        "{notice}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn forged_occupant_ids_are_ignored_in_rooms_without_them() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = forged_occupant_ids_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+async fn forged_occupant_ids_body(env: &mut Env) -> anyhow::Result<()> {
+    // This room does not advertise XEP-0421, so it passes a client's own <occupant-id/> on:
+    // the bridge must not trust it (the ghost stays the nick's).
+    let (alice, room, xmpp) = portal(env, "forge").await?;
+    let forged = payload("occupant-id", "urn:xmpp:occupant-id:0", &[("id", "someone-else")]);
+    xmpp.say_with("forge", "f1", "with a forged occupant-id", vec![forged])?;
+    let seen = xmpp.wait_message(T, |s| s.body == "with a forged occupant-id").await?;
+    assert!(seen.xml.contains("someone-else"), "the room passes it on: {}", seen.xml);
+    let m = alice.wait_for_message(&room, T, |e| body(e) == "with a forged occupant-id").await?;
+    assert_eq!(m["sender"], "@xmpp_forge=40conference.localhost/_x_alice:localhost");
     Ok(())
 }

@@ -44,7 +44,7 @@ use xmpp_parsers::{
 use crate::{
     config::{Standing, XmppConfig},
     conn::{self, ConnConfig, ConnError, ConnEvent, XmppSender},
-    ids::{Ids, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
+    ids::{Ids, OccupantKey, RoomJid, mxid_of_puppet, puppet_localpart, sanitise_nick},
     stanzas::{self, ArchiveFrom, ArchivedMessage, JoinHistory, MucMessage, MucPresence},
 };
 
@@ -124,6 +124,14 @@ struct RoomState {
     /// Whether delayed messages (the join history the bot asked for) are bridged: until the
     /// first live message or the subject, which ends the history (XEP-0045 §7.2.15).
     accept_history: bool,
+    /// Whether the room advertises XEP-0421 occupant-ids in its disco#info (`None`: not known
+    /// yet). Only then are occupant-ids trusted and occupants' ghosts keyed by them.
+    occupant_ids: Option<bool>,
+    /// Occupant-id → the occupant's current nick (rooms with occupant-ids), from presences.
+    nicks: HashMap<String, String>,
+    /// The occupant-ids of the bridge's own occupants (the bot, the puppets): a stanza that
+    /// carries one is never bridged back.
+    own_ids: HashSet<String>,
 }
 
 /// Where the bridge is in a room's history: the last message it bridged (its stanza-id, when
@@ -203,6 +211,8 @@ struct State {
     photos: HashMap<String, String>,
     /// Archive query id → its room and the results received so far.
     archive: HashMap<String, (String, Vec<ArchivedMessage>)>,
+    /// Iq id → the room whose disco#info (XEP-0030) it asks for.
+    discos: HashMap<String, String>,
 }
 
 impl State {
@@ -230,6 +240,21 @@ impl State {
     fn is_ours(&self, room: &str, nick: &str) -> bool {
         self.rooms.get(room).is_some_and(|r| r.puppets.values().any(|p| p.nick == nick))
     }
+
+    /// Whether `occupant_id` (trusted) is one of the bridge's own occupants in `room`.
+    fn is_own_id(&self, room: &str, occupant_id: Option<&str>) -> bool {
+        occupant_id.is_some_and(|id| self.rooms.get(room).is_some_and(|r| r.own_ids.contains(id)))
+    }
+}
+
+/// The occupant a ghost stands for in a room.
+#[derive(Debug, Clone)]
+struct GhostOccupant {
+    /// Its current nick, when the bridge knows it (an occupant-id ghost whose occupant is not
+    /// in the room has none).
+    nick: Option<String>,
+    /// The ghost's remote id (also what its bans are remembered by).
+    remote_id: String,
 }
 
 /// The bridge's state, shared with the connection task.
@@ -289,6 +314,9 @@ impl Inner {
     }
 
     fn join_bot(&self, room: &RoomJid) {
+        // The room's features first: sent before the join, the answer comes before the
+        // occupants' presences (for a room that does not exist yet, after the bot's join).
+        self.query_features(room);
         let history = self.state().rooms.get(&room.bare()).map(|r| r.join_history);
         if let Some(to) = stanzas::occupant(room, &self.cfg().bot_nick)
             && let Err(e) =
@@ -570,6 +598,73 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Asks `room` for its disco#info, to learn whether it stamps XEP-0421 occupant-ids (see
+    /// [`Self::on_iq`]).
+    fn query_features(&self, room: &RoomJid) {
+        let id = format!("disco-{}", rand::random::<u64>());
+        let Some(iq) = stanzas::disco_info_get(&self.bot, room, &id) else { return };
+        self.state().discos.insert(id.clone(), room.bare());
+        if let Err(e) = self.xmpp.send(iq) {
+            self.state().discos.remove(&id);
+            tracing::debug!(room = room.bare(), error = %e, "could not ask for the room's features");
+        }
+    }
+
+    /// `occupant_id` (as a stanza from `room` carried it) if the room advertises occupant-ids:
+    /// only then is it the room's and not a client's forgery.
+    fn trusted_id<'a>(&self, room: &RoomJid, occupant_id: Option<&'a str>) -> Option<&'a str> {
+        occupant_id.filter(|_| {
+            self.state().rooms.get(&room.bare()).is_some_and(|r| r.occupant_ids == Some(true))
+        })
+    }
+
+    /// The ghost of the occupant `nick` of `room` whose stanza carried `occupant_id`, and the
+    /// ghost's remote id: keyed by the XEP-0421 occupant-id when the room advertises them (so a
+    /// nick change keeps the ghost), else by the nick. Every way from an occupant to its ghost
+    /// goes through here.
+    fn occupant_ghost(
+        &self,
+        room: &RoomJid,
+        nick: &str,
+        occupant_id: Option<&str>,
+    ) -> (String, String) {
+        if let Some(id) = self.trusted_id(room, occupant_id) {
+            let ghost = self.ids.ghost_of_occupant_id(room, id);
+            // Matrix user ids are at most 255 bytes; a room with a longer one keeps the nick.
+            if ghost.len() <= 255 {
+                return (ghost, format!("{}:{id}@{}", room.room, room.service));
+            }
+        }
+        (self.ids.ghost_of(room, nick), format!("{}/{nick}", room.bare()))
+    }
+
+    /// The ghost of whoever has `nick` in `room` now (by their occupant-id when the room has
+    /// them and the bridge saw their presence).
+    fn ghost_of_nick(&self, room: &RoomJid, nick: &str) -> String {
+        let id = self.state().rooms.get(&room.bare()).and_then(|r| {
+            r.nicks.iter().find(|(_, n)| n.as_str() == nick).map(|(id, _)| id.clone())
+        });
+        self.occupant_ghost(room, nick, id.as_deref()).0
+    }
+
+    /// The occupant of `room` that `ghost` stands for, with its current nick; `None` when it
+    /// is not an occupant's ghost of this room.
+    fn occupant_of_ghost(&self, room: &RoomJid, ghost: &str) -> Option<GhostOccupant> {
+        let (groom, key) = self.ids.occupant_key_of_ghost(ghost)?;
+        if groom != *room {
+            return None;
+        }
+        Some(match key {
+            OccupantKey::Nick(nick) => {
+                GhostOccupant { remote_id: format!("{}/{nick}", room.bare()), nick: Some(nick) }
+            }
+            OccupantKey::Id(id) => GhostOccupant {
+                nick: self.state().rooms.get(&room.bare()).and_then(|r| r.nicks.get(&id).cloned()),
+                remote_id: format!("{}:{id}@{}", room.room, room.service),
+            },
+        })
     }
 
     async fn displayname(&self, room_id: &str, mxid: &str) -> String {
@@ -1196,7 +1291,7 @@ impl Inner {
         let Some(nick) = to.and_then(|t| t.strip_prefix(&format!("{key}/"))) else {
             return Ok(None);
         };
-        let mut senders = vec![self.ids.ghost_of(room, nick)];
+        let mut senders = vec![self.ghost_of_nick(room, nick)];
         if let Some(r) = self.state().rooms.get(&key) {
             senders
                 .extend(r.puppets.iter().filter(|(_, p)| p.nick == nick).map(|(m, _)| m.clone()));
@@ -1225,8 +1320,10 @@ impl Inner {
         };
         let sender = self.ctx.store().message_by_event(room_id, event).await?.map(|m| m.sender);
         let nick = match &sender {
-            Some(s) => match self.ids.occupant_of_ghost(s) {
-                Some((_, nick)) => Some(nick),
+            Some(s) => match self.occupant_of_ghost(room, s).and_then(|o| o.nick) {
+                Some(nick) => Some(nick),
+                // A Matrix user's occupant, or an occupant no longer in the room (its ghost's
+                // displayname is its last nick).
                 None => {
                     let known = self
                         .state()
@@ -1331,6 +1428,8 @@ impl Inner {
                     for r in st.rooms.values_mut() {
                         r.bot_failures = 0;
                         r.real_jids.clear();
+                        r.nicks.clear();
+                        r.own_ids.clear();
                         for p in r.puppets.values_mut() {
                             p.joined = None;
                         }
@@ -1354,6 +1453,7 @@ impl Inner {
                 st.joins.clear();
                 st.reflections.clear();
                 st.iqs.clear();
+                st.discos.clear();
                 Ok(())
             }
             ConnEvent::Stanza(s) => match &**s {
@@ -1493,7 +1593,12 @@ impl Inner {
         if recipient.is_some() {
             return Ok(());
         }
-        if msg.nick == self.cfg().bot_nick || self.state().is_ours(&key, &msg.nick) {
+        let occupant_id = self.trusted_id(&room, msg.occupant_id.as_deref());
+        let ours = {
+            let st = self.state();
+            st.is_ours(&key, &msg.nick) || st.is_own_id(&key, occupant_id)
+        };
+        if msg.nick == self.cfg().bot_nick || ours {
             return Ok(());
         }
         if msg.delayed {
@@ -1601,7 +1706,7 @@ impl Inner {
             return Ok(true);
         }
         if let Some(id) = msg.id.as_ref().or(msg.origin_id.as_ref()) {
-            let ghost = self.ids.ghost_of(room, &msg.nick);
+            let ghost = self.occupant_ghost(room, &msg.nick, msg.occupant_id.as_deref()).0;
             let remote = format!("{ghost}|{id}");
             if msg.replaces.is_none()
                 && !store.messages_by_remote(room_id, &remote).await?.is_empty()
@@ -1674,11 +1779,10 @@ impl Inner {
             tracing::debug!(room = key, sid = msg.stanza_id, "dropping a message bridged before");
             return Ok(());
         }
-        let dedupe = msg
-            .stanza_id
-            .clone()
-            .or_else(|| msg.origin_id.clone())
-            .or_else(|| msg.id.clone().map(|i| format!("{}/{}", msg.nick, i)));
+        let occupant_id = self.trusted_id(room, msg.occupant_id.as_deref());
+        let dedupe = msg.stanza_id.clone().or_else(|| msg.origin_id.clone()).or_else(|| {
+            msg.id.clone().map(|i| format!("{}/{}", occupant_id.unwrap_or(&msg.nick), i))
+        });
         if let Some(k) = &dedupe
             && !self.state().first_time(format!("{key}|{k}"))
         {
@@ -1688,12 +1792,13 @@ impl Inner {
         // Marked seen before it is bridged (a copy arriving meanwhile is dropped); a failure
         // unmarks it, so that the retry of this stanza is not taken for a duplicate.
         let result: Result<(), BridgeError> = async {
-            let ghost = self.ids.ghost_of(room, &msg.nick);
+            let (ghost, remote_id) =
+                self.occupant_ghost(room, &msg.nick, msg.occupant_id.as_deref());
             self.ctx
                 .ensure_ghost(
                     &ghost,
                     &GhostProfile {
-                        remote_id: format!("{}/{}", key, msg.nick),
+                        remote_id,
                         displayname: Some(msg.nick.clone()),
                         avatar_url: None,
                     },
@@ -1972,6 +2077,10 @@ impl Inner {
                 puppet.nick = pr.nick.clone();
                 puppet.affiliation.clone_from(&pr.affiliation);
                 puppet.joined = generation;
+                if let Some(id) = &pr.occupant_id {
+                    // Only consulted for rooms that advertise occupant-ids.
+                    st.rooms.entry(key.clone()).or_default().own_ids.insert(id.clone());
+                }
                 if let Some(tx) = st.joins.remove(&(key.clone(), bare)) {
                     let _ = tx.send(Joined::Ok(pr.nick.clone()));
                 }
@@ -2039,11 +2148,19 @@ impl Inner {
         if pr.is_self() {
             if !pr.unavailable {
                 let generation = self.xmpp.generation();
-                {
+                let features_known = {
                     let mut st = self.state();
                     let r = st.rooms.entry(key.clone()).or_default();
                     r.bot_joined = generation;
                     r.bot_failures = 0;
+                    if let Some(id) = &pr.occupant_id {
+                        r.own_ids.insert(id.clone());
+                    }
+                    r.occupant_ids.is_some()
+                };
+                if !features_known {
+                    // The room did not exist before the bot's join (or did not answer).
+                    self.query_features(&room);
                 }
                 self.bot_ready.notify_waiters();
             } else {
@@ -2059,8 +2176,23 @@ impl Inner {
             .as_deref()
             .and_then(|j| Jid::new(j).ok())
             .is_some_and(|j| j.domain().as_str() == self.component);
-        if real_is_ours || self.state().is_ours(&key, &pr.nick) {
-            return Ok(());
+        let occupant_id = self.trusted_id(&room, pr.occupant_id.as_deref());
+        {
+            let mut st = self.state();
+            let ours = real_is_ours || st.is_ours(&key, &pr.nick);
+            let r = st.rooms.entry(key.clone()).or_default();
+            if let Some(id) = occupant_id {
+                if ours {
+                    r.own_ids.insert(id.to_owned());
+                } else if !pr.unavailable {
+                    r.nicks.insert(id.to_owned(), pr.nick.clone());
+                } else if r.nicks.get(id) == Some(&pr.nick) {
+                    r.nicks.remove(id);
+                }
+            }
+            if ours || r.own_ids.contains(occupant_id.unwrap_or_default()) {
+                return Ok(());
+            }
         }
         {
             let mut st = self.state();
@@ -2077,7 +2209,13 @@ impl Inner {
         let Some(portal) = self.ctx.store().portal_by_remote(&room.remote_id()).await? else {
             return Ok(());
         };
-        let ghost = self.ids.ghost_of(&room, &pr.nick);
+        let (ghost, remote_id) = self.occupant_ghost(&room, &pr.nick, pr.occupant_id.as_deref());
+        if pr.unavailable && occupant_id.is_some() && pr.codes.contains(&303) {
+            // A nick change in a room with occupant-ids: the same ghost, renamed when the
+            // presence under the new nick comes.
+            tracing::debug!(room = key, nick = pr.nick, new = ?pr.new_nick, ghost, "a nick change");
+            return Ok(());
+        }
         let membership = self.ctx.store().membership(&portal.room_id, &ghost).await?;
         if pr.unavailable {
             self.ghost_presence(&ghost, &pr).await;
@@ -2091,7 +2229,7 @@ impl Inner {
                 && let Some(real) = pr.real_jid.as_deref().and_then(|j| Jid::new(j).ok())
             {
                 // Kept for lifting the ban from Matrix (the room no longer shows the address).
-                let key = format!("xmpp.outcast:{key}/{}", pr.nick);
+                let key = format!("xmpp.outcast:{remote_id}");
                 self.ctx.store().kv_set(&key, &real.to_bare().to_string()).await?;
             }
             if pr.codes.contains(&301) && membership.as_deref() != Some("ban") {
@@ -2105,13 +2243,13 @@ impl Inner {
             if membership.as_deref() == Some("ban") {
                 // Banned earlier from XMPP; the room let the occupant in again, so it was lifted.
                 self.ctx.bot().unban(&portal.room_id, &ghost, None).await?;
-                self.ctx.store().kv_delete(&format!("xmpp.outcast:{key}/{}", pr.nick)).await?;
+                self.ctx.store().kv_delete(&format!("xmpp.outcast:{remote_id}")).await?;
             }
             self.ctx
                 .ensure_ghost(
                     &ghost,
                     &GhostProfile {
-                        remote_id: format!("{key}/{}", pr.nick),
+                        remote_id: remote_id.clone(),
                         displayname: Some(pr.nick.clone()),
                         avatar_url: None,
                     },
@@ -2121,7 +2259,7 @@ impl Inner {
             self.ghost_power(&portal.room_id, &ghost, &pr).await;
             self.ghost_presence(&ghost, &pr).await;
             if let Some(hash) = &pr.photo {
-                self.ghost_avatar(&room, &pr.nick, &ghost, hash);
+                self.ghost_avatar(&room, &pr.nick, &ghost, &remote_id, hash);
             }
         }
         Ok(())
@@ -2133,7 +2271,7 @@ impl Inner {
     /// size (`files.max_bytes`) and SHA-1, uploads it and sets it as the ghost's avatar; `""`
     /// clears the avatar. One fetch per ghost at a time; failures are logged, and the next
     /// presence with the hash tries again.
-    fn ghost_avatar(&self, room: &RoomJid, nick: &str, ghost: &str, hash: &str) {
+    fn ghost_avatar(&self, room: &RoomJid, nick: &str, ghost: &str, remote_id: &str, hash: &str) {
         let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
         let Some(generation) = self.xmpp.generation() else { return };
         {
@@ -2143,10 +2281,16 @@ impl Inner {
             }
             st.avatars.insert(ghost.to_owned(), hash.to_owned());
         }
-        let (room, nick, ghost, hash) =
-            (room.clone(), nick.to_owned(), ghost.to_owned(), hash.to_owned());
+        let (room, nick, ghost, remote_id, hash) = (
+            room.clone(),
+            nick.to_owned(),
+            ghost.to_owned(),
+            remote_id.to_owned(),
+            hash.to_owned(),
+        );
         tokio::spawn(async move {
-            let result = me.fetch_avatar(&room, &nick, &ghost, &hash, generation).await;
+            let result =
+                me.fetch_avatar(&room, &nick, (&ghost, &remote_id), &hash, generation).await;
             {
                 let mut st = me.state();
                 if st.avatars.get(&ghost) == Some(&hash) {
@@ -2177,7 +2321,7 @@ impl Inner {
         &self,
         room: &RoomJid,
         nick: &str,
-        ghost: &str,
+        (ghost, remote_id): (&str, &str),
         hash: &str,
         generation: u64,
     ) -> Result<Result<(), String>, BridgeError> {
@@ -2213,7 +2357,7 @@ impl Inner {
             .ensure_ghost(
                 ghost,
                 &GhostProfile {
-                    remote_id: format!("{}/{nick}", room.bare()),
+                    remote_id: remote_id.to_owned(),
                     displayname: None,
                     avatar_url: Some(avatar_url),
                 },
@@ -2265,6 +2409,30 @@ impl Inner {
     }
 
     fn on_iq(&self, iq: &Iq) {
+        // A room's features (asked by `query_features`), handled here, in order with the
+        // room's presences: whether it stamps XEP-0421 occupant-ids.
+        if let Iq::Result { from, id, .. } | Iq::Error { from, id, .. } = iq {
+            let mut st = self.state();
+            let room = st.discos.get(id).cloned();
+            if let Some(room) = room
+                && from.as_ref().is_some_and(|f| f.to_string() == room)
+            {
+                st.discos.remove(id);
+                let supported = match iq {
+                    Iq::Result { payload: Some(q), .. } => Some(
+                        stanzas::disco_features(q).iter().any(|f| f == stanzas::NS_OCCUPANT_ID),
+                    ),
+                    Iq::Result { payload: None, .. } => Some(false),
+                    _ => None,
+                };
+                let r = st.rooms.entry(room.clone()).or_default();
+                if supported.is_some() {
+                    r.occupant_ids = supported;
+                }
+                tracing::debug!(room, occupant_ids = ?supported, "the room's features");
+                return;
+            }
+        }
         // Answers to the bridge's own requests (room moderation).
         let answer = match iq {
             Iq::Result { from, id, payload, .. } => Some((from, id, Ok(payload.clone()))),
@@ -2470,9 +2638,11 @@ impl Bridge for XmppBridge {
     }
 
     async fn query_user(&self, user_id: &str) -> Result<Option<GhostProfile>, BridgeError> {
-        Ok(self.inner.ids.occupant_of_ghost(user_id).map(|(room, nick)| GhostProfile {
-            remote_id: format!("{}/{nick}", room.bare()),
-            displayname: Some(nick),
+        let b = &self.inner;
+        let Some((room, _)) = b.ids.occupant_key_of_ghost(user_id) else { return Ok(None) };
+        Ok(b.occupant_of_ghost(&room, user_id).map(|o| GhostProfile {
+            remote_id: o.remote_id,
+            displayname: o.nick,
             avatar_url: None,
         }))
     }
@@ -2711,21 +2881,36 @@ impl Bridge for XmppBridge {
             && prev != Some("ban")
             && event.sender != user_id
             && !b.ctx.is_bridge_user(&event.sender)
-            && let Some((groom, nick)) = b.ids.occupant_of_ghost(user_id)
-            && groom.bare() == xroom.bare()
+            && let Some(occupant) = b.occupant_of_ghost(&xroom, user_id)
         {
+            let ban = membership == "ban";
+            let Some(nick) = occupant.nick else {
+                let what = if ban { "ban" } else { "kick" };
+                b.ctx
+                    .notice(
+                        &portal.room_id,
+                        &format!("Could not {what} {user_id} on XMPP: they are not in the room."),
+                    )
+                    .await;
+                return Ok(());
+            };
             return self
-                .matrix_removal(&portal.room_id, &xroom, event, &nick, membership == "ban")
+                .matrix_removal(&portal.room_id, &xroom, event, (&nick, &occupant.remote_id), ban)
                 .await;
         }
         if membership == "leave"
             && prev == Some("ban")
             && event.sender != user_id
             && !b.ctx.is_bridge_user(&event.sender)
-            && let Some((groom, nick)) = b.ids.occupant_of_ghost(user_id)
-            && groom.bare() == xroom.bare()
+            && let Some(occupant) = b.occupant_of_ghost(&xroom, user_id)
         {
-            return self.matrix_unban(&portal.room_id, &xroom, event, &nick).await;
+            let name = match occupant.nick {
+                Some(n) => n,
+                None => b.displayname(&portal.room_id, user_id).await,
+            };
+            return self
+                .matrix_unban(&portal.room_id, &xroom, event, (&name, &occupant.remote_id))
+                .await;
         }
         if b.ctx.is_bridge_user(user_id) || b.ctx.permission(user_id) < PermissionLevel::Relay {
             return Ok(());
@@ -2954,8 +3139,8 @@ impl XmppBridge {
         Ok(())
     }
 
-    /// A Matrix user kicked or banned the ghost of the occupant `nick` (Matrix already checked
-    /// their power to): the occupant is kicked (role `none`) or banned (affiliation `outcast`,
+    /// A Matrix user kicked or banned the ghost (remote id `remote_id`, which keys the
+    /// remembered ban) of the occupant `nick` (Matrix already checked their power to): the occupant is kicked (role `none`) or banned (affiliation `outcast`,
     /// by the real JID, which the room must show) on XMPP, by the user's own occupant when it
     /// is in the room, else by the bot. A refusal is told in the room.
     async fn matrix_removal(
@@ -2963,7 +3148,7 @@ impl XmppBridge {
         room_id: &str,
         xroom: &RoomJid,
         event: &MatrixEvent,
-        nick: &str,
+        (nick, remote_id): (&str, &str),
         ban: bool,
     ) -> Result<(), BridgeError> {
         let b = &self.inner;
@@ -3006,8 +3191,7 @@ impl XmppBridge {
         match b.admin_request(xroom, &from, who, change, reason, generation).await? {
             Ok(()) => {
                 if let (true, Some(real)) = (ban, &real) {
-                    let key = format!("xmpp.outcast:{}/{nick}", xroom.bare());
-                    b.ctx.store().kv_set(&key, real).await?;
+                    b.ctx.store().kv_set(&format!("xmpp.outcast:{remote_id}"), real).await?;
                 }
                 tracing::info!(
                     room = xroom.bare(),
@@ -3030,8 +3214,8 @@ impl XmppBridge {
         matches!(affiliation, Some("admin" | "owner"))
     }
 
-    /// A Matrix user unbanned the ghost of the occupant `nick` (Matrix already checked their
-    /// power to): the XMPP ban is lifted (affiliation `none` for the real JID remembered when
+    /// A Matrix user unbanned the ghost (remote id `remote_id`) of the occupant `nick` (Matrix
+    /// already checked their power to): the XMPP ban is lifted (affiliation `none` for the real JID remembered when
     /// the occupant was banned), by the user's own occupant when it is an admin or owner in the
     /// room, else by the bot. A refusal, or a ban whose address the bridge does not know, is
     /// told in the room.
@@ -3040,13 +3224,13 @@ impl XmppBridge {
         room_id: &str,
         xroom: &RoomJid,
         event: &MatrixEvent,
-        nick: &str,
+        (nick, remote_id): (&str, &str),
     ) -> Result<(), BridgeError> {
         let b = &self.inner;
         if b.ctx.permission(&event.sender) < PermissionLevel::Relay {
             return Ok(());
         }
-        let key = format!("xmpp.outcast:{}/{nick}", xroom.bare());
+        let key = format!("xmpp.outcast:{remote_id}");
         let Some(real) = b.ctx.store().kv_get(&key).await? else {
             b.ctx
                 .notice(

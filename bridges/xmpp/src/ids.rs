@@ -72,6 +72,15 @@ impl RoomJid {
     }
 }
 
+/// What identifies an occupant's ghost in its room.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OccupantKey {
+    /// Its nick (rooms without XEP-0421).
+    Nick(String),
+    /// Its XEP-0421 occupant-id, stable across nick changes.
+    Id(String),
+}
+
 /// Templates of the bridge's identifiers.
 #[derive(Debug, Clone)]
 pub struct Ids {
@@ -122,14 +131,42 @@ impl Ids {
         format!("@{lp}:{}", self.domain)
     }
 
-    /// The room and nick a ghost stands for.
+    /// The room and nick a nick-keyed ghost stands for (`None` for an occupant-id ghost: see
+    /// [`Self::occupant_key_of_ghost`]).
     pub fn occupant_of_ghost(&self, user_id: &str) -> Option<(RoomJid, String)> {
+        match self.occupant_key_of_ghost(user_id)? {
+            (room, OccupantKey::Nick(nick)) => Some((room, nick)),
+            (_, OccupantKey::Id(_)) => None,
+        }
+    }
+
+    /// The ghost of the occupant with XEP-0421 occupant-id `id` in `room`: the `{occupant}`
+    /// value is `room:id@service` escaped. A JID localpart cannot hold `:`, so this never
+    /// collides with a nick-keyed ghost (`room@service/nick`), whose first `:` or `@` is always
+    /// the `@`.
+    pub fn ghost_of_occupant_id(&self, room: &RoomJid, id: &str) -> String {
+        let occupant = escape_localpart(&format!("{}:{id}@{}", room.room, room.service));
+        let lp = self.user.render(&[("occupant", &occupant)]).unwrap_or_default();
+        format!("@{lp}:{}", self.domain)
+    }
+
+    /// The room and occupant a ghost stands for: its nick, or its occupant-id.
+    pub fn occupant_key_of_ghost(&self, user_id: &str) -> Option<(RoomJid, OccupantKey)> {
         let local = user_id.strip_prefix('@')?.strip_suffix(&format!(":{}", self.domain))?;
         let escaped = extract_one(&self.user, "occupant", &[], local)?;
         let occupant = unescape_localpart(&escaped).ok()?;
-        let (bare, nick) = occupant.split_once('/')?;
-        let room = RoomJid::parse(bare)?;
-        (!nick.is_empty() && self.services.contains(&room.service)).then(|| (room, nick.to_owned()))
+        let first = occupant.find([':', '@'])?;
+        let (room, key) = if occupant[first..].starts_with(':') {
+            // `room:id@service`: the service (a domain) holds no `@`, the room no `:`.
+            let (head, service) = occupant.rsplit_once('@')?;
+            let (room, id) = head.split_once(':')?;
+            (RoomJid::new(room, service)?, OccupantKey::Id(id.to_owned()))
+        } else {
+            let (bare, nick) = occupant.split_once('/')?;
+            (RoomJid::parse(bare)?, OccupantKey::Nick(nick.to_owned()))
+        };
+        let (OccupantKey::Nick(k) | OccupantKey::Id(k)) = &key;
+        (!k.is_empty() && self.services.contains(&room.service)).then_some((room, key))
     }
 
     /// The ghost of an XMPP user (a bare JID) in a private chat.
@@ -256,6 +293,47 @@ mod tests {
         );
         assert!(ids.occupant_of_ghost("@xmpp_garbage:localhost").is_none());
         assert!(ids.occupant_of_ghost("@someone:localhost").is_none());
+    }
+
+    #[test]
+    fn occupant_id_ghosts_are_valid_reversible_and_never_nick_ghosts() {
+        let ids = ids();
+        let room = RoomJid::new("test", "conference.localhost").unwrap();
+        let re = regex::Regex::new(&ids.user_regex()).unwrap();
+        for id in ["dGhpcyBpZA==", "a/b+c=", "Ab:c@d/e", "ünï 🎉", "x"] {
+            let g = ids.ghost_of_occupant_id(&room, id);
+            assert!(trestle::util::escape::is_valid_user_id(&g), "{g}");
+            assert_eq!(g, g.to_lowercase(), "{g}");
+            assert!(re.is_match(&g), "{g}");
+            assert_eq!(
+                ids.occupant_key_of_ghost(&g),
+                Some((room.clone(), OccupantKey::Id(id.to_owned()))),
+                "{g}"
+            );
+            // Never read as a nick ghost nor as a private-chat partner.
+            assert_eq!(ids.occupant_of_ghost(&g), None, "{g}");
+            assert_eq!(ids.jid_of_ghost(&g), None, "{g}");
+            // No nick makes the same ghost.
+            assert_ne!(ids.ghost_of(&room, id), g);
+        }
+        assert_eq!(
+            ids.ghost_of_occupant_id(&room, "Ab1"),
+            "@xmpp_test=3a_ab1=40conference.localhost:localhost"
+        );
+        // A nick that looks like the occupant-id form stays a nick.
+        let tricky = ids.ghost_of(&room, "x:y@conference.localhost");
+        assert_eq!(
+            ids.occupant_key_of_ghost(&tricky),
+            Some((room.clone(), OccupantKey::Nick("x:y@conference.localhost".to_owned())))
+        );
+        // Other services, empty ids, invalid rooms are refused.
+        let other = RoomJid::new("test", "conference.evil").unwrap();
+        assert_eq!(ids.occupant_key_of_ghost(&ids.ghost_of_occupant_id(&other, "a")), None);
+        assert_eq!(ids.occupant_key_of_ghost(&ids.ghost_of_occupant_id(&room, "")), None);
+        assert_eq!(
+            ids.occupant_key_of_ghost("@xmpp_a&b=3ax=40conference.localhost:localhost"),
+            None
+        );
     }
 
     #[test]

@@ -66,6 +66,13 @@ pub const NS_VCARD: &str = "vcard-temp";
 /// XEP-0153 vCard-based avatars: the avatar hash in presence.
 pub const NS_VCARD_UPDATE: &str = "vcard-temp:x:update";
 
+/// XEP-0421 anonymous unique occupant identifiers: the room's feature and the element's
+/// namespace.
+pub const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
+/// The longest occupant-id the bridge accepts (longer ones are ignored: they would not fit in
+/// a Matrix user id).
+pub const MAX_OCCUPANT_ID: usize = 128;
+
 /// The features the component really implements (disco#info).
 pub const FEATURES: &[&str] = &[
     ns::DISCO_INFO,
@@ -178,9 +185,9 @@ pub fn disco_info_get(from: &FullJid, room: &RoomJid, id: &str) -> Option<Iq> {
     })
 }
 
-/// Whether a disco#info result advertises `feature`.
+/// Whether a disco#info result (its `<query/>`) advertises `feature`.
 pub fn has_feature(info: &Element, feature: &str) -> bool {
-    info.children().any(|c| c.is("feature", ns::DISCO_INFO) && c.attr("var") == Some(feature))
+    disco_features(info).iter().any(|f| f == feature)
 }
 
 /// Which page of a room's archive (XEP-0313) a query asks for.
@@ -681,6 +688,34 @@ pub struct MucMessage {
     pub markable: bool,
     /// XEP-0333: the id of the message the sender has displayed (read).
     pub displayed: Option<String>,
+    /// XEP-0421: the occupant-id the room stamped (see [`read_occupant_id`]); only to be
+    /// trusted when the room advertises [`NS_OCCUPANT_ID`].
+    pub occupant_id: Option<String>,
+}
+
+/// The XEP-0421 occupant-id among a stanza's payloads: `None` when there is none, when there
+/// are several (a room that supports the XEP strips what clients send and adds exactly one),
+/// or when it is empty or longer than [`MAX_OCCUPANT_ID`] bytes. Whether to trust it depends on
+/// the room advertising [`NS_OCCUPANT_ID`]; a room that does not may pass on a client's forgery.
+pub fn read_occupant_id(payloads: &[Element]) -> Option<String> {
+    let mut ids = payloads.iter().filter(|p| p.is("occupant-id", NS_OCCUPANT_ID));
+    let first = ids.next()?;
+    if ids.next().is_some() {
+        return None;
+    }
+    first.attr("id").filter(|id| !id.is_empty() && id.len() <= MAX_OCCUPANT_ID).map(str::to_owned)
+}
+
+/// The features in a disco#info result's `<query/>`.
+pub fn disco_features(query: &Element) -> Vec<String> {
+    if !query.is("query", ns::DISCO_INFO) {
+        return Vec::new();
+    }
+    query
+        .children()
+        .filter(|c| c.is("feature", ns::DISCO_INFO))
+        .filter_map(|c| c.attr("var").map(str::to_owned))
+        .collect()
 }
 
 /// Removes the code-point range `start..end` (a XEP-0428 fallback) from `body`.
@@ -698,6 +733,7 @@ pub fn read_muc_message(m: &Message, room: &RoomJid) -> Option<MucMessage> {
         body: m.get_best_body_cloned(vec![]).map(|(_, b)| b),
         subject: m.get_best_subject_cloned(vec![]).map(|(_, s)| s),
         oob_url: oob_url(m),
+        occupant_id: read_occupant_id(&m.payloads),
         ..MucMessage::default()
     };
     let room_bare = room.bare();
@@ -793,6 +829,9 @@ pub struct MucPresence {
     /// photo, or `""` for no avatar. `None` when the presence does not tell (no
     /// `vcard-temp:x:update`, no `<photo/>` in it, or not a SHA-1).
     pub photo: Option<String>,
+    /// XEP-0421: the occupant-id the room stamped (see [`read_occupant_id`]); only to be
+    /// trusted when the room advertises [`NS_OCCUPANT_ID`].
+    pub occupant_id: Option<String>,
 }
 
 impl MucPresence {
@@ -818,6 +857,7 @@ pub fn read_muc_presence(p: &Presence) -> Option<MucPresence> {
             .to_owned()
         }),
         status: p.statuses.values().map(|s| s.trim()).find(|s| !s.is_empty()).map(str::to_owned),
+        occupant_id: read_occupant_id(&p.payloads),
         ..MucPresence::default()
     };
     if p.type_ == PresenceType::Error {
@@ -1182,6 +1222,72 @@ mod tests {
             .parse()
             .unwrap();
         assert!(read_muc_message(&Message::try_from(el).unwrap(), &room()).unwrap().delayed);
+    }
+
+    #[test]
+    fn reads_occupant_ids_once_and_only_when_well_formed() {
+        let presence = |extra: &str| {
+            let el: Element = format!("<presence xmlns='jabber:component:accept' from='test@conference.localhost/Alice' to='bridge@matrix.localhost/trestle'>\
+                <x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='none' role='participant'/></x>{extra}</presence>")
+                .parse()
+                .unwrap();
+            read_muc_presence(&Presence::try_from(el).unwrap()).unwrap().occupant_id
+        };
+        assert_eq!(
+            presence("<occupant-id xmlns='urn:xmpp:occupant-id:0' id='dGhpcyBpZA=='/>").as_deref(),
+            Some("dGhpcyBpZA==")
+        );
+        assert_eq!(presence(""), None);
+        // Two (a forgery passed on next to the room's), an empty or an oversized id, another
+        // namespace: none is trusted.
+        assert_eq!(
+            presence(
+                "<occupant-id xmlns='urn:xmpp:occupant-id:0' id='a'/><occupant-id xmlns='urn:xmpp:occupant-id:0' id='b'/>"
+            ),
+            None
+        );
+        assert_eq!(presence("<occupant-id xmlns='urn:xmpp:occupant-id:0' id=''/>"), None);
+        assert_eq!(presence("<occupant-id xmlns='urn:xmpp:occupant-id:0'/>"), None);
+        let long = "x".repeat(MAX_OCCUPANT_ID + 1);
+        assert_eq!(
+            presence(&format!("<occupant-id xmlns='urn:xmpp:occupant-id:0' id='{long}'/>")),
+            None
+        );
+        assert_eq!(presence("<occupant-id xmlns='urn:xmpp:occupant-id:1' id='a'/>"), None);
+        // Hostile characters are read as text, whatever they are.
+        assert_eq!(
+            presence("<occupant-id xmlns='urn:xmpp:occupant-id:0' id='&lt;x&gt;&amp;/:@'/>")
+                .as_deref(),
+            Some("<x>&/:@")
+        );
+        let el: Element = "<message xmlns='jabber:component:accept' type='groupchat' from='test@conference.localhost/bob'>\
+            <body>hi</body><occupant-id xmlns='urn:xmpp:occupant-id:0' id='occ1'/></message>"
+            .parse()
+            .unwrap();
+        let m = read_muc_message(&Message::try_from(el).unwrap(), &room()).unwrap();
+        assert_eq!(m.occupant_id.as_deref(), Some("occ1"));
+    }
+
+    #[test]
+    fn disco_info_requests_and_features() {
+        let from = FullJid::new("bridge@matrix.localhost/trestle").unwrap();
+        let iq = disco_info_get(&from, &room(), "d1").unwrap();
+        let s = xml(iq);
+        assert!(
+            s.contains("to='test@conference.localhost'")
+                || s.contains("to=\"test@conference.localhost\""),
+            "{s}"
+        );
+        assert!(s.contains(ns::DISCO_INFO), "{s}");
+        let q: Element = "<query xmlns='http://jabber.org/protocol/disco#info'>\
+            <identity category='conference' type='text' name='x'/>\
+            <feature var='http://jabber.org/protocol/muc'/><feature var='urn:xmpp:occupant-id:0'/></query>"
+            .parse()
+            .unwrap();
+        let f = disco_features(&q);
+        assert!(f.iter().any(|f| f == NS_OCCUPANT_ID), "{f:?}");
+        assert_eq!(f.len(), 2);
+        assert!(disco_features(&Element::bare("vCard", NS_VCARD)).is_empty());
     }
 
     #[test]
