@@ -765,7 +765,8 @@ impl Inner {
                 self.remember_message(&portal.room_id, &event_id, nick, &plain);
                 self.map_irc_message(&portal.room_id, &line, &event_id, &ghost, 0).await?;
             }
-            "TAGMSG" => {
+            // A reaction (client tags), or a message deleted on IRC (draft message redaction).
+            "TAGMSG" | "REDACT" => {
                 let Some(nick) = line.nick() else { return Ok(()) };
                 if from_me || !net.is_channel(line.param(0)) {
                     return Ok(());
@@ -776,22 +777,12 @@ impl Inner {
                     return Ok(());
                 };
                 let ghost = net.ghost_user_id(nick, &domain);
-                self.ensure_nick_ghost(net, &ghost, nick).await?;
-                self.irc_reaction(net, &portal.room_id, &ghost, &line).await?;
-            }
-            // A message deleted on IRC (draft message redaction).
-            "REDACT" => {
-                let Some(nick) = line.nick() else { return Ok(()) };
-                if from_me || !net.is_channel(line.param(0)) {
-                    return Ok(());
+                if line.command == "REDACT" {
+                    self.irc_redaction(&ghost, nick, &portal.room_id, &line).await?;
+                } else {
+                    self.ensure_nick_ghost(net, &ghost, nick).await?;
+                    self.irc_reaction(net, &portal.room_id, &ghost, &line).await?;
                 }
-                let Some(portal) =
-                    self.ctx.store().portal_by_remote(&net.portal_id(line.param(0))).await?
-                else {
-                    return Ok(());
-                };
-                let ghost = net.ghost_user_id(nick, &domain);
-                self.irc_redaction(&ghost, nick, &portal.room_id, &line).await?;
             }
             "JOIN" => {
                 let Some(nick) = line.nick() else { return Ok(()) };
