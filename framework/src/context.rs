@@ -300,6 +300,46 @@ impl<C: Send + Sync + 'static> Context<C> {
         }
     }
 
+    /// Whether `user_id` administers `room_id`: a creator of a room whose version gives
+    /// creators unlimited power (v12 and later), or a user whose power level reaches what
+    /// changing the room's power levels takes (`events["m.room.power_levels"]`, else
+    /// `state_default`). Read by the bot, which must be able to see the room's state (be in
+    /// it). Used to let a room's own admins plumb and unlink it.
+    pub async fn is_room_admin(&self, room_id: &str, user_id: &str) -> Result<bool, BridgeError> {
+        let bot = self.bot();
+        if bot.is_room_creator(room_id, user_id).await? {
+            return Ok(true);
+        }
+        let pl = bot.power_levels(room_id).await?;
+        Ok(room_admin_in(&pl, user_id))
+    }
+
+    /// For plumbing an existing room: the bot joins `room_id` (it must be invited, or the room
+    /// public), then checks that `user_id` administers it (see [`Self::is_room_admin`]); when
+    /// they do not, or it cannot tell, the bot leaves again (unless it was in the room before)
+    /// and the error says why.
+    pub async fn join_room_administered_by(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<(), BridgeError> {
+        let bot = self.bot();
+        let was_in = self.inner.store.membership(room_id, &self.bot_user_id()).await?.as_deref()
+            == Some("join");
+        bot.join(room_id).await.map_err(|e| {
+            BridgeError::Permanent(format!("the bot cannot join {room_id} (invite it first): {e}"))
+        })?;
+        let refusal = match self.is_room_admin(room_id, user_id).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => format!("only an admin of {room_id} may do that"),
+            Err(e) => format!("cannot read the power levels of {room_id}: {e}"),
+        };
+        if !was_in {
+            let _ = bot.leave(room_id).await;
+        }
+        Err(BridgeError::Permanent(refusal))
+    }
+
     /// Sends a notice from the bot (best effort: failures are logged).
     pub async fn notice(&self, room_id: &str, text: &str) {
         let content = json!({"msgtype": "m.notice", "body": text});
@@ -322,5 +362,40 @@ impl<C: Send + Sync + 'static> Context<C> {
         let intent = self.intent(user_id);
         intent.ensure_joined(room_id).await?;
         Ok(intent.send_event_with_txn(room_id, event_type, content, txn_id, ts).await?)
+    }
+}
+
+/// Whether `user_id`'s level in the power levels content `pl` reaches the level needed to
+/// change the power levels (see [`Context::is_room_admin`]).
+fn room_admin_in(pl: &Value, user_id: &str) -> bool {
+    let int = |v: &Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+    let level = pl["users"].get(user_id).and_then(int).or_else(|| int(&pl["users_default"]));
+    let needed = pl["events"]
+        .get("m.room.power_levels")
+        .and_then(int)
+        .or_else(|| int(&pl["state_default"]))
+        .unwrap_or(50);
+    level.unwrap_or(0) >= needed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_admins_are_those_who_may_change_power_levels() {
+        let pl = json!({
+            "users": {"@admin:x": 100, "@mod:x": 50, "@str:x": "100"},
+            "users_default": 0,
+            "events": {"m.room.power_levels": 100},
+            "state_default": 50,
+        });
+        assert!(room_admin_in(&pl, "@admin:x"));
+        assert!(!room_admin_in(&pl, "@mod:x"));
+        assert!(!room_admin_in(&pl, "@nobody:x"));
+        assert!(room_admin_in(&pl, "@str:x"));
+        // Without an entry for the power levels event, `state_default` decides.
+        let pl = json!({"users": {"@mod:x": 50}, "state_default": 50});
+        assert!(room_admin_in(&pl, "@mod:x"));
     }
 }

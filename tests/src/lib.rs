@@ -304,6 +304,39 @@ fn enc(s: &str) -> String {
 }
 
 impl MatrixUser {
+    /// Opens an admin room (a direct chat) with the bridge's `bot` and waits for its welcome.
+    pub async fn admin_room(&self, bot: &str) -> anyhow::Result<String> {
+        let room = self.create_room(json!({"invite": [bot], "is_direct": true})).await?;
+        self.wait_for_message(&room, Duration::from_secs(30), |e| {
+            e["sender"] == bot
+                && e["content"]["body"].as_str().is_some_and(|b| b.contains("admin room"))
+        })
+        .await?;
+        Ok(room)
+    }
+
+    /// Sends the command `line` in `room` and returns the `bot`'s next answer there.
+    pub async fn command(&self, room: &str, bot: &str, line: &str) -> anyhow::Result<String> {
+        let from_bot = |events: &[Value]| {
+            events.iter().filter(|e| e["sender"] == bot && e["type"] == "m.room.message").count()
+        };
+        let before = from_bot(&self.messages(room, 200).await?);
+        self.send_text(room, line).await?;
+        wait_for("the bot's answer", Duration::from_secs(30), || async {
+            let events = self.messages(room, 200).await.ok()?;
+            if from_bot(&events) <= before {
+                return None;
+            }
+            events
+                .iter()
+                .rev()
+                .find(|e| e["sender"] == bot)
+                .and_then(|e| e["content"]["body"].as_str().map(str::to_owned))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{line}: {e}"))
+    }
+
     /// Registers a user with the dummy flow (the test Synapse allows open registration).
     pub async fn register(homeserver: &str, localpart: &str) -> anyhow::Result<Self> {
         Self::register_with_password(homeserver, localpart, "correct-horse-battery").await

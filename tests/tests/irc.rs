@@ -505,31 +505,14 @@ async fn modes_kicks_bans_and_netsplits() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends a command in the admin room and returns the bot's next answer, checking it contains
-/// `expect`.
+/// Sends the command `line` in `room` and checks that the bot's answer contains `expect`.
 async fn command(
     user: &MatrixUser,
     room: &str,
     line: &str,
     expect: &str,
 ) -> anyhow::Result<String> {
-    let from_bot = |events: &[Value]| {
-        events
-            .iter()
-            .filter(|e| e["sender"] == "@ircbot:localhost" && e["type"] == "m.room.message")
-            .count()
-    };
-    let before = from_bot(&user.messages(room, 200).await?);
-    user.send_text(room, line).await?;
-    let reply = trestle_e2e::wait_for("the bot's answer", Duration::from_secs(30), || async {
-        let events = user.messages(room, 200).await.ok()?;
-        if from_bot(&events) <= before {
-            return None;
-        }
-        events.iter().rev().find(|e| e["sender"] == "@ircbot:localhost").map(|e| body(e).to_owned())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{line}: {e}"))?;
+    let reply = user.command(room, "@ircbot:localhost", line).await?;
     anyhow::ensure!(reply.contains(expect), "{line}: answer {reply:?} lacks {expect:?}");
     Ok(reply)
 }
@@ -634,6 +617,32 @@ async fn admin_room_commands() -> anyhow::Result<()> {
     other.wait_for(t, |l| l.command == "JOIN" && l.nick.as_deref() == Some("MatrixBridge")).await?;
     other.privmsg("#plumbed", "into the plumbed room").await?;
     alice.wait_for_message(&room, t, |e| body(e) == "into the plumbed room").await?;
+    // A user who is no bridge admin may plumb a room of their own, not unlink someone else's.
+    let carol = MatrixUser::register(&env.synapse.url(), "carol").await?;
+    let carol_admin = carol.admin_room("@ircbot:localhost").await?;
+    let r = carol.command(&carol_admin, "@ircbot:localhost", &format!("!unlink {room}")).await?;
+    assert!(r.contains("only an admin"), "{r}");
+    // The bot needs power in a plumbed room (to invite ghosts, to mark the room bridged).
+    let own = carol
+        .create_room(serde_json::json!({"invite": ["@ircbot:localhost"],
+            "power_level_content_override": {"users": {"@ircbot:localhost": 100}}}))
+        .await?;
+    command(&carol, &carol_admin, &format!("!plumb {own} #carols"), "now bridged").await?;
+    other.join("#carols").await?;
+    other
+        .wait_for(t, |l| {
+            l.command == "JOIN"
+                && l.nick.as_deref() == Some("MatrixBridge")
+                && l.params.first().is_some_and(|c| c == "#carols")
+        })
+        .await?;
+    other.privmsg("#carols", "into carol's room").await?;
+    carol
+        .wait_for_message(&own, t, |e| body(e) == "into carol's room")
+        .await
+        .map_err(|e| e.context(env.bridge.child.log_tail(150)))?;
+    command(&carol, &carol_admin, &format!("!unlink {own}"), "unlinked").await?;
+
     command(&alice, &admin, &format!("!unlink {room}"), "unlinked").await?;
     other.wait_for(t, |l| l.command == "PART" && l.nick.as_deref() == Some("MatrixBridge")).await?;
     Ok(())
@@ -1123,16 +1132,7 @@ async fn drain(irc: &mut IrcClient, d: Duration) {
 
 /// Creates alice's admin room with the bot and waits for its welcome.
 async fn admin_room(alice: &MatrixUser) -> anyhow::Result<String> {
-    let t = Duration::from_secs(30);
-    let admin = alice
-        .create_room(serde_json::json!({"invite": ["@ircbot:localhost"], "is_direct": true}))
-        .await?;
-    alice
-        .wait_for_message(&admin, t, |e| {
-            e["sender"] == "@ircbot:localhost" && body(e).contains("admin room")
-        })
-        .await?;
-    Ok(admin)
+    alice.admin_room("@ircbot:localhost").await
 }
 
 /// IRC bans become Matrix bans: masks of a ghost's and of a puppet's `user@host` ban them in

@@ -678,6 +678,89 @@ async fn restarts_of_prosody_and_the_bridge_rejoin_and_duplicate_nothing_body(
 }
 
 #[tokio::test]
+async fn portals_by_command_and_plumbing_by_room_admins() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let r = commands_body(&mut env).await;
+    r.map_err(|e| e.context(env.logs()))
+}
+
+/// `!join` creates a chat's portal and invites the user; `!plumb` bridges a room its admin
+/// already has (refused to anyone else), messages cross both ways, and `!unlink` ends it.
+async fn commands_body(env: &mut Env) -> anyhow::Result<()> {
+    const BOT: &str = "@xmppbot:localhost";
+    let alice = MatrixUser::register(&env.synapse.url(), "alice").await?;
+    let bob = MatrixUser::register(&env.synapse.url(), "bob").await?;
+    let xmpp = XmppClient::connect(env.prosody.c2s_port(), "xalice", "secret-pass").await?;
+    let admin = alice.admin_room(BOT).await?;
+
+    // Bad input gets a clear answer.
+    let r = alice.command(&admin, BOT, "!join not-a-chat").await?;
+    assert!(r.contains("not a chat address"), "{r}");
+    let r = alice.command(&admin, BOT, "!join room@elsewhere.example").await?;
+    assert!(r.contains("does not bridge chats of elsewhere.example"), "{r}");
+
+    // !join: the portal is created and alice invited; the bot is in the chat.
+    let r = alice.command(&admin, BOT, &format!("!join bycmd@{MUC}")).await?;
+    assert!(r.contains("Invited you"), "{r}");
+    let portal = alice.wait_for_invite(T).await?;
+    alice.join(&portal).await?;
+    xmpp.join("bycmd", "XAlice").await?;
+    xmpp.wait_presence(T, |p| p.contains(&format!("from=\"bycmd@{MUC}/MatrixBridge\""))).await?;
+    xmpp.say("bycmd", "c1", "hello via !join")?;
+    alice.wait_for_message(&portal, T, |e| body(e) == "hello via !join").await?;
+
+    // !plumb of alice's own room; bob, who does not administer it, is refused.
+    let own =
+        alice.create_room(json!({"preset": "public_chat", "invite": [BOT, bob.user_id]})).await?;
+    bob.join(&own).await?;
+    let bob_admin = bob.admin_room(BOT).await?;
+    let r = bob.command(&bob_admin, BOT, &format!("!plumb {own} plumbed@{MUC}")).await?;
+    assert!(r.contains("only an admin"), "{r}");
+    // The bot gets the power to mark the room as bridged (m.bridge state).
+    let mut pl = alice.state(&own, "m.room.power_levels", "").await?.unwrap_or_default();
+    pl["users"][BOT] = json!(50);
+    alice.put(&format!("/rooms/{own}/state/m.room.power_levels/"), pl).await?;
+    let r = alice.command(&admin, BOT, &format!("!plumb {own} plumbed@{MUC}")).await?;
+    assert!(r.contains("is now bridged") && !r.contains("could not mark"), "{r}");
+    let r = alice.command(&admin, BOT, &format!("!plumb {own} bycmd@{MUC}")).await?;
+    assert!(r.contains("bridged already"), "{r}");
+    let states = alice.get(&format!("/rooms/{own}/state")).await?;
+    assert!(
+        states.as_array().is_some_and(|a| a.iter().any(|e| {
+            e["type"] == "m.bridge" && e["content"]["channel"]["id"] == format!("plumbed@{MUC}")
+        })),
+        "no m.bridge state: {states}"
+    );
+    xmpp.join("plumbed", "XAlice").await?;
+    xmpp.wait_presence(T, |p| p.contains(&format!("from=\"plumbed@{MUC}/MatrixBridge\""))).await?;
+    xmpp.say("plumbed", "p1", "into the plumbed room")?;
+    alice.wait_for_message(&own, T, |e| body(e) == "into the plumbed room").await?;
+    alice.send_text(&own, "out of the plumbed room").await?;
+    xmpp.wait_message(T, |s| s.body == "out of the plumbed room").await?;
+
+    // !unlink: bob may not; alice may. The bot leaves the chat and the room is told.
+    let r = bob.command(&bob_admin, BOT, &format!("!unlink {own}")).await?;
+    assert!(r.contains("only an admin"), "{r}");
+    let before = xmpp.presences().len();
+    let r = alice.command(&admin, BOT, &format!("!unlink plumbed@{MUC}")).await?;
+    assert!(r.contains("is unlinked"), "{r}");
+    alice.wait_for_message(&own, T, |e| body(e).contains("no longer bridged")).await?;
+    trestle_e2e::wait_for("the bot leaving the chat", T, || async {
+        xmpp.presences()[before..]
+            .iter()
+            .any(|p| {
+                p.contains(&format!("from=\"plumbed@{MUC}/MatrixBridge\""))
+                    && p.contains("type=\"unavailable\"")
+            })
+            .then_some(())
+    })
+    .await?;
+    let r = alice.command(&admin, BOT, &format!("!unlink {own}")).await?;
+    assert!(r.contains("is not bridged"), "{r}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn entity_capabilities_are_announced_and_answered() -> anyhow::Result<()> {
     let mut env = start().await?;
     let r = entity_capabilities_body(&mut env).await;

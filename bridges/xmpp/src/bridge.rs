@@ -1,6 +1,8 @@
 //! The XMPP bridge on top of Trestle: MUC rooms as portals, occupants as ghosts, Matrix users as
 //! puppet occupants of the component, messages both ways.
 
+mod commands;
+
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
@@ -2628,6 +2630,10 @@ impl Bridge for XmppBridge {
 
     async fn query_alias(&self, alias: &str) -> Result<Option<PortalSpec>, BridgeError> {
         Ok(self.inner.ids.room_of_alias(alias).map(|r| self.inner.portal_spec(&r)))
+    }
+
+    fn commands(&self, registry: &mut trestle::commands::CommandRegistry<Self>) {
+        commands::register(registry);
     }
 
     async fn portal_created(&self, portal: &Portal) -> Result<(), BridgeError> {

@@ -839,7 +839,7 @@ impl Intent {
     }
 
     /// True if the room's version has privileged creators and `user_id` is one.
-    async fn is_room_creator(&self, room_id: &str, user_id: &str) -> Result<bool, ClientError> {
+    pub async fn is_room_creator(&self, room_id: &str, user_id: &str) -> Result<bool, ClientError> {
         let Some(create) = self.get_state_inner(room_id, "m.room.create", "", true).await? else {
             return Ok(false);
         };

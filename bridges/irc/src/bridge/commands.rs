@@ -66,7 +66,7 @@ type Handler = fn(CommandInvocation, Arc<IrcBridge>) -> trestle::commands::Comma
 
 /// Registers the commands.
 pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
-    use PermissionLevel::{Admin, User};
+    use PermissionLevel::User;
     let commands: [(&str, &str, &str, PermissionLevel, Handler); 13] = [
         (
             "join",
@@ -122,13 +122,17 @@ pub(super) fn register(r: &mut CommandRegistry<IrcBridge>) {
         (
             "plumb",
             "<!room:id> <#channel> [network]",
-            "Bridge an existing room to a channel",
-            Admin,
+            "Bridge an existing room you administer to a channel (invite the bot first)",
+            User,
             |i, b| Box::pin(plumb(i, b)),
         ),
-        ("unlink", "<!room:id | #channel> [network]", "Stop bridging a room", Admin, |i, b| {
-            Box::pin(unlink(i, b))
-        }),
+        (
+            "unlink",
+            "<!room:id | #channel> [network]",
+            "Stop bridging a room you administer",
+            User,
+            |i, b| Box::pin(unlink(i, b)),
+        ),
     ];
     for (name, usage, help, level, handler) in commands {
         r.add(Command::new(name, usage, help, level, handler));
@@ -348,6 +352,19 @@ async fn raw(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
     Ok("Sent.".to_owned())
 }
 
+/// Refuses unless the sender administers `room_id` (bridge admins may do it anywhere); the
+/// bot joins the room to see.
+async fn check_room_admin(
+    b: &Inner,
+    inv: &CommandInvocation,
+    room_id: &str,
+) -> Result<(), CommandError> {
+    if inv.level >= PermissionLevel::Admin {
+        return Ok(());
+    }
+    b.ctx.join_room_administered_by(room_id, &inv.sender).await.map_err(failed)
+}
+
 async fn plumb(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
     let b = &b.inner;
     let room = inv.arg(0)?.to_owned();
@@ -359,6 +376,10 @@ async fn plumb(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
     if b.ctx.store().portal_by_remote(&net.portal_id(&chan)).await.map_err(failed)?.is_some() {
         return Err(failed(format!("{chan} is bridged already; !unlink it first")));
     }
+    if b.ctx.store().portal_by_room(&room).await.map_err(failed)?.is_some() {
+        return Err(failed(format!("{room} is bridged already; !unlink it first")));
+    }
+    check_room_admin(b, &inv, &room).await?;
     b.link_room(&net, &chan, &room).await.map_err(failed)?;
     Ok(format!("{room} is now bridged to {chan} on {}.", net.config.name))
 }
@@ -378,6 +399,7 @@ async fn unlink(inv: CommandInvocation, b: Arc<IrcBridge>) -> Reply {
     let Some((net, super::Target::Channel(chan))) = b.target_of(&portal) else {
         return Err(failed("that is a private conversation, not a channel"));
     };
+    check_room_admin(b, &inv, &portal.room_id).await?;
     store.delete_portal(&portal.remote_id).await.map_err(failed)?;
     let _ = net.bot.part(&chan, "Unlinked from Matrix").await;
     for p in net.puppets.all() {
