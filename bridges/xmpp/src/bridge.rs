@@ -316,10 +316,17 @@ impl Inner {
     }
 
     fn join_bot(&self, room: &RoomJid) {
-        // The room's features first: sent before the join, the answer comes before the
-        // occupants' presences (for a room that does not exist yet, after the bot's join).
-        self.query_features(room);
-        let history = self.state().rooms.get(&room.bare()).map(|r| r.join_history);
+        // The room's features first (unless the history sync just learnt them): sent before
+        // the join, the answer comes before the occupants' presences (for a room that does not
+        // exist yet, after the bot's join).
+        let (known, history) = {
+            let st = self.state();
+            let r = st.rooms.get(&room.bare());
+            (r.is_some_and(|r| r.occupant_ids.is_some()), r.map(|r| r.join_history))
+        };
+        if !known {
+            self.query_features(room);
+        }
         if let Some(to) = stanzas::occupant(room, &self.cfg().bot_nick)
             && let Err(e) =
                 self.xmpp.send(stanzas::bot_join(&self.bot, &to, history.unwrap_or_default()))
@@ -419,11 +426,18 @@ impl Inner {
     }
 
     /// Whether `room` advertises an archive (XEP-0313) in its disco#info. A room that does not
-    /// exist yet has none.
+    /// exist yet has none. The same answer tells whether it stamps occupant-ids (XEP-0421),
+    /// which is recorded, so that the bot's join does not ask again.
     async fn has_archive(&self, room: &RoomJid, generation: u64) -> bool {
         let id = format!("disco-{}", rand::random::<u64>());
         let Some(iq) = stanzas::disco_info_get(&self.bot, room, &id) else { return false };
-        match self.request(room, iq, generation).await {
+        let answer = self.request(room, iq, generation).await;
+        if let Ok(Ok(info)) = &answer {
+            let ids =
+                info.as_ref().is_some_and(|i| stanzas::has_feature(i, stanzas::NS_OCCUPANT_ID));
+            self.state().rooms.entry(room.bare()).or_default().occupant_ids = Some(ids);
+        }
+        match answer {
             Ok(Ok(Some(info))) => stanzas::has_feature(&info, stanzas::NS_MAM),
             Ok(Ok(None)) => false,
             Ok(Err(why)) => {
@@ -1456,6 +1470,10 @@ impl Inner {
                 st.reflections.clear();
                 st.iqs.clear();
                 st.discos.clear();
+                // Asked again on the next connection: the server may have changed meanwhile.
+                for r in st.rooms.values_mut() {
+                    r.occupant_ids = None;
+                }
                 Ok(())
             }
             ConnEvent::Stanza(s) => match &**s {
@@ -3113,12 +3131,7 @@ impl XmppBridge {
             return Ok(());
         }
         let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
-        let joined = b
-            .state()
-            .rooms
-            .get(&xroom.bare())
-            .and_then(|r| r.puppets.get(&event.sender))
-            .is_some_and(|p| p.joined == Some(generation));
+        let joined = self.joined_puppet(xroom, &event.sender, generation).is_some();
         let Some(from) = b.puppet_jid(&event.sender).filter(|_| joined) else {
             b.ctx.notice(room_id, "Not removed on XMPP: you are not in the chat there.").await;
             return Ok(());
@@ -3164,17 +3177,10 @@ impl XmppBridge {
         let what = if ban { "ban" } else { "kick" };
         let reason = event.content.get("reason").and_then(Value::as_str);
         let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
-        let (puppet, real) = {
-            let st = b.state();
-            let r = st.rooms.get(&xroom.bare());
-            (
-                r.and_then(|r| r.puppets.get(&event.sender)).is_some_and(|p| {
-                    p.joined == Some(generation)
-                        && (!ban || Self::may_ban(p.affiliation.as_deref()))
-                }),
-                r.and_then(|r| r.real_jids.get(nick).cloned()),
-            )
-        };
+        let puppet = self
+            .joined_puppet(xroom, &event.sender, generation)
+            .is_some_and(|a| !ban || Self::may_ban(a.as_deref()));
+        let real = b.state().rooms.get(&xroom.bare()).and_then(|r| r.real_jids.get(nick).cloned());
         let from = if puppet { b.puppet_jid(&event.sender) } else { None };
         let from = from.unwrap_or_else(|| b.bot.clone());
         let who = if ban {
@@ -3214,6 +3220,23 @@ impl XmppBridge {
         Ok(())
     }
 
+    /// The affiliation of the Matrix user `mxid`'s occupant in `xroom` when it is in the room
+    /// on connection `generation` (`None`: it is not).
+    fn joined_puppet(
+        &self,
+        xroom: &RoomJid,
+        mxid: &str,
+        generation: u64,
+    ) -> Option<Option<String>> {
+        self.inner
+            .state()
+            .rooms
+            .get(&xroom.bare())
+            .and_then(|r| r.puppets.get(mxid))
+            .filter(|p| p.joined == Some(generation))
+            .map(|p| p.affiliation.clone())
+    }
+
     /// Whether an occupant with `affiliation` may change affiliations (ban, unban): an admin or
     /// owner (XEP-0045 §9).
     fn may_ban(affiliation: Option<&str>) -> bool {
@@ -3249,14 +3272,9 @@ impl XmppBridge {
             return Ok(());
         };
         let generation = b.xmpp.generation().ok_or_else(|| send_err(&ConnError::Offline))?;
-        let by_puppet = b
-            .state()
-            .rooms
-            .get(&xroom.bare())
-            .and_then(|r| r.puppets.get(&event.sender))
-            .is_some_and(|p| {
-                p.joined == Some(generation) && Self::may_ban(p.affiliation.as_deref())
-            });
+        let by_puppet = self
+            .joined_puppet(xroom, &event.sender, generation)
+            .is_some_and(|a| Self::may_ban(a.as_deref()));
         let from = if by_puppet { b.puppet_jid(&event.sender) } else { None };
         let from = from.unwrap_or_else(|| b.bot.clone());
         let change = ("affiliation", "none");

@@ -1014,11 +1014,15 @@ pub const CAPS_NODE: &str = env!("CARGO_PKG_REPOSITORY");
 
 /// The entity capabilities (XEP-0115) that presences of puppets and the bot carry: the SHA-1
 /// `ver` of [`disco_info_user`], so that clients learn what they support without asking each.
+/// Computed once: the disco#info it hashes never changes while the bridge runs.
 pub fn user_caps() -> Caps {
-    let ver = compute_disco(&disco_info_user());
-    let hash = hash_caps(&ver, Algo::Sha_1)
-        .unwrap_or_else(|_| Hash::new(Algo::Sha_1, Sha1::digest(&ver).to_vec()));
-    Caps::new(CAPS_NODE, hash)
+    static CAPS: std::sync::LazyLock<Caps> = std::sync::LazyLock::new(|| {
+        let ver = compute_disco(&disco_info_user());
+        let hash = hash_caps(&ver, Algo::Sha_1)
+            .unwrap_or_else(|_| Hash::new(Algo::Sha_1, Sha1::digest(&ver).to_vec()));
+        Caps::new(CAPS_NODE, hash)
+    });
+    CAPS.clone()
 }
 
 /// The `node#ver` under which [`user_caps`] may be queried (disco#info with a node).
