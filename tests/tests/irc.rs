@@ -629,11 +629,18 @@ async fn admin_room_commands() -> anyhow::Result<()> {
         .await?;
     command(&carol, &carol_admin, &format!("!plumb {own} #carols"), "now bridged").await?;
     other.join("#carols").await?;
+    // The bot is in the channel: its JOIN after ours, or its name in the NAMES we got.
     other
         .wait_for(t, |l| {
-            l.command == "JOIN"
+            let bot_joined = l.command == "JOIN"
                 && l.nick.as_deref() == Some("MatrixBridge")
-                && l.params.first().is_some_and(|c| c == "#carols")
+                && l.params.first().is_some_and(|c| c == "#carols");
+            let bot_named = l.command == "353"
+                && l.params.get(2).is_some_and(|c| c == "#carols")
+                && l.params.get(3).is_some_and(|n| {
+                    n.split(' ').any(|n| n.trim_start_matches(['@', '+']) == "MatrixBridge")
+                });
+            bot_joined || bot_named
         })
         .await?;
     other.privmsg("#carols", "into carol's room").await?;
